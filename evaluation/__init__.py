@@ -1,0 +1,1 @@
+"""neco.evaluation stage."""

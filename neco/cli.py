@@ -1,0 +1,53 @@
+"""The `neco` console script: one entry point, one sub-command group per stage.
+
+Each stage folder provides a torch-free `cli.py` with `register(subparsers)`; heavy imports
+(torch, onnxruntime, pytriton) happen inside the handlers, so `neco segment` works with only
+the client extra installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# Stage modules that contribute sub-commands, in the order they appear in --help.
+STAGE_CLIS: tuple[str, ...] = (
+    "neco.training.cli",
+    "neco.export.cli",
+    "neco.serving.cli",
+    "neco.client.cli",
+    "neco.evaluation.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neco", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in STAGE_CLIS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # stage not present in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run the chosen handler; expected errors exit 2 with one message."""
+    from neco.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"neco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""neco.training stage."""
