@@ -1,0 +1,170 @@
+"""NeCo training-step throughput: images/s, where a step's time goes, memory, loader speed, MFU.
+
+    python benchmarks/train_step.py                               # CPU, configs/train_smoke.yaml
+    python benchmarks/train_step.py --device cuda \\
+        --config configs/train_vits14_reg_coco224.yaml --set data.kind=scenes model.weights=null
+
+The step is the real `Trainer.train_step` (teacher + student forward, ROI-align + similarity +
+soft sort + cross-entropy, backward, AdamW + EMA). Phases are timed with CUDA synchronisation,
+so on GPU the split is exact but the total is slightly pessimistic. "data" is the time the step
+waited for the loader; the loader's own throughput is measured separately over the same
+dataset and workers. Model FLOPs per step are counted by `torch.utils.flop_counter` on one
+real step (forward + backward); MFU = counted FLOPs / step time / peak bf16 dense FLOP/s.
+Writes a table to stdout and JSON (with machine info) to benchmarks/results/train_step_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from neco.training.config import load_train_config
+from neco.training.data import ResumableBatchSampler, make_loader
+from neco.training.run import build_dataset
+from neco.training.trainer import PhaseTimer, Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+"""Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets (SXM parts)."""
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_DENSE.items() if key in name), None)
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def loader_throughput(dataset, cfg, batches: int) -> float:
+    sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
+    loader = iter(make_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=False,
+                              prefetch_factor=cfg.data.prefetch_factor))
+    next(loader)  # worker start-up is not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * cfg.optim.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "train_smoke.yaml")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile, queue fill)")
+    parser.add_argument("--loader-batches", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s if the GPU is not known")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    cfg = load_train_config(args.config, [f"runtime.device={args.device}", f"runtime.precision={precision}", *args.set])
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(cfg.seed)
+    dataset = build_dataset(cfg)
+    loader_ips = loader_throughput(dataset, cfg, args.loader_batches)
+
+    sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
+    loader = iter(make_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                              prefetch_factor=cfg.data.prefetch_factor))
+    accumulation = cfg.optim.accumulation
+    horizon = max(args.steps + args.warmup, 1) * 100  # lr/momentum stay near their start values
+    # FLOPs are counted on an eager twin (the counter cannot see inside compiled graphs).
+    eager_cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"compile": False})})
+    eager = Trainer(eager_cfg, horizon, device)
+    with FlopCounterMode(display=False) as counter:
+        eager.train_step([next(loader) for _ in range(accumulation)])
+    flops_per_step = counter.get_total_flops()
+    del eager
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    trainer = Trainer(cfg, horizon, device)
+    for _ in range(args.warmup):
+        trainer.train_step([next(loader) for _ in range(accumulation)])
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.timer = timer = PhaseTimer(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        with timer("data"):
+            batches = [next(loader) for _ in range(accumulation)]
+        trainer.train_step(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+
+    images = args.steps * cfg.optim.batch_size * accumulation
+    step_s = elapsed / args.steps
+    peak = peak_flops(device, args.peak_tflops)
+    result = {
+        "benchmark": "train_step",
+        "config": str(args.config),
+        "overrides": args.set,
+        "device": args.device,
+        "precision": precision,
+        "arch": cfg.model.arch,
+        "batch_size": cfg.optim.batch_size,
+        "accumulation": accumulation,
+        "crops": {"global": cfg.crops.global_size, "local": cfg.crops.local_size, "num_local": cfg.crops.num_local},
+        "grid_patches": cfg.method.grid_size ** 2,
+        "steps_timed": args.steps,
+        "images_per_s": images / elapsed,
+        "step_s": step_s,
+        "phase_s_per_step": {name: secs / args.steps for name, secs in timer.seconds.items()},
+        "phase_note": "sorter = ROI-align + similarity + soft sort + cross-entropy (forward); its backward is in backward",
+        "loader_images_per_s": loader_ips,
+        "loader_workers": cfg.data.num_workers,
+        "model_flops_per_step": flops_per_step,
+        "achieved_tflops": flops_per_step / step_s / 1e12,
+        "mfu": flops_per_step / step_s / peak if peak else None,
+        "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "machine": machine_info(device),
+    }
+    print(f"{'metric':<28}{'value':>14}")
+    for key in ("images_per_s", "step_s", "loader_images_per_s", "achieved_tflops", "mfu", "peak_memory_mib"):
+        value = result[key]
+        print(f"{key:<28}{'n/a' if value is None else f'{value:14.4g}':>14}")
+    for name, secs in result["phase_s_per_step"].items():
+        print(f"{'  ' + name + ' s/step':<28}{secs:14.4g}")
+    out = args.out or RESULTS / f"train_step_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Every impossible training configuration is a ConfigError naming the key, before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neco.config import ConfigError
+from neco.training.config import TrainConfig, load_train_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["train_smoke.yaml", "train_vits14_reg_coco224.yaml", "train_vits14_reg_coco518.yaml"])
+def test_shipped_configs_validate(name: str, tmp_path: Path) -> None:
+    overrides = [f"data.root={tmp_path}"] if name != "train_smoke.yaml" else []
+    cfg = load_train_config(CONFIGS / name, overrides)
+    assert isinstance(cfg, TrainConfig) and cfg.model.arch == "vit_small_patch14_reg4_dinov2"
+
+
+def test_recipe_values(tmp_path: Path) -> None:
+    cfg = load_train_config(CONFIGS / "train_vits14_reg_coco224.yaml", [f"data.root={tmp_path}"])
+    assert (cfg.crops.global_size, cfg.crops.local_size, cfg.crops.num_local) == (224, 98, 4)
+    assert (cfg.method.queue_length, cfg.method.student_steepness, cfg.method.teacher_momentum) == (8192, 100.0, 0.9995)
+    assert (cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.backbone_lr, cfg.optim.head_lr) == (64, 25, 1e-5, 1e-4)
+    assert cfg.total_steps(118_287) == 25 * 118_287 // 64
+    assert load_train_config(CONFIGS / "train_vits14_reg_coco518.yaml", [f"data.root={tmp_path}"]).crops.global_size == 518
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.batchsize=4"], "optim.batchsize"),  # unknown key (typo)
+        (["bogus=1"], "bogus"),
+        (["optim.batch_size=four"], "optim.batch_size"),  # wrong type
+        (["crops.global_size=[1, 2]"], "crops.global_size"),
+        (["optim.batch_size=0"], "optim.batch_size"),
+        (["crops.local_size=7"], "smaller than one 14-px patch"),
+        (["crops.global_size=100"], "not a multiple of the patch size"),
+        (["crops.local_scale=[0.5, 0.2]"], "crops.local_scale"),
+        (["data.kind=folder", "data.root=/definitely/not/here"], "does not exist"),
+        (["data.kind=folder", "data.root=null"], "data.root is required"),
+        (["optim.epochs=2"], "exactly one of optim.steps and optim.epochs"),
+        (["model.arch=vit_tiny_patch16_224"], "unknown architecture"),
+        (["model.train_last_blocks=13"], "exceeds the depth"),
+        (["model.weights=/no/such/file.pth"], "neither an existing file"),
+        (["method.sort_network=quick"], "sort_network"),
+        (["method.distribution=uniform"], "distribution"),
+        (["method.mask_mode=object"], "method.mask_mode"),
+        (["crops.global_size=28", "crops.local_size=42"], "global_size 28 < crops.local_size 42"),
+    ],
+)
+def test_config_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_train_config(CONFIGS / "train_smoke.yaml", overrides)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_train_config(CONFIGS / "nope.yaml")

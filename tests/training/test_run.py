@@ -1,0 +1,152 @@
+"""End-to-end runs on a 2-block ViT-S: learning, bit-identical resume, DDP, CLI, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from neco.contract import ARTEFACT_WEIGHTS
+from neco.training.backbone import load_backbone, patch_features
+from neco.training.checkpoint import list_checkpoints, load_checkpoint
+from neco.training.data import collate
+from neco.training.run import build_dataset, train
+from neco.training.trainer import Trainer
+from tests.training.tiny import one_thread, tiny_config, use_tiny_backbone  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_tiny_run_lowers_its_loss_on_a_fixed_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_tiny_backbone(monkeypatch)
+    cfg = tiny_config(tmp_path, model={"drop_path_rate": 0.0},
+                      optim={"steps": 30, "backbone_lr": 1e-3, "head_lr": 3e-3, "warmup_steps": 0, "clip_grad": None},
+                      method={"queue_length": 4096})  # never fills: references from the batch
+    torch.manual_seed(0)
+    dataset = build_dataset(cfg)
+    batch = collate([dataset[(i, 100 + i)] for i in range(2)])
+    trainer = Trainer(cfg, 1000, torch.device("cpu"))  # long horizon: lr stays ~constant
+    losses = [trainer.train_step([batch])["loss"] for _ in range(30)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accumulation: int) -> None:
+    use_tiny_backbone(monkeypatch)
+    straight = tiny_config(tmp_path / "a", optim={"accumulation": accumulation})
+    train(straight)
+    split = tiny_config(tmp_path / "b", optim={"accumulation": accumulation})
+    train(split, stop_at=2)  # same 4-step schedule, interrupted after 2 steps
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000002.pt"]
+    train(split, resume=True)
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000004.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000004.pt")
+    for key in ("student", "teacher"):
+        _states_equal(a[key], b[key])
+    assert torch.equal(a["queue"]["buffer"], b["queue"]["buffer"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_training_checkpoint_loads_as_a_backbone(tmp_path: Path) -> None:
+    """Full-depth ViT-S (no training steps needed): the student backbone loads back exactly."""
+    cfg = tiny_config(tmp_path)
+    trainer = Trainer(cfg, 4, torch.device("cpu"))
+    from neco.training.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "ckpt", 0, trainer.state_dict())
+    model, contract = load_backbone(path)
+    assert contract.training_hash and contract.arch == cfg.model.arch
+    images = torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        torch.testing.assert_close(patch_features(model, images)[0], patch_features(trainer.model.backbone.eval(), images)[0])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from neco.training import trainer as trainer_module
+    from tests.training.tiny import tiny_backbone
+
+    trainer_module.create_backbone = tiny_backbone  # same swap as use_tiny_backbone, in the child
+    captured: dict = {}
+    original = trainer_module.Trainer.state_dict
+
+    def capture(self):  # type: ignore[no-untyped-def]
+        state = original(self)
+        captured.update(teacher=state["teacher"], queue=state["queue"], student=state["student"])
+        return state
+
+    trainer_module.Trainer.state_dict = capture  # type: ignore[method-assign]
+    train(tiny_config(Path(out), optim={"steps": 2}, runtime={"checkpoint_every": 2}))
+    torch.save(captured, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes_stay_in_sync(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    _states_equal(r0["student"], r1["student"])
+    _states_equal(r0["teacher"], r1["teacher"])
+    assert torch.equal(r0["queue"]["buffer"], r1["queue"]["buffer"])
+    assert r0["queue"]["count"][0] == 2 * 2 * 2 * 2  # steps x ranks x images x patches per image
+    assert (tmp_path / "artefact" / ARTEFACT_WEIGHTS).is_file()
+
+
+def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    result = subprocess.run([sys.executable, "training/run.py", "--config", "configs/train_smoke.yaml", "optim.batch_size=0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "optim.batch_size" in result.stderr, result.stderr
+    from neco.cli import main
+
+    assert main(["train", "--config", "configs/train_smoke.yaml", "crops.local_size=30"]) == 2
+    assert "not a multiple of the patch size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_from_the_command_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "training/run.py", "--config", "configs/train_smoke.yaml", f"output_dir={tmp_path}",
+         "optim.steps=2", "runtime.progress=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, contract = load_backbone(tmp_path / "artefact")
+    assert contract.arch == "vit_small_patch14_reg4_dinov2" and len(contract.training_hash) == 16
+    assert (tmp_path / "tensorboard").is_dir() and list_checkpoints(tmp_path / "checkpoints")
+
+
+def test_recipe_variants_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fg masks, dropped registers, last-block-only training, euclidean + odd-even sorting."""
+    use_tiny_backbone(monkeypatch)
+    cfg = tiny_config(tmp_path, model={"keep_registers": False, "train_last_blocks": 1},
+                      method={"mask_mode": "fg", "similarity": "euclidean", "sort_network": "odd_even"})
+    dataset = build_dataset(cfg)
+    trainer = Trainer(cfg, 4, torch.device("cpu"))
+    frozen = trainer.model.backbone.blocks[0].attn.qkv.weight.clone()
+    trained = trainer.model.backbone.blocks[1].attn.qkv.weight.clone()
+    stats = trainer.train_step([collate([dataset[(i, i)] for i in range(2)])])
+    assert stats["loss"] > 0 and stats["grad_norm"] > 0
+    assert torch.equal(trainer.model.backbone.blocks[0].attn.qkv.weight, frozen)
+    assert not torch.equal(trainer.model.backbone.blocks[1].attn.qkv.weight, trained)

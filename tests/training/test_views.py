@@ -1,0 +1,95 @@
+"""Crop geometry: overlaps, boxes after resize/flip, and aligned patches seeing the same place.
+
+The test image encodes each pixel's own (x, y) in its channels, so whatever a crop shows can be
+traced back to the source coordinates it came from, independently of the box maths under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neco.contract import PATCH_SIZE
+from neco.training.method import roi_grid
+from neco.training.views import MultiCropViews, ViewSpec, box_in_view, intersection, sample_layout
+
+H, W = 180, 240
+
+
+def coordinate_image() -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    return torch.stack([xs, ys, torch.zeros_like(xs)]).to(torch.uint8)
+
+
+SPEC = ViewSpec(global_size=112, local_size=56, num_local=3, jitter_strength=0.0, blur_strength=0.0)
+
+
+def test_layout_overlaps_every_compared_pair() -> None:
+    gen = torch.Generator().manual_seed(0)
+    spec = ViewSpec(global_size=112, local_size=56, num_local=6, min_intersection=0.05)
+    for _ in range(200):
+        boxes = sample_layout(gen, H, W, spec)
+        assert len(boxes) == 8
+        for g in range(2):
+            for v, box in enumerate(boxes):
+                if v != g:
+                    region = intersection(boxes[g], box)
+                    assert region is not None
+                    assert (region[2] - region[0]) * (region[3] - region[1]) >= 0.05 * H * W
+
+
+def test_box_in_view_matches_hand_computation() -> None:
+    crop, region = (40, 30, 140, 110), (60, 50, 100, 90)
+    plain = box_in_view(region, crop, 50, False, (H, W))
+    sx, sy = 50 / 100, 50 / 80
+    expect = torch.tensor([(60 - 40) * sx, (50 - 30) * sy, (100 - 40) * sx, (90 - 30) * sy])
+    torch.testing.assert_close(plain, expect)
+    flipped = box_in_view(region, crop, 50, True, (H, W))
+    torch.testing.assert_close(flipped, torch.tensor([50 - expect[2], expect[1], 50 - expect[0], expect[3]]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_aligned_grids_look_at_the_same_source_pixels(seed: int) -> None:
+    views = MultiCropViews(SPEC, normalise=False)
+    out = views(coordinate_image(), seed=seed)
+    crops = list(out["global"]) + list(out["local"])
+    assert out["boxes"].shape == (2, 5, 2, 4)
+    for g in range(2):
+        for v in range(5):
+            if v == g:
+                continue
+            grids = []
+            for view, box, flip in ((g, out["boxes"][g, v, 0], out["flips"][g]), (v, out["boxes"][g, v, 1], out["flips"][v])):
+                image = crops[view][None] * 255.0  # coordinates back in source pixels
+                pixel = roi_grid(image, box[None], flip[None], spatial_scale=1.0)[0, :, :2]
+                patches = F.avg_pool2d(image, PATCH_SIZE)
+                grids.append((pixel, roi_grid(patches, box[None], flip[None])[0, :, :2]))
+            (pixel_t, patch_t), (pixel_s, patch_s) = grids
+            # Pixel level: only resampling blur separates the two (source px per crop px < 4).
+            assert (pixel_t - pixel_s).abs().max() < 4.0, (g, v)
+            # Patch level: a sample point may be clamped to within half a patch of the border.
+            # Source px per crop px is at most ~2.2 for these crop scales on a 180x240 image.
+            assert (patch_t - patch_s).abs().max() < 0.5 * PATCH_SIZE * 2.2 + 4.0, (g, v)
+            # A missed flip or box would be off by a large part of the overlap: check spread.
+            assert pixel_t[:, 0].max() - pixel_t[:, 0].min() > 4.0
+
+
+def test_views_are_deterministic_per_seed_and_do_not_touch_global_rng() -> None:
+    views = MultiCropViews(ViewSpec(global_size=56, local_size=28, num_local=2))
+    image = coordinate_image()
+    state = torch.get_rng_state()
+    a, b, c = views(image, 5), views(image, 5), views(image, 6)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["global"], c["global"])
+    assert a["global"].dtype == torch.float32 and a["local"].shape == (2, 3, 28, 28)
+
+
+def test_invalid_specs() -> None:
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ViewSpec(global_size=100)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ViewSpec(local_size=7)
+    with pytest.raises(ValueError, match="local_scale"):
+        ViewSpec(local_scale=(0.3, 0.2))

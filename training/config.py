@@ -1,0 +1,197 @@
+"""The training configuration: one pydantic model, validated completely before any work starts.
+
+Unknown keys, wrong types and impossible values (a crop smaller than a patch or not a multiple
+of it, a batch below one, a data folder that does not exist, ...) become a `ConfigError` naming
+the key, through `neco.config.load_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from neco.config import load_config
+from neco.contract import ARCHS, PATCH_SIZE, arch_spec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _patch_multiple(name: str, size: int) -> int:
+    if size < PATCH_SIZE:
+        raise ValueError(f"{name}={size} px is smaller than one {PATCH_SIZE}-px patch")
+    if size % PATCH_SIZE:
+        raise ValueError(f"{name}={size} px is not a multiple of the patch size {PATCH_SIZE}")
+    return size
+
+
+class ModelSection(_Section):
+    arch: str = "vit_small_patch14_reg4_dinov2"
+    weights: str | None = Field(None, description="load_backbone source; null = random init")
+    keep_registers: bool = True
+    train_last_blocks: int | None = Field(None, ge=0)
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    head_hidden_dim: PositiveInt = 2048
+    head_out_dim: PositiveInt = 256
+    head_layers: PositiveInt = 3
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, value: str) -> str:
+        arch_spec(value)
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str | None) -> str | None:
+        if value is not None and value.partition(".")[0] not in ARCHS and not Path(value).exists():
+            raise ValueError(f"weights {value!r} is neither an existing file/folder nor a timm DINOv2 id")
+        return value
+
+    @model_validator(mode="after")
+    def _blocks(self) -> "ModelSection":
+        depth = arch_spec(self.arch).depth
+        if self.train_last_blocks is not None and self.train_last_blocks > depth:
+            raise ValueError(f"train_last_blocks={self.train_last_blocks} exceeds the depth {depth} of {self.arch}")
+        return self
+
+
+class DataSection(_Section):
+    kind: Literal["folder", "scenes"] = "scenes"
+    root: Path | None = Field(None, description="image folder (searched recursively) for kind=folder")
+    scenes_count: PositiveInt = 256
+    scenes_size: PositiveInt = 224
+    scenes_classes: int = Field(4, ge=2)
+    num_workers: int = Field(2, ge=0)
+    prefetch_factor: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _root(self) -> "DataSection":
+        if self.kind == "folder":
+            if self.root is None:
+                raise ValueError("data.root is required when data.kind is 'folder'")
+            if not self.root.is_dir():
+                raise ValueError(f"data.root {str(self.root)!r} does not exist or is not a directory")
+        return self
+
+
+class CropSection(_Section):
+    global_size: int = 224
+    local_size: int = 98
+    num_local: int = Field(4, ge=0)
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    min_intersection: float = Field(0.01, ge=0.0, lt=1.0)
+    flip_p: float = Field(0.5, ge=0.0, le=1.0)
+    jitter_strength: float = Field(1.0, ge=0.0)
+    blur_strength: float = Field(1.0, ge=0.0)
+
+    @field_validator("global_size", "local_size")
+    @classmethod
+    def _size(cls, value: int, info: Any) -> int:
+        return _patch_multiple(info.field_name, value)
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float], info: Any) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"{info.field_name}={value} must satisfy 0 < low <= high <= 1")
+        return value
+
+
+class MethodSection(_Section):
+    grid_size: PositiveInt = 7
+    num_references: int = Field(49, ge=2)
+    queue_length: PositiveInt = 8192
+    queue_push_per_image: PositiveInt = 10
+    similarity: Literal["cosine", "euclidean"] = "cosine"
+    sort_network: str = "bitonic"
+    student_steepness: PositiveFloat = 100.0
+    teacher_steepness: PositiveFloat = 100.0
+    art_lambda: float = Field(0.25, ge=0.0, le=0.5)
+    distribution: str = "cauchy"
+    mask_mode: Literal["all", "fg", "bg"] = "all"
+    attention_threshold: float = Field(0.6, gt=0.0, le=1.0)
+    teacher_momentum: float = Field(0.9995, ge=0.0, le=1.0)
+    teacher_momentum_end: float = Field(1.0, ge=0.0, le=1.0)
+
+    @field_validator("sort_network", "distribution")
+    @classmethod
+    def _sorter_choice(cls, value: str, info: Any) -> str:
+        from neco.training.sorting import DISTRIBUTIONS, NETWORKS  # the sorter owns its choices
+
+        choices = NETWORKS if info.field_name == "sort_network" else DISTRIBUTIONS
+        if value not in choices:
+            raise ValueError(f"{info.field_name}={value!r} is not one of {', '.join(choices)}")
+        return value
+
+
+class OptimSection(_Section):
+    batch_size: PositiveInt = 64
+    accumulation: PositiveInt = 1
+    steps: PositiveInt | None = Field(None, description="optimiser steps; or give epochs")
+    epochs: PositiveFloat | None = None
+    backbone_lr: float = Field(1e-5, ge=0.0)
+    head_lr: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.04, ge=0.0)
+    weight_decay_end: float = Field(0.5, ge=0.0)
+    clip_grad: PositiveFloat | None = 3.0
+
+    @model_validator(mode="after")
+    def _length(self) -> "OptimSection":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of optim.steps and optim.epochs")
+        return self
+
+
+class RuntimeSection(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
+    channels_last: bool = True
+    threads: PositiveInt | None = None
+    checkpoint_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class TrainConfig(_Section):
+    """Everything a NeCo post-pretraining run needs; its JSON dump is hashed into the artefact."""
+
+    seed: int = 0
+    output_dir: Path = Path("outputs/train")
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    crops: CropSection = CropSection()
+    method: MethodSection = MethodSection()
+    optim: OptimSection = OptimSection(steps=1)
+    runtime: RuntimeSection = RuntimeSection()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "TrainConfig":
+        if self.crops.global_size < self.crops.local_size:
+            raise ValueError(f"crops.global_size {self.crops.global_size} < crops.local_size {self.crops.local_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def total_steps(self, dataset_length: int, world_size: int = 1) -> int:
+        """Optimiser steps of the run (epochs are converted with the global batch)."""
+        if self.optim.steps is not None:
+            return self.optim.steps
+        assert self.optim.epochs is not None
+        per_step = self.optim.batch_size * self.optim.accumulation * world_size
+        return max(1, int(self.optim.epochs * dataset_length // per_step))
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML + `key=value` overrides -> TrainConfig, or `neco.config.ConfigError`."""
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,178 @@
+"""Run NeCo post-pretraining: `python training/run.py --config configs/X.yaml [key=value ...]`.
+
+Also importable (`neco.training.run.train(cfg) -> artefact dir`), reachable as `neco train` and
+`python -m neco.training`, and launchable with `torchrun --nproc-per-node N training/run.py`.
+Outputs under `cfg.output_dir`: `checkpoints/step_XXXXXXXX.pt` (resumable), `tensorboard/`,
+and `artefact/` (backbone.safetensors + metadata.json) for `neco export`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file: drop training/ from sys.path so its modules cannot shadow stdlib/top-level ones.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import logging
+import time
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from neco.config import ConfigError
+from neco.contract import ModelContract
+from neco.training.backbone import save_artefact
+from neco.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from neco.training.config import TrainConfig, load_train_config
+from neco.training.data import ImageFolderSource, NeCoDataset, ResumableBatchSampler, SceneSource, make_loader
+from neco.training.run_args import add_train_arguments
+from neco.training.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
+from neco.training.trainer import Trainer
+from neco.training.views import MultiCropViews, ViewSpec
+
+__all__ = ["TrainConfig", "train", "main"]
+
+log = logging.getLogger("neco.training")
+
+ARTEFACT_DIR = "artefact"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("runtime.device=cuda but CUDA is not available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_dataset(cfg: TrainConfig) -> NeCoDataset:
+    c = cfg.crops
+    spec = ViewSpec(c.global_size, c.local_size, c.num_local, c.global_scale, c.local_scale,
+                    min_intersection=c.min_intersection, flip_p=c.flip_p,
+                    jitter_strength=c.jitter_strength, blur_strength=c.blur_strength)
+    d = cfg.data
+    if d.kind == "folder":
+        assert d.root is not None
+        source: ImageFolderSource | SceneSource = ImageFolderSource(d.root)
+    else:
+        source = SceneSource(d.scenes_count, d.scenes_size, d.scenes_classes, cfg.seed)
+    return NeCoDataset(source, MultiCropViews(spec))
+
+
+def _resume_state(cfg: TrainConfig, resume: bool | str | Path) -> dict | None:
+    if resume is False:
+        return None
+    path = latest_checkpoint(cfg.output_dir / CHECKPOINT_DIR) if resume is True else Path(resume)
+    if path is None:
+        raise CheckpointError(f"--resume: no checkpoint under {cfg.output_dir / CHECKPOINT_DIR}")
+    state = load_checkpoint(path)
+    if state["config"]["model"] != cfg.to_dict()["model"]:
+        raise CheckpointError(f"{path} was trained with a different model section; refusing to resume")
+    log.info("resuming from %s (step %d)", path, state["trained_step"])
+    return state
+
+
+def train(cfg: TrainConfig, resume: bool | str | Path = False, stop_at: int | None = None) -> Path:
+    """Run (or resume) post-pretraining; returns the export artefact directory.
+
+    `stop_at` ends the run after that optimiser step (checkpointed, schedules unchanged), for
+    time-limited jobs that continue later with `resume=True`.
+    """
+    device = resolve_device(cfg.runtime.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(cfg.runtime.threads)
+    try:
+        return _train(cfg, resume, device, dist_info, stop_at)
+    finally:
+        shutdown(dist_info)
+
+
+def _train(cfg: TrainConfig, resume: bool | str | Path, device: torch.device, dist_info: DistInfo,
+           stop_at: int | None) -> Path:
+    state = _resume_state(cfg, resume)
+    dataset = build_dataset(cfg)
+    total = cfg.total_steps(len(dataset), dist_info.world_size)
+    torch.manual_seed(cfg.seed)  # identical student, head and teacher initialisation on every rank
+    trainer = Trainer(cfg, total, device, dist_info)
+    torch.manual_seed(cfg.seed + 1 + dist_info.rank)  # per-rank drop-path/reference draws; resumed from state
+    if state is not None:
+        trainer.load_state_dict(state)
+    accumulation = cfg.optim.accumulation
+    sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed, start_step=trainer.step * accumulation,
+                                    rank=dist_info.rank, world_size=dist_info.world_size)
+    loader = iter(make_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                              prefetch_factor=cfg.data.prefetch_factor))
+    writer = None
+    if dist_info.is_main and cfg.runtime.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(cfg.output_dir / "tensorboard"), purge_step=trainer.step)
+    bar = tqdm(total=total, initial=trainer.step, disable=not (dist_info.is_main and cfg.runtime.progress),
+               desc="neco train", dynamic_ncols=True)
+    images_per_step = cfg.optim.batch_size * accumulation * dist_info.world_size
+    skipped, tick = 0, time.perf_counter()
+    checkpoints = cfg.output_dir / CHECKPOINT_DIR
+    end = total if stop_at is None else min(total, stop_at)
+    while trainer.step < end:
+        batches = [next(loader) for _ in range(accumulation)]
+        skipped += int(sum(int(b["skipped"].sum()) for b in batches))
+        stats = trainer.train_step(batches)
+        now = time.perf_counter()
+        stats["img_per_s"] = images_per_step / max(now - tick, 1e-9)
+        tick = now
+        stats["loss"] = float(mean_over_ranks(torch.tensor(stats["loss"], device=device), dist_info))
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", img_s=f"{stats['img_per_s']:.1f}")
+        if writer is not None and (trainer.step % cfg.runtime.log_every == 0 or trainer.step == total):
+            for key, value in stats.items():
+                writer.add_scalar(f"train/{key}", value, trainer.step)
+            writer.add_scalar("data/skipped_images", skipped, trainer.step)
+        if trainer.step % cfg.runtime.checkpoint_every == 0 or trainer.step == end:
+            ckpt_state = trainer.state_dict()  # every rank: RNG states are gathered collectively
+            if dist_info.is_main:
+                save_checkpoint(checkpoints, trainer.step, ckpt_state, keep=cfg.runtime.keep_checkpoints)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if skipped:
+        log.warning("skipped %d unreadable images during training", skipped)
+    artefact = cfg.output_dir / ARTEFACT_DIR
+    if dist_info.is_main:
+        save_artefact(trainer.model.backbone, ModelContract.for_arch(cfg.model.arch), artefact, cfg.to_dict())
+    barrier(dist_info)
+    return artefact
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="training/run.py", description="NeCo post-pretraining of DINOv2")
+    return add_train_arguments(parser)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Shared by the script, `python -m neco.training` and `neco train`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_train_config(args.config, args.overrides)
+    artefact = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    print(f"artefact: {artefact}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"training/run.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

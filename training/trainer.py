@@ -1,0 +1,181 @@
+"""One NeCo optimisation step and the state that a checkpoint must capture.
+
+`Trainer` owns the student (DDP-wrapped when distributed), the EMA teacher, the reference
+queue, the loss and the optimiser. `train_step` consumes `accumulation` micro-batches and
+performs one optimiser step; `state_dict`/`load_state_dict` round-trip everything needed for
+bit-identical resumption on CPU. Phases can be timed (`PhaseTimer`) for the benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from neco.training.backbone import create_backbone, freeze_all_but_last_blocks, load_backbone
+from neco.training.config import TrainConfig
+from neco.training.distributed import DistInfo, all_gather_cat, gather_objects
+from neco.training.ema import ema_update, make_teacher, momentum_at
+from neco.training.head import ProjectionHead
+from neco.training.method import NeCoLoss, NeCoNet
+from neco.training.optim import Schedule, apply_schedule, build_optimizer
+from neco.training.reference_queue import ReferenceQueue
+from neco.training.sorting import SoftSorter
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase; synchronises CUDA so GPU work is attributed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] += time.perf_counter() - start
+
+
+def build_student(cfg: TrainConfig) -> NeCoNet:
+    """Backbone (random, or loaded from `model.weights`) + projection head."""
+    m = cfg.model
+    backbone = create_backbone(m.arch, drop_path_rate=m.drop_path_rate)
+    if m.weights is not None:
+        loaded, _ = load_backbone(m.weights, arch=m.arch)
+        backbone.load_state_dict(loaded.state_dict())
+    freeze_all_but_last_blocks(backbone, m.train_last_blocks)
+    head = ProjectionHead(backbone.embed_dim, m.head_hidden_dim, m.head_out_dim, m.head_layers)
+    return NeCoNet(backbone, head, keep_registers=m.keep_registers)
+
+
+class Trainer:
+    """Student/teacher/queue/optimiser for one run on one rank."""
+
+    def __init__(self, cfg: TrainConfig, total_steps: int, device: torch.device, dist_info: DistInfo = DistInfo()) -> None:
+        self.cfg, self.total_steps, self.device, self.dist = cfg, total_steps, device, dist_info
+        self.step = 0
+        self.timer: PhaseTimer | None = None
+        self.model = build_student(cfg).to(device)
+        if cfg.runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.teacher = make_teacher(self.model)
+        method = cfg.method
+        self.loss_fn = NeCoLoss(
+            SoftSorter(method.sort_network, steepness=method.student_steepness, art_lambda=method.art_lambda,
+                       distribution=method.distribution, check_finite=False),
+            SoftSorter(method.sort_network, steepness=method.teacher_steepness, art_lambda=method.art_lambda,
+                       distribution=method.distribution, check_finite=False),
+            similarity=method.similarity, grid_size=method.grid_size, mask_mode=method.mask_mode,
+        )
+        self.queue = ReferenceQueue(2, method.queue_length, cfg.model.head_out_dim, device)
+        o = cfg.optim
+        self.schedule = Schedule(total_steps, o.backbone_lr, o.head_lr, o.warmup_steps, o.min_lr_ratio,
+                                 o.weight_decay, o.weight_decay_end)
+        self.optimizer = build_optimizer(self.model.backbone, self.model.head, self.schedule, fused=device.type == "cuda")
+        self.student: nn.Module = self.model
+        if dist_info.enabled:
+            self.student = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.runtime.compile:
+            self.student = torch.compile(self.student)
+            self.teacher_forward = torch.compile(self.teacher.encode)
+        else:
+            self.teacher_forward = self.teacher.encode
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self.timer(name) if self.timer is not None else contextlib.nullcontext()
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        enabled = self.device.type == "cuda" and self.cfg.runtime.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def micro_step(self, batch: dict[str, Tensor], scale: float) -> Tensor:
+        """Forward + backward of one micro-batch; returns its (unscaled) loss."""
+        method = self.cfg.method
+        images_g = batch["global"].transpose(0, 1).flatten(0, 1)  # [2B, 3, G, G], view-major
+        images_l = batch["local"].transpose(0, 1).flatten(0, 1)  # [NB, 3, L, L]
+        boxes, flips = batch["boxes"], batch["flips"]
+        num_local = batch["local"].shape[1]
+        memory = torch.channels_last if self.cfg.runtime.channels_last else torch.contiguous_format
+        images_g, images_l = images_g.contiguous(memory_format=memory), images_l.contiguous(memory_format=memory)
+        threshold = method.attention_threshold if method.mask_mode != "all" else None
+        with self._phase("forward"), self._autocast():
+            with torch.no_grad():
+                teacher_maps, fg = self.teacher_forward(images_g, threshold)
+            groups = (images_g, images_l) if num_local else (images_g,)
+            student_out = self.student(*groups)
+        teacher_views = list(teacher_maps.float().chunk(2))
+        student_views = list(student_out[0].chunk(2)) + (list(student_out[1].chunk(num_local)) if num_local else [])
+        teacher_patches = [t.flatten(2).transpose(1, 2) for t in teacher_views]  # [B, hw, D]
+        references = [self.queue.references(g, teacher_patches[g], method.num_references) for g in range(2)]
+        with self._phase("sorter"), self._autocast():
+            loss = self.loss_fn(student_views, teacher_views, boxes, flips, references,
+                                None if fg is None else list(fg.chunk(2)))
+        with self._phase("backward"):
+            (loss * scale).backward()
+        for g in range(2):
+            self.queue.push_from(g, teacher_patches[g], method.queue_push_per_image, lambda t: all_gather_cat(t, self.dist))
+        return loss.detach()
+
+    def train_step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+        """One optimiser step over `len(batches)` accumulated micro-batches."""
+        lr = apply_schedule(self.optimizer, self.schedule, self.step)
+        losses = []
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1 or not isinstance(self.student, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.student.no_sync():  # type: ignore[operator]
+                losses.append(self.micro_step(self.to_device(batch), 1.0 / len(batches)))
+        with self._phase("optimizer"):
+            grad_norm = torch.zeros(())
+            if self.cfg.optim.clip_grad is not None:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            momentum = momentum_at(self.step, self.total_steps, self.cfg.method.teacher_momentum,
+                                   self.cfg.method.teacher_momentum_end)
+            ema_update(self.teacher, self.model, momentum)
+        return {"loss": float(torch.stack(losses).mean()), "lr": lr, "momentum": momentum,
+                "grad_norm": float(grad_norm), "queue_full": float(self.queue.full(0))}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume: weights, optimiser, queue, step, per-rank RNG states."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "arch": self.cfg.model.arch,
+            "config": self.cfg.to_dict(),
+            "total_steps": self.total_steps,
+            "student": self.model.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "queue": self.queue.state_dict(),
+            "rng": gather_objects(rng, self.dist),
+            "trained_step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.queue.load_state_dict(state["queue"])
+        self.step = int(state["trained_step"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:  # a different world size cannot reproduce the stream anyway
+            torch.set_rng_state(rngs[self.dist.rank]["torch"])
+            if self.device.type == "cuda" and "cuda" in rngs[self.dist.rank]:
+                torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.device)
