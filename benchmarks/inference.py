@@ -1,0 +1,172 @@
+"""Dense-feature inference throughput: PyTorch eager vs onnxruntime FP32 vs onnxruntime INT8.
+
+    python benchmarks/inference.py                       # CPU, random-init ViT-S/14-reg, ~3-5 min
+    python benchmarks/inference.py --source DIR_OR_TIMM  # real weights (cosines then mean something)
+    python benchmarks/inference.py --device cuda         # eager fp32 vs bf16 vs ORT-CUDA FP16
+
+All runtimes are measured side by side in one process on the same generated images, at 224²
+and 448², batch 1 and 8. The ONNX graphs are produced by the project's own export path
+(dynamo export -> onnxslim -> optional FP16/INT8), so the numbers describe what Triton serves.
+Writes a table to stdout and JSON (with machine info) to benchmarks/results/inference_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
+from neco.export.config import OnnxSettings, QuantizationSettings
+from neco.export.onnx_export import DenseFeatureModel, export_onnx, simplify_onnx
+from neco.export.parity import generated_images, mean_patch_cosine, ort_session
+from neco.export.precision import convert_fp16, convert_int8
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = (224, 448)
+BATCHES = (1, 8)
+
+
+def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, min_seconds: float, min_iters: int) -> float:
+    """One warm-up call, then repeat until both the time and iteration floors are met."""
+    run(images)
+    iters, start = 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < min_seconds:
+        run(images)
+        iters += 1
+    return iters * len(images) / (time.perf_counter() - start)
+
+
+def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda images: session.run([OUTPUT_FEATURES], {INPUT_IMAGES: images})[0]
+
+
+def torch_runner(model: DenseFeatureModel, device: str, dtype: torch.dtype | None) -> Callable[[np.ndarray], np.ndarray]:
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(torch.from_numpy(images).to(device))[0]
+        return out.float().cpu().numpy()
+
+    return run
+
+
+def machine_info(device: str) -> dict:
+    import onnxruntime as ort
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+    info = {
+        "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": models[0] if models else platform.processor(), "cpu_count": os.cpu_count(),
+        # Other processes on a shared machine skew every number: record how busy it was.
+        "load_average_at_start": os.getloadavg(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_models(model: DenseFeatureModel, work: Path, int8_modes: list[str], fp16: bool) -> dict[str, Path]:
+    t0 = time.perf_counter()
+    raw = export_onnx(model, work / "fp32_raw.onnx", OnnxSettings(simplify=False))
+    paths = {"fp32": simplify_onnx(raw, work / "fp32.onnx")}
+    print(f"exported + simplified in {time.perf_counter() - t0:.0f}s", flush=True)
+    for mode in int8_modes:
+        paths[f"int8_{mode}"] = convert_int8(paths["fp32"], work / f"int8_{mode}.onnx",
+                                             QuantizationSettings(mode=mode, calibration_images=8))
+    if fp16:
+        paths["fp16"] = convert_fp16(paths["fp32"], work / "fp16.onnx")
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--source", help="weights (artefact dir / timm id); default random-init")
+    parser.add_argument("--arch", default="vit_small_patch14_reg4_dinov2")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (CPU)")
+    parser.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not busy-wait (shared machines)")
+    parser.add_argument("--int8-modes", nargs="*", default=["dynamic", "static"], choices=["dynamic", "static"],
+                        help="static (QDQ, calibrated on 8 generated scenes) adds ~40 s of calibration")
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--min-iters", type=int, default=2)
+    args = parser.parse_args()
+
+    if args.source:
+        from neco.training.backbone import load_backbone
+
+        backbone, contract = load_backbone(args.source)
+    else:
+        from neco.export.parity import random_backbone
+
+        backbone, contract = random_backbone(args.arch, seed=0), ModelContract.for_arch(args.arch)
+    model = DenseFeatureModel(backbone, contract).eval()
+    info = machine_info(args.device)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build_models(model, Path(tmp), [] if cuda else args.int8_modes, fp16=cuda)
+        runners: dict[str, Callable] = {}
+        if cuda:
+            model_gpu = model.to("cuda")
+            runners["eager_fp32"] = torch_runner(model_gpu, "cuda", None)
+            runners["eager_bf16"] = torch_runner(model_gpu, "cuda", torch.bfloat16)
+            if "CUDAExecutionProvider" in info["ort_providers"]:
+                runners["ort_cuda_fp16"] = ort_runner(ort_session(paths["fp16"], ["CUDAExecutionProvider"]))
+            else:
+                info["ort_cuda_fp16"] = "skipped: this onnxruntime build has no CUDAExecutionProvider"
+        else:
+            runners["eager_fp32"] = torch_runner(model, "cpu", None)
+            runners["ort_fp32"] = ort_runner(ort_session(paths["fp32"], threads=args.threads, spinning=not args.no_spin))
+            for key in paths:
+                if key.startswith("int8"):
+                    runners[f"ort_{key}"] = ort_runner(ort_session(paths[key], threads=args.threads, spinning=not args.no_spin))
+
+        rows = []
+        for size in SIZES:
+            quality_images = generated_images(2, (size, size), seed=size)
+            reference = runners["eager_fp32"](quality_images)
+            cosines = {name: mean_patch_cosine(run(quality_images), reference) for name, run in runners.items()}
+            for batch in BATCHES:
+                images = generated_images(batch, (size, size), seed=batch)
+                row = {"size": size, "batch": batch}
+                for name, run in runners.items():
+                    row[name] = images_per_second(run, images, args.min_seconds, args.min_iters)
+                    row[f"{name}_cosine_vs_eager"] = cosines[name]
+                for name in runners:
+                    row[f"{name}_speedup"] = row[name] / row["eager_fp32"]
+                rows.append(row)
+                print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                                if not k.endswith("_cosine_vs_eager")), flush=True)
+
+    names = list(runners)
+    print(f"\nimages/s ({args.device}; speed-up vs eager in brackets; weights: {args.source or 'random-init'})")
+    print(f"{'size':>5} {'batch':>5} " + " ".join(f"{n:>22}" for n in names))
+    for row in rows:
+        cells = " ".join(f"{row[n]:>13.2f} ({row[n + '_speedup']:4.2f}x)" for n in names)
+        print(f"{row['size']:>5} {row['batch']:>5} {cells}")
+    print(f"load average start {info['load_average_at_start']}, end {os.getloadavg()} on {info['cpu_count']} CPUs")
+    print("mean per-patch cosine vs eager: " + ", ".join(f"{n}={rows[-1][n + '_cosine_vs_eager']:.5f}" for n in names))
+    out = RESULTS / f"inference_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info["load_average_at_end"] = os.getloadavg()
+    out.write_text(json.dumps({"machine": info, "weights": args.source or f"random-init {args.arch} (LayerScale ~U(0.2, 1))",
+                               "ort_intra_op_threads": args.threads, "ort_spinning": not args.no_spin, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

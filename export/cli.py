@@ -1,0 +1,137 @@
+"""`neco export ...` sub-commands (torch-free at import; heavy modules load in the handlers).
+
+- `neco export onnx`      weights -> Triton model dir with model.onnx (fp32/fp16/int8)
+- `neco export tensorrt`  weights -> Triton model dir with model.plan (needs tensorrt + GPU)
+- `neco export trtexec`   print (or run) the equivalent trtexec build for a container
+- `neco export inspect`   parse a model dir's config.pbtxt and print its served contract
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from neco.config import ConfigError, apply_overrides, load_config, read_yaml
+from neco.export.config import ExportConfig
+from neco.export.errors import ExportError
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML ExportConfig (configs/export_*.yaml)")
+    parser.add_argument("--source", help="artefact dir, weight file or timm DINOv2 id (overrides config)")
+    parser.add_argument("--arch", help="timm architecture, for weight files that do not name it")
+    parser.add_argument("--out", type=Path, help="model repository root (overrides config `output`)")
+    parser.add_argument("--model-name", help="Triton model name (overrides config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. triton.max_batch_size=16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Attach `export` and its sub-commands to the `neco` parser."""
+    export = subparsers.add_parser("export", help="export weights to ONNX/TensorRT in a Triton model repository")
+    sub = export.add_subparsers(dest="export_command", required=True, metavar="SUBCOMMAND")
+
+    onnx = sub.add_parser("onnx", help="ONNX (onnxruntime backend); precision fp32, fp16 or int8")
+    _add_common(onnx)
+    onnx.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+    onnx.set_defaults(handler=_run_onnx)
+
+    trt = sub.add_parser("tensorrt", help="TensorRT plan (tensorrt backend); needs tensorrt and a GPU")
+    _add_common(trt)
+    trt.set_defaults(handler=_run_tensorrt)
+
+    trtexec = sub.add_parser("trtexec", help="print (or --run) the trtexec build of an exported model.onnx")
+    trtexec.add_argument("--config", type=Path, help="YAML ExportConfig whose `tensorrt` section is used")
+    trtexec.add_argument("--onnx", type=Path, required=True, help="path to model.onnx")
+    trtexec.add_argument("--engine", type=Path, required=True, help="where to save the engine (e.g. .../1/model.plan)")
+    trtexec.add_argument("--trtexec", default="trtexec", help="trtexec executable")
+    trtexec.add_argument("--run", action="store_true", help="run it instead of printing it")
+    trtexec.add_argument("overrides", nargs="*", metavar="key=value", help="tensorrt-section overrides, e.g. fp16=false")
+    trtexec.set_defaults(handler=_run_trtexec)
+
+    inspect = sub.add_parser("inspect", help="validate a model dir's config.pbtxt and print its contract")
+    inspect.add_argument("model_dir", type=Path)
+    inspect.add_argument("--check-engine", action="store_true", help="also verify model.plan against this GPU/TensorRT")
+    inspect.set_defaults(handler=_run_inspect)
+
+
+def _load(args: argparse.Namespace, extra: list[str]) -> ExportConfig:
+    overrides = list(args.overrides)
+    for key, value in (("source", args.source), ("arch", args.arch), ("output", args.out), ("model_name", args.model_name)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(str(value))}")  # quoted: YAML must not retype it
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    return load_config(ExportConfig, args.config, overrides + extra)
+
+
+def _export(cfg: ExportConfig) -> int:
+    from neco.export.pipeline import REPORT_FILENAME, run_export
+
+    try:
+        model_dir = run_export(cfg)
+    except ExportError as exc:
+        print(f"neco export: error: {exc}", file=sys.stderr)
+        return 1
+    report = json.loads((model_dir / REPORT_FILENAME).read_text())
+    parities = {key: report[key] for key in ("parity_fp32", "parity_fp16", "parity_int8") if key in report}
+    if (report.get("tensorrt") or {}).get("parity_vs_onnxruntime"):
+        parities["parity_tensorrt"] = report["tensorrt"]["parity_vs_onnxruntime"]
+    for key, parity in parities.items():
+        print(f"{key}: max_abs_diff={parity['max_abs_diff']:.3e} min_mean_cosine={parity['min_mean_cosine']:.5f}",
+              file=sys.stderr)
+    print(model_dir)
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    extra = [f"precision={args.precision}"] if args.precision else []
+    return _export(_load(args, extra + ["backend=onnxruntime"]))
+
+
+def _run_tensorrt(args: argparse.Namespace) -> int:
+    return _export(_load(args, ["backend=tensorrt"]))
+
+
+def _run_trtexec(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from neco.export.config import TensorRTSettings
+    from neco.export.tensorrt import trtexec_command
+
+    # Only the config's `tensorrt` section matters here; overrides are relative to it.
+    section = read_yaml(args.config).get("tensorrt", {}) if args.config else {}
+    try:
+        settings = TensorRTSettings.model_validate(apply_overrides(section, args.overrides))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid tensorrt settings: {exc}") from None
+    if not args.onnx.is_file():
+        raise FileNotFoundError(f"ONNX file {args.onnx} does not exist")
+    command = trtexec_command(args.onnx, args.engine, settings, args.trtexec)
+    if not args.run:
+        print(shlex.join(command))
+        return 0
+    return subprocess.run(command, check=False).returncode
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from neco.export.repository import contract_from_config, read_model_config
+
+    cfg = read_model_config(args.model_dir)
+    contract = contract_from_config(cfg)
+    print(json.dumps({"model_name": cfg.name, "backend": cfg.backend, "max_batch_size": cfg.max_batch_size,
+                      "contract": contract.model_dump(mode="json")}, indent=2))
+    if args.check_engine:
+        from neco.export.tensorrt import verify_repository_engine
+
+        try:
+            meta = verify_repository_engine(args.model_dir)
+        except ExportError as exc:
+            print(f"neco export inspect: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"engine matches this setup: {meta.gpu_name}, TensorRT {meta.tensorrt_version}", file=sys.stderr)
+    return 0

@@ -1,0 +1,314 @@
+"""TensorRT engines from the exported ONNX, named so that a stale engine is never used silently.
+
+A serialized engine only runs on the GPU model and TensorRT version that built it, and only
+for shapes inside its optimisation profile. The engine file name therefore encodes all three
+(plus precision) and a JSON sidecar records them; `load_engine` refuses a file whose sidecar
+does not match the running GPU/TensorRT or the requested profile.
+
+Two build paths:
+- `build_engine` with the `tensorrt` Python API (Builder, OnnxParser, optimisation profile,
+  FP16/BF16 flags, persistent timing cache);
+- `trtexec_command` for the container path (the same settings as trtexec flags), printed or
+  run by `neco export trtexec`.
+Parity (`check_engine_parity`) runs the engine on CUDA through torch-allocated buffers and
+compares with onnxruntime on the same images.
+
+Neither `tensorrt` nor a GPU exists on the development machines: this path is written against
+the TensorRT 10 API and its tests skip there with that reason; only the pure-Python parts
+(naming, metadata checks, profiles, trtexec command) are exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
+from neco.export.config import ExportConfig, Shape, TensorRTSettings, validate_profile
+from neco.export.errors import EngineMismatchError, ExportError, ParityError
+from neco.export.repository import PLAN_FILENAME
+
+SIDECAR_SUFFIX = ".json"
+
+
+class EngineMetadata(BaseModel):
+    """Everything an engine is bound to; equality means "this engine may be loaded here"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str
+    gpu_name: str
+    compute_capability: str
+    tensorrt_version: str
+    min_shape: Shape
+    opt_shape: Shape
+    max_shape: Shape
+    precision: str
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def _shape_tag(shape: Shape) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def engine_name(meta: EngineMetadata) -> str:
+    """e.g. `neco_dinov2__NVIDIA-H100-80GB-HBM3_sm90__trt10.3.0__b1x224x224-4x448x448-8x896x896__fp16.plan`."""
+    profile = "-".join(_shape_tag(s) for s in (meta.min_shape, meta.opt_shape, meta.max_shape))
+    return (
+        f"{meta.model_name}__{_slug(meta.gpu_name)}_sm{meta.compute_capability.replace('.', '')}"
+        f"__trt{_slug(meta.tensorrt_version)}__b{profile}__{meta.precision}.plan"
+    )
+
+
+def engine_precision(settings: TensorRTSettings) -> str:
+    """Name of the enabled reduced-precision set ("fp32" when none)."""
+    enabled = [name for name, on in (("fp16", settings.fp16), ("bf16", settings.bf16)) if on]
+    return "+".join(enabled) or "fp32"
+
+
+def expected_metadata(model_name: str, settings: TensorRTSettings, device: int = 0) -> EngineMetadata:
+    """The metadata an engine built here, now, with `settings` would carry (needs tensorrt + CUDA)."""
+    import tensorrt as trt
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ExportError("TensorRT engines need a CUDA GPU; torch.cuda.is_available() is False")
+    major, minor = torch.cuda.get_device_capability(device)
+    return EngineMetadata(
+        model_name=model_name,
+        gpu_name=torch.cuda.get_device_name(device),
+        compute_capability=f"{major}.{minor}",
+        tensorrt_version=trt.__version__,
+        min_shape=settings.min_shape,
+        opt_shape=settings.opt_shape,
+        max_shape=settings.max_shape,
+        precision=engine_precision(settings),
+    )
+
+
+def read_sidecar(engine_path: Path) -> EngineMetadata:
+    """Metadata written next to an engine; absent or malformed metadata is a mismatch."""
+    sidecar = engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
+    if not sidecar.is_file():
+        raise EngineMismatchError(f"{engine_path}: no metadata sidecar {sidecar.name}; refusing an engine of unknown origin")
+    try:
+        return EngineMetadata.model_validate_json(sidecar.read_text())
+    except ValueError as exc:
+        raise EngineMismatchError(f"{sidecar}: malformed engine metadata ({exc})") from None
+
+
+def verify_engine(engine_path: Path, expected: EngineMetadata, *, check_name: bool = True) -> None:
+    """Refuse an engine whose name or sidecar differs from what this GPU/TensorRT/profile needs."""
+    if not engine_path.is_file():
+        raise EngineMismatchError(f"engine {engine_path} does not exist")
+    if check_name and engine_path.name != engine_name(expected):
+        raise EngineMismatchError(f"engine file {engine_path.name!r} is not {engine_name(expected)!r}")
+    found = read_sidecar(engine_path)
+    if found != expected:
+        diffs = [
+            f"{key}: engine {getattr(found, key)!r} != here {getattr(expected, key)!r}"
+            for key in EngineMetadata.model_fields
+            if getattr(found, key) != getattr(expected, key)
+        ]
+        raise EngineMismatchError(f"{engine_path.name} was built for another setup: " + "; ".join(diffs))
+
+
+def write_sidecar(engine_path: Path, meta: EngineMetadata) -> Path:
+    sidecar = engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
+    sidecar.write_text(meta.model_dump_json(indent=2))
+    return sidecar
+
+
+def _input_shape(shape: Shape) -> tuple[int, int, int, int]:
+    batch, height, width = shape
+    return (batch, height, width, 3)
+
+
+def trtexec_command(onnx_path: Path, engine_path: Path, settings: TensorRTSettings, trtexec: str = "trtexec") -> list[str]:
+    """The equivalent trtexec invocation (TensorRT 10 flags) for container builds."""
+    validate_profile(settings.min_shape, settings.opt_shape, settings.max_shape)
+
+    def shapes(shape: Shape) -> str:
+        return f"{INPUT_IMAGES}:" + "x".join(str(v) for v in _input_shape(shape))
+
+    command = [
+        trtexec,
+        f"--onnx={onnx_path}",
+        f"--saveEngine={engine_path}",
+        f"--minShapes={shapes(settings.min_shape)}",
+        f"--optShapes={shapes(settings.opt_shape)}",
+        f"--maxShapes={shapes(settings.max_shape)}",
+        f"--memPoolSize=workspace:{int(settings.workspace_gib * 1024)}",
+        "--skipInference",
+    ]
+    command += ["--fp16"] if settings.fp16 else []
+    command += ["--bf16"] if settings.bf16 else []
+    if settings.timing_cache is not None:
+        command.append(f"--timingCacheFile={settings.timing_cache}")
+    return command
+
+
+def build_engine(onnx_path: Path, engine_path: Path, meta: EngineMetadata, settings: TensorRTSettings) -> Path:
+    """Parse the ONNX, set one optimisation profile and precision flags, build and serialize."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * 2**30))
+    if settings.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if settings.bf16:
+        config.set_flag(trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(
+        INPUT_IMAGES, _input_shape(settings.min_shape), _input_shape(settings.opt_shape), _input_shape(settings.max_shape)
+    )
+    config.add_optimization_profile(profile)
+    cache_path = settings.timing_cache
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    engine_path.write_bytes(memoryview(serialized))
+    write_sidecar(engine_path, meta)
+    return engine_path
+
+
+def load_engine(engine_path: Path, expected: EngineMetadata):
+    """Deserialize an engine after `verify_engine`; never loads a mismatched engine."""
+    import tensorrt as trt
+
+    verify_engine(engine_path, expected)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise EngineMismatchError(f"TensorRT could not deserialize {engine_path}")
+    return engine
+
+
+def engine_features(engine) -> Any:
+    """A FeatureFn running the engine on CUDA (torch buffers, one stream) -> normalised features."""
+    import tensorrt as trt
+    import torch
+
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(images):
+        stream = torch.cuda.current_stream()
+        source = torch.from_numpy(images).cuda()
+        context.set_input_shape(INPUT_IMAGES, tuple(source.shape))
+        context.set_tensor_address(INPUT_IMAGES, source.data_ptr())
+        buffers = {}
+        for name in outputs:
+            dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
+            buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise ExportError("TensorRT execute_async_v3 failed")
+        stream.synchronize()
+        return buffers[OUTPUT_FEATURES].float().cpu().numpy()
+
+    return run
+
+
+def check_engine_parity(
+    engine, reference_session, sizes: Sequence, batch_sizes: Sequence[int], *,
+    atol: float | None, min_cosine: float | None, seed: int = 0,
+) -> dict:
+    """Engine vs onnxruntime FP32 on the same generated images.
+
+    FP32 engines must match within `atol` (max abs); FP16/BF16 engines are judged by mean
+    per-patch cosine like the reduced-precision ONNX graphs. Raises ParityError otherwise.
+    """
+    from neco.export.parity import compare, ort_features, shape_grid
+
+    report = compare(engine_features(engine), ort_features(reference_session), shape_grid(sizes, batch_sizes),
+                     seed=seed, names=("tensorrt", "onnxruntime-fp32"))
+    if atol is not None and report.max_abs_diff > atol:
+        raise ParityError(f"TensorRT engine differs from onnxruntime by {report.max_abs_diff:.3e} > {atol}")
+    if min_cosine is not None and report.min_mean_cosine < min_cosine:
+        raise ParityError(f"TensorRT engine mean cosine {report.min_mean_cosine:.4f} < {min_cosine} to onnxruntime")
+    return report.to_dict()
+
+
+def require_tensorrt() -> None:
+    """Fail fast (before minutes of export work) where engines cannot be built."""
+    try:
+        import tensorrt  # noqa: F401  (availability check; the API is used in build_engine)
+    except ImportError as exc:
+        raise ExportError("backend tensorrt needs the `tensorrt` Python package (pip install neco-dense[tensorrt])") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ExportError("backend tensorrt needs a CUDA GPU; torch.cuda.is_available() is False")
+
+
+def build_and_check_engine(onnx_path: Path, reference_session, cfg: ExportConfig, work: Path) -> tuple[dict[str, Path], dict]:
+    """Pipeline step: build (or reuse a verified cached) engine and check its parity.
+
+    Returns the files for the version directory (`model.plan` and its metadata sidecar, which
+    `verify_repository_engine` checks before anything serves it) and a report.
+    """
+    require_tensorrt()
+    settings = cfg.tensorrt
+    meta = expected_metadata(cfg.model_name, settings)
+    engine_path = Path(settings.engine_cache_dir or work) / engine_name(meta)
+    try:
+        verify_engine(engine_path, meta)
+        reused = True
+    except EngineMismatchError:
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        build_engine(onnx_path, engine_path, meta, settings)
+        reused = False
+    parity = None
+    if cfg.parity.enabled:
+        reduced = meta.precision != "fp32"
+        parity = check_engine_parity(
+            load_engine(engine_path, meta), reference_session,
+            [s for s in cfg.parity.sizes if _within(settings, s)],
+            [b for b in cfg.parity.batch_sizes if settings.min_shape[0] <= b <= settings.max_shape[0]],
+            atol=None if reduced else cfg.parity.atol,
+            min_cosine=cfg.parity.min_cosine_fp16 if reduced else None,
+            seed=cfg.parity.seed,
+        )
+    plan = work / PLAN_FILENAME
+    plan.write_bytes(engine_path.read_bytes())
+    sidecar = write_sidecar(plan, meta)
+    report = {"engine_name": engine_path.name, "metadata": json.loads(meta.model_dump_json()), "reused": reused,
+              "parity_vs_onnxruntime": parity, "precision": meta.precision}
+    return {PLAN_FILENAME: plan, sidecar.name: sidecar}, report
+
+
+def verify_repository_engine(model_dir: Path, version: int = 1, device: int = 0) -> EngineMetadata:
+    """Check that `<model_dir>/<version>/model.plan` was built for this GPU and TensorRT."""
+    plan = Path(model_dir) / str(version) / PLAN_FILENAME
+    found = read_sidecar(plan)
+    settings = TensorRTSettings(min_shape=found.min_shape, opt_shape=found.opt_shape, max_shape=found.max_shape,
+                                fp16="fp16" in found.precision, bf16="bf16" in found.precision)
+    expected = expected_metadata(found.model_name, settings, device)
+    verify_engine(plan, expected, check_name=False)
+    return expected
+
+
+def _within(settings: TensorRTSettings, size) -> bool:
+    (_, min_h, min_w), (_, max_h, max_w) = settings.min_shape, settings.max_shape
+    return min_h <= size[0] <= max_h and min_w <= size[1] <= max_w
