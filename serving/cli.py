@@ -1,0 +1,66 @@
+"""`neco serve` (also `python -m neco.serving`): run the embedded Triton until SIGINT/SIGTERM.
+
+    neco serve --repository model_repository/ [--config configs/serve_cpu.yaml] [key=value ...]
+
+Torch-, onnxruntime- and pytriton-free at import: the handler imports the server lazily so that
+`neco --help` and the client commands work in a client-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `serve` sub-command to the `neco` console script."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model repository with an embedded Triton (PyTriton + onnxruntime)",
+        description="Start a real Triton Inference Server in-process on the repository's ONNX model; "
+        "runs until SIGINT/SIGTERM. Settings: ServeConfig fields as key=value (e.g. http_port=0).",
+    )
+    parser.add_argument("--repository", type=Path, default=None, help="Triton model repository (from neco export)")
+    parser.add_argument("--config", type=Path, default=None, help="YAML with ServeConfig fields (configs/serve_*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="ServeConfig overrides")
+    parser.set_defaults(handler=serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Validate the config, start the server, print its endpoints, block until a signal."""
+    from neco.config import ConfigError, load_config
+    from neco.serving.config import ServeConfig
+
+    overrides = list(args.overrides)
+    if args.repository is not None:
+        overrides.append(f"repository={args.repository}")
+    cfg = load_config(ServeConfig, args.config, overrides)
+    if not cfg.repository.is_dir():
+        raise ConfigError(f"model repository {str(cfg.repository)!r} does not exist; run `neco export` first")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from neco.serving.embedded import EmbeddedServer, ServingError
+
+    def announce(server: EmbeddedServer) -> None:
+        print(
+            f"serving {server.model_name}: http {server.http_url}  grpc {server.grpc_url}  "
+            f"metrics {server.metrics_url}  (Ctrl+C or SIGTERM to stop)",
+            flush=True,
+        )
+
+    try:
+        EmbeddedServer(cfg).serve_forever(on_ready=announce)
+    except ServingError as exc:
+        print(f"neco serve: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m neco.serving ARGS` == `neco serve ARGS`."""
+    from neco.cli import main as neco_main
+
+    return neco_main(["serve", *(sys.argv[1:] if argv is None else argv)])

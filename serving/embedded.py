@@ -1,0 +1,321 @@
+"""`EmbeddedServer`: a real Triton Inference Server started in-process through PyTriton.
+
+It serves the repository's `model.onnx` under the same model name, tensor names, dtypes,
+shapes, batching settings and contract `parameters` as the Docker Triton serving the same
+repository, so one client works against both.
+
+Two PyTriton 0.7 gaps are closed here, deliberately and visibly:
+
+* The bundled python-backend stub links `libpython3.11.so.1.0` and the dynamic loader picks
+  the system copy unless `LD_LIBRARY_PATH` starts with this interpreter's LIBDIR (the model
+  then fails to load with `'_thread.RLock' object has no attribute '_recursion_count'`).
+  tritonserver is a child process that inherits `os.environ` when PyTriton starts it, so
+  prepending LIBDIR here, before the server starts, is enough: no re-exec is needed.
+* PyTriton's `ModelConfig` has no `parameters` field; its config generator writes only its
+  own backend parameters (`workspace-path`). The contract must reach clients through the
+  served model config (`get_model_config().config.parameters`), exactly as with the Docker
+  Triton. So the server uses PyTriton's local-model-store lifecycle: PyTriton writes the
+  generated `config.pbtxt` into our workspace at bind time, we merge the exported model's
+  `parameters` into it, and only then tritonserver starts and reads it from disk. `start()`
+  reads the config back from the running server and fails if the contract did not survive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sysconfig
+import threading
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Callable
+
+import numpy as np
+from google.protobuf import text_format
+from pytriton.client.exceptions import PyTritonClientTimeoutError
+from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
+from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+from pytriton.utils.workspace import Workspace
+from tritonclient.grpc import model_config_pb2
+
+from neco.contract import INPUT_IMAGES, OUTPUTS, ModelContract
+from neco.export.repository import ONNX_FILENAME, contract_from_config, read_model_config
+from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
+from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
+
+LOGGER = logging.getLogger(__name__)
+
+_TRITON_TO_NUMPY = {model_config_pb2.TYPE_UINT8: np.uint8, model_config_pb2.TYPE_FP32: np.float32}
+_EXPECTED_DTYPES = {INPUT_IMAGES: model_config_pb2.TYPE_UINT8, **dict.fromkeys(OUTPUTS, model_config_pb2.TYPE_FP32)}
+
+
+class ServingError(RuntimeError):
+    """The embedded server could not start, died, or is used before `start()`."""
+
+
+def ensure_stub_library_path() -> str:
+    """Make `LD_LIBRARY_PATH` start with this interpreter's LIBDIR (see module docstring)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if not libdir:
+        raise ServingError("this Python reports no LIBDIR; the Triton python-backend stub cannot find libpython")
+    entries = [e for e in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if e]
+    if not entries or entries[0] != libdir:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *(e for e in entries if e != libdir)])
+    return os.environ["LD_LIBRARY_PATH"]
+
+
+def pick_free_ports(host: str, count: int) -> list[int]:
+    """Ask the OS for `count` distinct free TCP ports (all held open until all are chosen).
+
+    tritonserver cannot report a port it chose itself, so port 0 is resolved here; another
+    process could take a port between this call and the server binding it (rare; start fails
+    loudly if it happens).
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def find_model_version(model_dir: Path, filename: str) -> int:
+    """The newest numeric version folder holding `filename` (Triton's default `latest: 1` policy)."""
+    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()]
+    if not versions:
+        raise ModelLoadError(
+            f"{model_dir} has no <version>/{filename}: the embedded server runs ONNX through onnxruntime, "
+            f"so export with backend=onnxruntime (TensorRT plans are served by the Docker Triton)"
+        )
+    return max(versions)
+
+
+def check_served_signature(config: model_config_pb2.ModelConfig) -> None:
+    """The exported config must declare the contract's tensors, batched (dynamic batching needs it)."""
+    declared = {t.name: t.data_type for t in [*config.input, *config.output]}
+    extra = sorted(set(declared) - set(_EXPECTED_DTYPES))
+    if extra:
+        raise ModelLoadError(f"model config {config.name!r}: tensors {extra} are not part of the served contract")
+    for name, dtype in _EXPECTED_DTYPES.items():
+        if declared.get(name) != dtype:
+            want = model_config_pb2.DataType.Name(dtype)
+            raise ModelLoadError(f"model config {config.name!r}: tensor {name!r} must be {want}, got {declared}")
+    if config.max_batch_size < 1:
+        raise ModelLoadError(f"model config {config.name!r}: max_batch_size must be >= 1 for dynamic batching")
+
+
+class EmbeddedServer:
+    """Start/stop a PyTriton Triton serving one exported NeCo model; usable as a context manager."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.contract: ModelContract | None = None
+        self._triton: Triton | None = None
+        self._ports: tuple[int, int, int] | None = None
+
+    # --- endpoints ----------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model_name
+
+    def _port(self, index: int) -> int:
+        if self._ports is None or self._triton is None:
+            raise ServingError("the embedded server is not running; call start() first")
+        return self._ports[index]
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.cfg.host}:{self._port(0)}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.cfg.host}:{self._port(1)}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.cfg.host}:{self._port(2)}/metrics"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> "EmbeddedServer":
+        """Load the model, start tritonserver, and return once the model is ready to infer."""
+        if self._triton is not None:
+            raise ServingError("the embedded server is already running")
+        model_dir = self.cfg.repository / self.cfg.model_name
+        if not (model_dir / "config.pbtxt").is_file():
+            raise FileNotFoundError(f"{model_dir}/config.pbtxt not found: is {self.cfg.repository} a model repository?")
+        exported = read_model_config(model_dir)
+        check_served_signature(exported)
+        self.contract = contract_from_config(exported)
+        version = find_model_version(model_dir, ONNX_FILENAME)
+        onnx_path = model_dir / str(version) / ONNX_FILENAME
+        runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
+
+        ports = [self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port]
+        free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
+        self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
+        ensure_stub_library_path()
+        workspace = Workspace()  # sockets + generated model store; removed by Triton.stop()
+        try:
+            triton = Triton(
+                config=self._triton_config(uses_gpu="CUDAExecutionProvider" in runner.providers),
+                workspace=workspace,
+                triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=True, local_model_store=True),
+            )
+            triton.bind(
+                model_name=self.cfg.model_name,
+                model_version=version,
+                infer_func=runner,
+                inputs=[self._tensor(t) for t in exported.input],
+                outputs=[self._tensor(t) for t in exported.output],
+                config=self._model_config(exported),
+                strict=True,
+            )
+            self._merge_parameters(workspace.model_store_path / self.cfg.model_name / "config.pbtxt", exported)
+        except BaseException:
+            workspace.clean()  # nothing started yet, so Triton.stop() would not clean it
+            raise
+        self._triton = triton
+        try:
+            triton.run()
+            self._check_served_contract()
+        except PyTritonClientTimeoutError as exc:
+            self.stop()
+            raise ServingError("tritonserver did not become ready; its log above says why") from exc
+        except BaseException:
+            self.stop()
+            raise
+        LOGGER.info(
+            "serving %s v%d (%s) on http %s, grpc %s, metrics %s with %s",
+            self.model_name, version, self.contract.arch, self.http_url, self.grpc_url, self.metrics_url,
+            runner.providers,
+        )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        """Stop tritonserver and the inference thread; safe to call twice."""
+        triton, self._triton = self._triton, None
+        if triton is not None:
+            triton.stop()
+
+    def is_alive(self) -> bool:
+        return self._triton is not None and self._triton.is_alive()
+
+    def serve_forever(self, on_ready: Callable[["EmbeddedServer"], None] | None = None, poll_s: float = 1.0) -> None:
+        """Start (if needed) and block until SIGINT/SIGTERM, then stop cleanly; raise if Triton dies.
+
+        The signal handlers are installed before starting, so a signal that arrives while the
+        model loads still ends in a clean stop instead of the default abrupt termination.
+        """
+        stop_requested = threading.Event()
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            LOGGER.info("received %s, shutting down", signal.Signals(signum).name)
+            stop_requested.set()
+
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self._triton is None:
+                self.start()
+            if on_ready is not None:
+                on_ready(self)
+            while not stop_requested.wait(poll_s):
+                if not self.is_alive():
+                    raise ServingError("tritonserver or the inference handler exited unexpectedly")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self.start()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _triton_config(self, uses_gpu: bool) -> TritonConfig:
+        http_port, grpc_port, metrics_port = self._ports  # type: ignore[misc]
+        return TritonConfig(
+            http_address=self.cfg.host,
+            http_port=http_port,
+            grpc_address=self.cfg.host,
+            grpc_port=grpc_port,
+            allow_metrics=True,
+            allow_gpu_metrics=uses_gpu,
+            metrics_address=self.cfg.host,
+            metrics_port=metrics_port,
+            strict_readiness=True,
+            exit_timeout_secs=5,
+            log_verbose=self.cfg.log_verbose,
+        )
+
+    @staticmethod
+    def _tensor(spec: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> Tensor:
+        return Tensor(name=spec.name, dtype=_TRITON_TO_NUMPY[spec.data_type], shape=tuple(spec.dims))
+
+    def _model_config(self, exported: model_config_pb2.ModelConfig) -> ModelConfig:
+        """Batching and queue policy from config.pbtxt unless overridden; the queue is always bounded.
+
+        Preferred sizes above an overridden `max_batch_size` are dropped (Triton refuses to
+        load such a config, and would only report it after its 120 s readiness wait).
+        """
+        batching = exported.dynamic_batching
+        max_batch = self.cfg.max_batch_size or exported.max_batch_size
+        preferred = self.cfg.preferred_batch_sizes
+        if preferred is None:
+            preferred = [size for size in batching.preferred_batch_size if size <= max_batch]
+        elif max(preferred, default=0) > max_batch:
+            raise ValueError(f"preferred_batch_sizes {preferred} exceed max_batch_size {max_batch}")
+        delay = self.cfg.max_queue_delay_us
+        policy = batching.default_queue_policy
+        queue_size = self.cfg.max_queue_size or policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE
+        timeout_us = (
+            self.cfg.request_timeout_ms * 1000
+            if self.cfg.request_timeout_ms
+            else policy.default_timeout_microseconds or DEFAULT_REQUEST_TIMEOUT_MS * 1000
+        )
+        return ModelConfig(
+            batching=True,
+            max_batch_size=max_batch,
+            batcher=DynamicBatcher(
+                preferred_batch_size=preferred,
+                max_queue_delay_microseconds=batching.max_queue_delay_microseconds if delay is None else delay,
+                default_queue_policy=QueuePolicy(
+                    timeout_action=TimeoutAction.REJECT,
+                    default_timeout_microseconds=timeout_us,
+                    allow_timeout_override=True,
+                    max_queue_size=queue_size,
+                ),
+            ),
+        )
+
+    @staticmethod
+    def _merge_parameters(generated_path: Path, exported: model_config_pb2.ModelConfig) -> None:
+        """Copy the exported `parameters` into PyTriton's generated config before Triton reads it."""
+        if not generated_path.is_file():
+            raise ServingError(f"PyTriton did not write {generated_path}; unsupported PyTriton version?")
+        generated = text_format.Parse(generated_path.read_text(), model_config_pb2.ModelConfig())
+        clash = sorted(set(generated.parameters) & set(exported.parameters))
+        if clash:
+            raise ServingError(f"exported parameters {clash} collide with PyTriton's own backend parameters")
+        for key, value in exported.parameters.items():
+            generated.parameters[key].CopyFrom(value)
+        generated_path.write_text(text_format.MessageToString(generated))
+
+    def _check_served_contract(self) -> None:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url)
+        try:
+            served = client.get_model_config(self.model_name)
+        finally:
+            client.close()
+        params = {key: value.get("string_value", "") for key, value in served.get("parameters", {}).items()}
+        if ModelContract.from_parameters(params) != self.contract:
+            raise ServingError(f"served model config of {self.model_name!r} does not carry the exported contract")

