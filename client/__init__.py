@@ -1,1 +1,35 @@
-"""neco.client stage."""
+"""neco.client: torch-free dense features, memory banks and in-context segmentation.
+
+Imports only numpy, Pillow, pydantic, pyyaml, tqdm, tritonclient and faiss (a test enforces
+it), so applications can install the `client` extra without torch.
+"""
+
+from .backend import FeatureBackend, batch_features
+from .bank import IndexSpec, MemoryBank
+from .errors import (
+    BankContractError,
+    BankCorruptError,
+    BankError,
+    BankVersionError,
+    ClientError,
+    ContractError,
+    ImageError,
+    InferenceError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ServerUnavailableError,
+    SupportSetError,
+)
+from .images import PreparedImage, load_mask, load_rgb, prepare_image
+from .render import features_to_rgb, overlay, palette
+from .retrieval import SegmentationResult, segment, segment_features, transfer_labels
+from .triton import DenseFeatures, NecoClient
+
+__all__ = [
+    "BankContractError", "BankCorruptError", "BankError", "BankVersionError", "ClientError",
+    "ContractError", "DenseFeatures", "FeatureBackend", "ImageError", "IndexSpec", "InferenceError",
+    "MemoryBank", "ModelNotFoundError", "ModelNotReadyError", "NecoClient", "PreparedImage",
+    "SegmentationResult", "ServerUnavailableError", "SupportSetError", "batch_features",
+    "features_to_rgb", "load_mask", "load_rgb", "overlay", "palette", "prepare_image", "segment",
+    "segment_features", "transfer_labels",
+]

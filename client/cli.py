@@ -1,0 +1,212 @@
+"""Client sub-commands of `neco` (also `python -m neco.client`); torch-free.
+
+    neco features IMG --out f.npy [--pca pca.png]
+    neco bank build SUPPORT --out BANK [--memory-size N] [--fp16] [--index flat|ivf|hnsw]
+    neco bank append BANK SUPPORT
+    neco bank info BANK
+    neco segment IMG --bank BANK --out mask.png [--overlay overlay.png]
+
+Every command that talks to a server takes --url / --protocol / --model / --size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from neco.contract import DEFAULT_MODEL_NAME
+
+from .bank import DEFAULT_IMAGE_SIZE
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _reports_errors(handler: Handler) -> Handler:
+    """Turn the client's typed errors into one stderr line and exit status 2 (no traceback)."""
+
+    @functools.wraps(handler)
+    def wrapper(args: argparse.Namespace) -> int:
+        from .errors import ClientError
+
+        try:
+            return handler(args)
+        except ClientError as exc:
+            print(f"neco {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    """`448` (shorter side) or `448x448` (exact height x width)."""
+    try:
+        if "x" in text:
+            height, width = text.lower().split("x")
+            return int(height), int(width)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}") from None
+
+
+def _server_options(parser: argparse.ArgumentParser, size_help: str = f"shorter side N, or exact HxW (default {DEFAULT_IMAGE_SIZE})") -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--url", default=None, help="host:port (default localhost:8001 for grpc, 8000 for http)")
+    group.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    group.add_argument("--model", default=DEFAULT_MODEL_NAME, help="Triton model name")
+    group.add_argument("--size", type=_size, default=None, help=size_help)
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .triton import NecoClient
+
+    size = args.size if args.size is not None else DEFAULT_IMAGE_SIZE
+    return NecoClient(args.url, protocol=args.protocol, model=args.model, size=size, timeout_s=args.timeout)
+
+
+@_reports_errors
+def _features(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .render import features_to_rgb
+
+    with _client(args) as client:
+        dense = client.features(args.image)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, dense.features, allow_pickle=False)
+    if args.pca is not None:
+        features_to_rgb(dense.features, size=dense.image.original_size).save(args.pca)
+    sy, sx = dense.image.scale
+    print(
+        f"{args.image}: {dense.image.original_size[0]}x{dense.image.original_size[1]} -> "
+        f"{dense.image.size[0]}x{dense.image.size[1]}, features {dense.features.shape} -> {args.out}; "
+        f"patch (i, j) covers original rows [{dense.image.patch_size * sy:.2f}*i, +{dense.image.patch_size * sy:.2f}) "
+        f"and cols [{dense.image.patch_size * sx:.2f}*j, +{dense.image.patch_size * sx:.2f})"
+    )
+    return 0
+
+
+def _class_names(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    names = json.loads(path.read_text())
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path} must hold a JSON list of class names")
+    return names
+
+
+@_reports_errors
+def _bank_build(args: argparse.Namespace) -> int:
+    from .bank import IndexSpec, MemoryBank
+
+    index = IndexSpec(kind=args.index)
+    with _client(args) as client:
+        bank = MemoryBank.build(
+            client, args.support, class_names=_class_names(args.classes), image_size=client.size,
+            memory_size=args.memory_size, dtype="float16" if args.fp16 else "float32", index=index,
+            batch_size=args.batch_size, seed=args.seed, progress=True,
+        )
+    bank.save(args.out)
+    print(f"{bank!r} -> {args.out}")
+    return 0
+
+
+@_reports_errors
+def _bank_append(args: argparse.Namespace) -> int:
+    from .bank import MemoryBank
+
+    with _client(args) as client:
+        bank = MemoryBank.load(args.bank, contract=client.contract)
+        bank.add(client, args.support, memory_size=args.memory_size, batch_size=args.batch_size, seed=args.seed, progress=True)
+    bank.save(args.bank)
+    print(f"{bank!r} -> {args.bank}")
+    return 0
+
+
+@_reports_errors
+def _bank_info(args: argparse.Namespace) -> int:
+    from .bank import MemoryBank
+
+    bank = MemoryBank.load(args.bank, verify=not args.no_verify)
+    print(repr(bank))
+    print(f"contract: {bank.contract.model_dump_json()}")
+    print(f"classes: {bank.class_names}")
+    print(f"image size: {bank.image_size}, array bytes: {bank.nbytes}")
+    return 0
+
+
+@_reports_errors
+def _segment(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    with _client(args) as client:
+        result = client.segment(args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.mask_image().save(args.out)
+    if args.overlay is not None:
+        result.overlay(args.image).save(args.overlay)
+    labels, counts = np.unique(result.mask, return_counts=True)
+    shares = ", ".join(f"{result.class_names[lab]} {cnt / result.mask.size:.1%}" for lab, cnt in zip(labels, counts))
+    print(f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {args.out} ({shares})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `features`, `bank` and `segment` to the `neco` command."""
+    features = subparsers.add_parser("features", help="dense patch features of an image (.npy)")
+    features.add_argument("image", help="image file")
+    features.add_argument("--out", type=Path, required=True, help="output .npy, (h, w, C) float32")
+    features.add_argument("--pca", type=Path, default=None, help="also write a PCA->RGB picture (PNG)")
+    _server_options(features)
+    features.set_defaults(handler=_features)
+
+    bank = subparsers.add_parser("bank", help="build / extend / inspect a memory bank")
+    actions = bank.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="build a bank from a folder with images/ and masks/")
+    build.add_argument("support", type=Path, help="folder with images/ and masks/ (optional classes.json)")
+    build.add_argument("--out", type=Path, required=True, help="bank folder to write")
+    build.add_argument("--classes", type=Path, default=None, help="JSON list of class names")
+    build.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
+    build.add_argument("--fp16", action="store_true", help="store features and labels as float16")
+    for sub in (build, actions.add_parser("append", help="add a support folder's patches to a saved bank")):
+        sub.add_argument("--memory-size", type=int, default=None, help="patch budget (rare classes favoured)")
+        sub.add_argument("--batch-size", type=int, default=8)
+        sub.add_argument("--seed", type=int, default=0)
+        _server_options(sub)
+    build.set_defaults(handler=_bank_build)
+    append = actions.choices["append"]
+    append.add_argument("bank", type=Path, help="saved bank folder")
+    append.add_argument("support", type=Path, help="folder with images/ and masks/")
+    append.set_defaults(handler=_bank_append)
+    info = actions.add_parser("info", help="print a saved bank's manifest summary (no server)")
+    info.add_argument("bank", type=Path)
+    info.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
+    info.set_defaults(handler=_bank_info)
+
+    seg = subparsers.add_parser("segment", help="segment an image by k-NN label transfer from a bank")
+    seg.add_argument("image", help="image file")
+    seg.add_argument("--bank", required=True, help="saved bank folder, or a support folder (built on the fly)")
+    seg.add_argument("--out", type=Path, required=True, help="mask PNG (pixel value = class index)")
+    seg.add_argument("--overlay", type=Path, default=None, help="colour overlay PNG with legend")
+    seg.add_argument("--k", type=int, default=30, help="neighbours per patch")
+    seg.add_argument("--temperature", type=float, default=0.02, help="softmax temperature on similarities")
+    _server_options(seg, size_help="resize policy N or HxW (default: the bank's own)")
+    seg.set_defaults(handler=_segment)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m neco.client`: the client's commands without importing the other stages."""
+    from neco.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m neco.client", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,63 @@
+"""Typed errors raised by the torch-free client.
+
+Every failure a user can cause (bad image, unreachable server, incompatible bank, malformed
+support set) gets its own exception type so that applications can react to it, and every
+message names the offending thing (URL, path, image index, label value). Input-like errors
+subclass `ValueError` and environment-like errors `RuntimeError`, so the `neco` CLI and generic
+handlers treat them sensibly.
+"""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base class of every error raised by `neco.client`."""
+
+
+class ImageError(ClientError, ValueError):
+    """An input is not a decodable 8-bit image (zero-size, 16-bit, truncated, not an image...)."""
+
+
+class ServerUnavailableError(ClientError, RuntimeError):
+    """The Triton server at the given URL cannot be reached or is not live."""
+
+    def __init__(self, url: str, detail: str = "") -> None:
+        self.url = url
+        suffix = f": {detail}" if detail else ""
+        super().__init__(f"Triton server at {url!r} is not reachable{suffix}")
+
+
+class ModelNotFoundError(ClientError, RuntimeError):
+    """The server is up but does not know the requested model."""
+
+
+class ModelNotReadyError(ClientError, RuntimeError):
+    """The server knows the model but it is not (yet) ready to serve requests."""
+
+
+class InferenceError(ClientError, RuntimeError):
+    """The server rejected or failed an inference request."""
+
+
+class ContractError(ClientError, ValueError):
+    """A model contract is missing, not understood, or does not match another one."""
+
+
+class BankError(ClientError, ValueError):
+    """A memory bank cannot be built, saved, loaded or searched."""
+
+
+class BankVersionError(BankError):
+    """A saved bank was written by a newer format version than this client reads."""
+
+
+class BankCorruptError(BankError):
+    """A saved bank's files are missing, malformed or fail their checksum."""
+
+
+class BankContractError(BankError, ContractError):
+    """A bank was built with a different model/contract than the one it is used with."""
+
+
+class SupportSetError(ClientError, ValueError):
+    """A support set is empty or holds a mask that does not fit its image or class list."""

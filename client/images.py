@@ -1,0 +1,238 @@
+"""Decoding and resizing of images and label masks: the client's ONE resize policy.
+
+Resize policy (used for the bank, for queries and by the evaluation stage):
+
+* `size=S` (an int): scale the image so that its *shorter* side becomes S, keeping the aspect
+  ratio, then round *each* side to the nearest multiple of the patch size (at least one patch).
+  The aspect ratio is therefore kept up to at most half a patch per side.
+* `size=(H, W)`: resize to exactly H x W, each side rounded to the nearest patch multiple
+  (what the Hummingbird protocol does with 448 x 448).
+
+The whole image is resized (no crop, no padding), so the patch grid covers the full input:
+patch (i, j) sees resized pixels [i*p, (i+1)*p) x [j*p, (j+1)*p), i.e. original pixels
+scaled by `PreparedImage.scale`. Images are resized with Pillow's bicubic filter (antialiased
+when shrinking); masks with nearest neighbour so that labels are never blended.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from neco.contract import PATCH_SIZE
+
+from .errors import ImageError, SupportSetError
+
+ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+"""Anything `load_rgb` accepts: a file path, encoded bytes, a PIL image or a uint8 array."""
+
+SizeSpec = Union[int, tuple[int, int]]
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_HIGH_DEPTH_MODES = ("I", "F")  # "I", "I;16", "I;16B", ... and 32-bit float
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image resized by the policy above, plus how its patches map to the input pixels."""
+
+    array: np.ndarray
+    """H x W x 3 uint8 RGB, H and W multiples of `patch_size`: what the encoder sees."""
+    original_size: tuple[int, int]
+    """(height, width) of the decoded input (after EXIF orientation)."""
+    grid: tuple[int, int]
+    """(rows, cols) of the patch grid: the (h, w) of the dense features."""
+    patch_size: int = PATCH_SIZE
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the resized array."""
+        return self.array.shape[0], self.array.shape[1]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original pixels per resized pixel, (vertical, horizontal)."""
+        return self.original_size[0] / self.size[0], self.original_size[1] / self.size[1]
+
+    def patch_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """(top, left, bottom, right) in original-image pixels covered by patch (row, col)."""
+        if not (0 <= row < self.grid[0] and 0 <= col < self.grid[1]):
+            raise IndexError(f"patch ({row}, {col}) outside the {self.grid[0]}x{self.grid[1]} grid")
+        sy, sx = self.scale
+        p = self.patch_size
+        return row * p * sy, col * p * sx, (row + 1) * p * sy, (col + 1) * p * sx
+
+
+def target_size(original_size: tuple[int, int], size: SizeSpec, patch_size: int = PATCH_SIZE) -> tuple[int, int]:
+    """Apply the resize policy to an (H, W) and return the encoder input (H', W')."""
+    height, width = original_size
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image of size {height}x{width} has no pixels")
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        goal_h, goal_w = float(size[0]), float(size[1])
+    else:
+        if int(size) <= 0:
+            raise ValueError(f"size must be positive, got {size!r}")
+        factor = int(size) / min(height, width)
+        goal_h, goal_w = height * factor, width * factor
+
+    def snap(value: float) -> int:
+        return max(patch_size, int(round(value / patch_size)) * patch_size)
+
+    return snap(goal_h), snap(goal_w)
+
+
+def prepare_image(image_like: ImageLike | np.ndarray, size: SizeSpec, patch_size: int = PATCH_SIZE) -> PreparedImage:
+    """Decode `image_like` to RGB and resize it by the policy; see the module docstring."""
+    rgb = load_rgb(image_like)
+    original = (rgb.shape[0], rgb.shape[1])
+    new_h, new_w = target_size(original, size, patch_size)
+    if (new_h, new_w) != original:
+        resized = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
+        rgb = np.asarray(resized, dtype=np.uint8)
+    return PreparedImage(
+        array=np.ascontiguousarray(rgb),
+        original_size=original,
+        grid=(new_h // patch_size, new_w // patch_size),
+        patch_size=patch_size,
+    )
+
+
+def describe(image_like: object) -> str:
+    """A short human name for an input, used in error messages."""
+    if isinstance(image_like, (str, os.PathLike)):
+        return f"image file {str(image_like)!r}"
+    if isinstance(image_like, np.ndarray):
+        return f"array of shape {image_like.shape} and dtype {image_like.dtype}"
+    if isinstance(image_like, Image.Image):
+        return f"PIL image ({image_like.mode}, {image_like.size[0]}x{image_like.size[1]})"
+    if isinstance(image_like, (bytes, bytearray, memoryview)):
+        return f"{len(image_like)} bytes of image data"
+    return f"object of type {type(image_like).__name__}"
+
+
+def _open(image_like: ImageLike, what: str) -> Image.Image:
+    """Open and fully decode a path / bytes / PIL input; failures become ImageError."""
+    name = describe(image_like)
+    if isinstance(image_like, Image.Image):
+        source: object = None
+    elif isinstance(image_like, (str, os.PathLike)):
+        path = Path(image_like)
+        if not path.is_file():
+            raise ImageError(f"{what} file {str(path)!r} does not exist")
+        source = path
+    elif isinstance(image_like, (bytes, bytearray, memoryview)):
+        if len(image_like) == 0:
+            raise ImageError(f"{what} bytes are empty")
+        source = io.BytesIO(bytes(image_like))
+    else:
+        raise ImageError(
+            f"cannot read a {what} from {name}; pass a path, bytes, a PIL image or a numpy array"
+        )
+    try:
+        image = image_like if source is None else Image.open(source)  # type: ignore[arg-type]
+        # Pillow silently narrows 16-bit-per-channel colour PNGs to 8-bit "RGB"; only the
+        # not-yet-decoded tile's raw mode still says ";16".
+        sixteen_bit = any(";16" in str(getattr(tile, "args", "")) for tile in getattr(image, "tile", None) or [])
+        image.load()
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image format Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name} is too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name} could not be decoded (truncated or corrupt?): {exc}") from None
+    if sixteen_bit:
+        raise ImageError(f"{name} has 16 bits per channel; convert it to 8-bit RGB first")
+    return image
+
+
+def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{name} has no pixels")
+    if image.mode.startswith(_HIGH_DEPTH_MODES):
+        raise ImageError(f"{name} has mode {image.mode!r} (16/32-bit); convert it to 8-bit RGB first")
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in _ALPHA_MODES:
+        # Transparent pixels have arbitrary colour values; composite onto white so that what
+        # the encoder sees is what an image viewer on a white page shows.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    try:
+        rgb = image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"{name} (mode {image.mode!r}) cannot be converted to RGB: {exc}") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    name = describe(array)
+    if array.size == 0:
+        raise ImageError(f"{name} has no pixels")
+    if array.dtype == np.uint16:
+        raise ImageError(f"{name} is 16-bit; scale it to uint8 first")
+    if array.dtype != np.uint8:
+        raise ImageError(f"{name}: expected uint8 pixel values (0-255)")
+    if array.ndim == 2:
+        return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
+    if array.ndim == 3 and array.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+    if array.ndim == 3 and array.shape[2] == 3:
+        return np.ascontiguousarray(array)
+    if array.ndim == 3 and array.shape[2] == 4:
+        return _pil_to_rgb(Image.fromarray(array, mode="RGBA"), name)
+    raise ImageError(f"{name}: expected HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA)")
+
+
+def load_rgb(image_like: ImageLike) -> np.ndarray:
+    """Decode any supported input to an H x W x 3 uint8 RGB array (EXIF orientation applied)."""
+    if isinstance(image_like, np.ndarray):
+        return _array_to_rgb(image_like)
+    return _pil_to_rgb(_open(image_like, "image"), describe(image_like))
+
+
+def load_mask(mask_like: ImageLike) -> np.ndarray:
+    """Decode a label mask to an H x W int64 array (values are class indices, 255 = ignore).
+
+    Palette PNGs (Pascal VOC style) give their indices, not their colours; colour masks are
+    rejected because their colour-to-class mapping is unknown.
+    """
+    name = describe(mask_like)
+    if isinstance(mask_like, np.ndarray):
+        array = mask_like
+    else:
+        image = ImageOps.exif_transpose(_open(mask_like, "mask"))
+        if image.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
+            raise SupportSetError(f"mask {name} has mode {image.mode!r}; expected a single-channel label image")
+        array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim != 2 or array.size == 0:
+        raise SupportSetError(f"mask {name} must be a non-empty HxW array of class indices")
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise SupportSetError(f"mask {name} must hold integer class indices, not {array.dtype}")
+    labels = array.astype(np.int64)
+    if labels.min() < 0:
+        raise SupportSetError(f"mask {name} holds negative labels ({int(labels.min())})")
+    return labels
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an integer mask to (height, width)."""
+    if mask.shape == size:
+        return mask
+    # Nearest neighbour via index maps (pixel centres, half-pixel convention): exact for any
+    # label value, unlike PIL modes limited to 8/16/32 bits.
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * mask.shape[0] / size[0]).astype(np.int64), mask.shape[0] - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(np.int64), mask.shape[1] - 1)
+    return mask[rows[:, None], cols[None, :]]

@@ -1,0 +1,201 @@
+"""k-NN label transfer: THE one code path from query features to a segmentation mask.
+
+Hummingbird-style retrieval (Balažević et al., 2023): for every query patch, find the k
+nearest bank patches by inner product (cosine on unit vectors), weight them by
+softmax(similarity / temperature), sum their soft labels, upsample the per-class scores
+bilinearly to the input size and take the argmax. The evaluation stage calls the same
+functions, so the published protocol and the product share one implementation.
+
+Upsampling convention: half-pixel centres ("align_corners=False", as torch's
+`F.interpolate(..., mode="bilinear", align_corners=False)`, checked by a test): output pixel o maps
+to source coordinate (o + 0.5) * in / out - 0.5, clamped to the grid edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from neco.contract import ModelContract
+
+from .backend import FeatureBackend, batch_features
+from .bank import MemoryBank
+from .bank_io import MANIFEST
+from .errors import BankContractError
+from .images import ImageLike, SizeSpec, prepare_image
+from .render import mask_to_image, overlay
+
+DEFAULT_K = 30
+DEFAULT_TEMPERATURE = 0.02
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """A predicted mask at the input image's size, with its class names and confidences."""
+
+    mask: np.ndarray
+    """(H, W) class indices into `class_names` (uint8, or uint16 beyond 256 classes)."""
+    class_names: list[str]
+    confidence: np.ndarray
+    """(H, W) float32 score of the chosen class (the transferred label mass, in [0, 1])."""
+    scores: np.ndarray | None = None
+    """(K, H, W) float32 per-class scores, when requested (`return_scores=True`)."""
+
+    def overlay(self, image: ImageLike, alpha: float = 0.5, legend: bool = True) -> Image.Image:
+        """The input image with class colours blended in and a legend of the classes found."""
+        return overlay(image, self.mask, self.class_names, alpha=alpha, legend=legend)
+
+    def mask_image(self) -> Image.Image:
+        """A palette image whose pixel values are the class indices (save it as PNG)."""
+        return mask_to_image(self.mask, len(self.class_names))
+
+
+def transfer_labels(
+    similarities: np.ndarray, neighbours: np.ndarray, soft_labels: np.ndarray, temperature: float
+) -> np.ndarray:
+    """(Q, K) class scores: softmax(sim / temperature)-weighted sum of the neighbours' soft labels.
+
+    Rows of the result sum to 1 (soft labels do), so a score is directly a confidence.
+    Neighbours an approximate index could not fill carry similarity -inf and weight 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = similarities.astype(np.float32) / np.float32(temperature)
+    top = logits.max(axis=1, keepdims=True)
+    logits -= np.where(np.isfinite(top), top, 0)  # rows without any hit get all-zero weights
+    weights = np.exp(logits)
+    weights /= np.maximum(weights.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    gathered = soft_labels[neighbours].astype(np.float32, copy=False)  # (Q, k, K)
+    return np.einsum("qk,qkc->qc", weights, gathered)
+
+
+def interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) linear-resampling weights, half-pixel centres, edges clamped.
+
+    Each row holds at most two non-zero weights summing to 1; resampling is then one matrix
+    product, which BLAS does far faster than gathering and blending pixels.
+    """
+    coord = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
+    coord = np.clip(coord, 0.0, size_in - 1)
+    low = np.floor(coord).astype(np.int64)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = coord - low
+    matrix = np.zeros((size_out, size_in), dtype=np.float32)
+    rows = np.arange(size_out)
+    np.add.at(matrix, (rows, low), 1.0 - frac)
+    np.add.at(matrix, (rows, high), frac)
+    return matrix
+
+
+def upsample_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize (K, h, w) scores to (K, H, W) (separable: rows @ scores @ cols^T)."""
+    rows = interpolation_matrix(scores.shape[1], size[0])
+    cols = interpolation_matrix(scores.shape[2], size[1])
+    return rows @ scores.astype(np.float32, copy=False) @ cols.T
+
+
+def _argmax_upsampled(
+    grid: np.ndarray, size: tuple[int, int], keep_scores: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """argmax and max over classes of the upsampled scores, one class plane at a time.
+
+    Equal to `upsample_bilinear(grid, size).argmax(0)` / `.max(0)` (first class wins ties) but
+    never materialises (K, H, W) unless scores are wanted, and skips classes that provably
+    cannot win anywhere: an interpolated score never exceeds the class's largest patch score,
+    while at every pixel the best class scores at least (smallest patch total) / K, because
+    interpolation weights are convex and each patch's scores sum to its total.
+    """
+    grid = np.ascontiguousarray(grid, dtype=np.float32)  # strided planes make every matmul slow
+    num_classes = grid.shape[0]
+    rows = interpolation_matrix(grid.shape[1], size[0])
+    across = grid @ interpolation_matrix(grid.shape[2], size[1]).T  # (K, h, W)
+    floor = float(grid.sum(axis=0).min()) / num_classes
+    candidates = [c for c in range(num_classes) if keep_scores or grid[c].max() >= floor] or [0]
+    scores = np.empty((num_classes, *size), dtype=np.float32) if keep_scores else None
+    best = np.full(size, -np.inf, dtype=np.float32)
+    label = np.zeros(size, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+    plane, better = np.empty(size, dtype=np.float32), np.empty(size, dtype=bool)  # reused buffers
+    for c in candidates:
+        np.matmul(rows, across[c], out=plane if scores is None else scores[c])
+        current = plane if scores is None else scores[c]
+        np.greater(current, best, out=better)
+        np.copyto(label, c, where=better)
+        np.maximum(best, current, out=best)
+    return label, best, scores
+
+
+def segment_features(
+    features: np.ndarray,
+    bank: MemoryBank,
+    output_size: tuple[int, int],
+    *,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    return_scores: bool = False,
+) -> SegmentationResult:
+    """Segment from already computed (h, w, C) unit-norm query features."""
+    if features.ndim != 3:
+        raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
+    height, width, channels = features.shape
+    sims, idx = bank.search(features.reshape(-1, channels), k)
+    patch_scores = transfer_labels(sims, idx, bank.labels32, temperature)
+    grid = np.ascontiguousarray(patch_scores.T).reshape(-1, height, width)
+    mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
+    return SegmentationResult(mask=mask, class_names=list(bank.class_names), confidence=confidence, scores=scores)
+
+
+def is_saved_bank(support: Any) -> bool:
+    """True for a path to a folder written by `MemoryBank.save`."""
+    return isinstance(support, (str, Path)) and (Path(support) / MANIFEST).is_file()
+
+
+def resolve_bank(backend: FeatureBackend, support: Any, **build_options: Any) -> MemoryBank:
+    """A `MemoryBank` from a bank, a saved bank folder, a support folder or (image, mask) pairs."""
+    if isinstance(support, MemoryBank):
+        bank = support
+    elif is_saved_bank(support):
+        bank = MemoryBank.load(support, contract=backend.contract)
+    else:
+        bank = MemoryBank.build(backend, support, **build_options)
+    check_contract(backend.contract, bank)
+    return bank
+
+
+def check_contract(contract: ModelContract, bank: MemoryBank) -> None:
+    """Refuse to compare features of one model with a bank built by another."""
+    if not contract.compatible_with(bank.contract):
+        raise BankContractError(
+            f"the memory bank was built with {bank.contract!r} but the features come from "
+            f"{contract!r}; rebuild the bank with this model"
+        )
+
+
+def segment(
+    backend: FeatureBackend,
+    image: ImageLike,
+    support: Any,
+    *,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    size: SizeSpec | None = None,
+    return_scores: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> SegmentationResult:
+    """Segment `image` by label transfer from `support` (bank, bank folder, or pairs).
+
+    The query is resized with the bank's image-size policy unless `size` says otherwise, and
+    the mask comes back at the input image's own size.
+    """
+    options: dict[str, Any] = {"class_names": class_names}
+    if size is not None:
+        options["image_size"] = size
+    bank = resolve_bank(backend, support, **options)
+    prepared = prepare_image(image, size if size is not None else bank.image_size, backend.contract.patch_size)
+    features = batch_features(backend, [prepared.array])[0]
+    return segment_features(
+        features, bank, prepared.original_size, k=k, temperature=temperature, return_scores=return_scores
+    )

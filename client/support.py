@@ -1,0 +1,140 @@
+"""Support sets: reading (image, mask) pairs, per-patch soft labels, rare-class patch sampling.
+
+A support set is any of: a sequence of (image, mask) pairs, a folder holding `images/` and
+`masks/` (matched by file stem, optional `classes.json` in the folder or its parent, which is
+the layout `neco.scenes.write_scene_dataset` writes), or any iterable/dataset yielding
+(image, mask) pairs (an optional `class_names` attribute is honoured).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from neco.contract import IGNORE_INDEX
+
+from .errors import SupportSetError
+from .images import ImageLike
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+CLASSES_FILE = "classes.json"
+
+
+@dataclass(frozen=True)
+class SupportSet:
+    """A normalised view of a support set: its items, their count (if known), class names."""
+
+    items: Iterable[tuple[ImageLike, ImageLike]]
+    length: int | None
+    class_names: list[str] | None
+    source: str
+
+
+def _read_class_names(folder: Path) -> list[str] | None:
+    for candidate in (folder / CLASSES_FILE, folder.parent / CLASSES_FILE):
+        if candidate.is_file():
+            try:
+                names = json.loads(candidate.read_text())
+            except json.JSONDecodeError as exc:
+                raise SupportSetError(f"{candidate} is not valid JSON: {exc}") from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise SupportSetError(f"{candidate} must hold a JSON list of class-name strings")
+            return names
+    return None
+
+
+def _folder_items(folder: Path) -> list[tuple[Path, Path]]:
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise SupportSetError(f"support folder {str(folder)!r} must contain images/ and masks/")
+    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    pairs = []
+    for image in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if image.stem not in masks:
+            raise SupportSetError(f"support image {str(image)!r} has no mask named {image.stem}.* in {masks_dir}")
+        pairs.append((image, masks[image.stem]))
+    return pairs
+
+
+def open_support(support: Any, class_names: Sequence[str] | None = None) -> SupportSet:
+    """Normalise any accepted support-set form; explicit `class_names` win over discovered ones."""
+    names = list(class_names) if class_names is not None else None
+    if isinstance(support, (str, Path)):
+        folder = Path(support)
+        if not folder.is_dir():
+            raise SupportSetError(f"support folder {str(folder)!r} does not exist")
+        pairs = _folder_items(folder)
+        return SupportSet(pairs, len(pairs), names or _read_class_names(folder), f"folder {str(folder)!r}")
+    if not isinstance(support, Iterable):
+        raise SupportSetError(f"a support set must be (image, mask) pairs or a folder, not {type(support).__name__}")
+    if names is None:
+        found = getattr(support, "class_names", None)
+        names = list(found) if found is not None else None
+    length = len(support) if hasattr(support, "__len__") else None
+    return SupportSet(support, length, names, type(support).__name__)
+
+
+def iter_pairs(support: SupportSet) -> Iterator[tuple[int, ImageLike, ImageLike]]:
+    """Yield (index, image, mask), failing clearly on items that are not pairs."""
+    for index, item in enumerate(support.items):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise SupportSetError(f"support item {index} of {support.source} is not an (image, mask) pair")
+        yield index, item[0], item[1]
+
+
+def patch_soft_labels(
+    mask: np.ndarray, patch_size: int, num_classes: int | None, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch class frequencies of a mask whose sides are patch multiples.
+
+    Returns (soft (P, K) float32 whose rows sum to 1, keep (P,) bool) for the P = h*w patches in
+    row-major order; ignore pixels (255) do not count, and patches made only of them are marked
+    `keep=False` because they carry no label to transfer. `num_classes=None` sizes K by the
+    mask's largest label.
+    """
+    height, width = mask.shape
+    rows, cols = height // patch_size, width // patch_size
+    valid = mask != IGNORE_INDEX
+    labels = mask[valid]
+    top = int(labels.max()) if labels.size else -1
+    if num_classes is not None and top >= num_classes:
+        bad = sorted({int(v) for v in np.unique(labels) if v >= num_classes})
+        raise SupportSetError(
+            f"mask of {name} holds labels {bad[:10]} beyond the {num_classes} known classes "
+            f"(valid labels are 0..{num_classes - 1} and {IGNORE_INDEX} = ignore)"
+        )
+    k = num_classes if num_classes is not None else top + 1
+    patch_id = (np.arange(rows)[:, None, None, None] * cols + np.arange(cols)[None, None, :, None])
+    patch_id = np.broadcast_to(patch_id, (rows, patch_size, cols, patch_size)).reshape(height, width)
+    counts = np.bincount(patch_id[valid] * max(k, 1) + labels, minlength=rows * cols * max(k, 1))
+    counts = counts.reshape(rows * cols, max(k, 1)).astype(np.float32)[:, :k]
+    totals = counts.sum(axis=1)
+    keep = totals > 0
+    soft = np.zeros_like(counts)
+    soft[keep] = counts[keep] / totals[keep, None]
+    return soft, keep
+
+
+def sample_rare_first(soft: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Pick `budget` patch indices without replacement, favouring patches of rare classes.
+
+    Like Hummingbird's bounded memory, each image contributes a fixed number of patches and
+    a patch's chance grows as the image-level frequency of its classes falls, so small objects
+    survive the subsampling. Concretely: weight_p = 1 / sum_c soft[p, c] * freq[c], with freq
+    the class frequencies over the image's labelled patches, sampled by Efraimidis-Spirakis
+    keys log(u) / weight (largest keys win).
+    """
+    count = soft.shape[0]
+    if budget >= count:
+        return np.arange(count)
+    if budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    freq = soft.sum(axis=0) / max(count, 1)
+    weight = 1.0 / np.maximum(soft @ freq, 1e-12)
+    keys = np.log(rng.random(count).clip(1e-300)) / weight
+    chosen = np.argpartition(-keys, budget - 1)[:budget]
+    return np.sort(chosen)
