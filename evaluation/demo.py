@@ -1,0 +1,251 @@
+"""The end-to-end demo (`make demo`): every stage of the service, on generated scenes, in minutes.
+
+    python -m neco.evaluation.demo --config configs/demo.yaml [key=value ...]
+
+1. generate a small scene dataset (train = support set, val = queries + scoring)
+2. post-pretrain with NeCo from the smoke config, starting from saved starting weights
+3. export both the starting and the post-pretrained backbone to ONNX in one Triton repository
+4-5. for each model: start the embedded Triton server, build a memory bank from the support
+   set through `NecoClient`, `segment()` the queries, score val (Hummingbird mIoU), stop it
+6. print both mIoUs side by side; write overlays, PCA feature pictures and summary.json
+
+The starting weights are written first and handed to training as `model.weights`, so "before"
+and "after" differ only by the NeCo run. Uses CUDA for training when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from neco.contract import DEFAULT_MODEL_NAME
+
+START_MODEL_NAME = "neco_start"
+
+
+class SceneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: int = Field(24, ge=1, description="support images (bank) and NeCo training images")
+    val: int = Field(12, ge=1, description="scored query images")
+    size: int = Field(112, ge=14)
+    num_classes: int = Field(4, ge=2)
+
+
+class DemoConfig(BaseModel):
+    """configs/demo.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: Path = Path("demo_output")
+    seed: int = 0
+    arch: str = "vit_small_patch14_reg4_dinov2"
+    scenes: SceneSettings = SceneSettings()
+    train_config: Path = Path("configs/train_smoke.yaml")
+    train_overrides: list[str] = Field(default_factory=list, description="key=value overrides of the train config")
+    device: str = Field("auto", description="auto | cpu | cuda (training; the server picks CUDA itself)")
+    input_size: int = Field(112, ge=14, description="square encoder input for bank and queries")
+    k: int = Field(30, ge=1)
+    beta: float = Field(0.02, gt=0)
+    memory_size: int | None = Field(None, ge=1)
+    pictures: int = Field(4, ge=0, description="query images rendered as overlays and PCA pictures")
+    export_parity: bool = Field(True, description="check each ONNX export against PyTorch")
+
+
+class Stages:
+    """Numbered, timed progress lines so a newcomer sees where the minutes go."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.index, self.started = total, 0, time.perf_counter()
+
+    def __call__(self, title: str) -> None:
+        self.index += 1
+        print(f"\n[{self.index}/{self.total}] {title}  (t={time.perf_counter() - self.started:.0f}s)", flush=True)
+
+    def note(self, message: str) -> None:
+        print(f"      {message}", flush=True)
+
+
+def save_starting_weights(cfg: DemoConfig, out: Path) -> Path:
+    """Seeded random-init backbone (no model hub here), saved as a training artefact."""
+    import torch
+
+    from neco.contract import ModelContract
+    from neco.training.backbone import create_backbone, save_artefact
+
+    torch.manual_seed(cfg.seed)
+    model = create_backbone(cfg.arch).eval()
+    return save_artefact(model, ModelContract.for_arch(cfg.arch), out, {"demo_start": True, "seed": cfg.seed})
+
+
+def post_pretrain(cfg: DemoConfig, start: Path, images: Path, device: str) -> Path:
+    """NeCo from the smoke config on the demo's own training images; returns the artefact dir."""
+    from neco.training.config import load_train_config
+    from neco.training.run import train
+
+    overrides = [
+        f"output_dir={cfg.output_dir / 'train'}",
+        f"seed={cfg.seed}",
+        f"model.arch={cfg.arch}",
+        f"model.weights={start}",
+        "data.kind=folder",
+        f"data.root={images}",
+        f"runtime.device={device}",
+        f"runtime.precision={'bf16' if device == 'cuda' else 'fp32'}",
+        *cfg.train_overrides,
+    ]
+    return train(load_train_config(cfg.train_config, overrides))
+
+
+def export(cfg: DemoConfig, source: Path, repository: Path, name: str, device: str, stages: Stages) -> Path:
+    from neco.export.config import ExportConfig
+    from neco.export.pipeline import run_export
+
+    size = (cfg.input_size, cfg.input_size)
+    export_cfg = ExportConfig(
+        source=str(source),
+        output=repository,
+        model_name=name,
+        overwrite=True,
+        onnx={"simplify": False, "example_size": size},
+        parity={"enabled": cfg.export_parity, "sizes": [size], "batch_sizes": [1]},
+        triton={"instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU", "max_batch_size": 8,
+                "preferred_batch_sizes": [8]},
+    )
+    return run_export(export_cfg, progress=stages.note)
+
+
+def evaluate_served(
+    cfg: DemoConfig, repository: Path, name: str, train, val, pictures: Path, stages: Stages
+) -> dict[str, object]:
+    """Serve one model, bank the support set through the client, segment and score the queries."""
+    from neco.client import retrieval
+    from neco.client.backend import batch_features
+    from neco.client.images import prepare_image
+    from neco.client.render import features_to_rgb
+    from neco.client.triton import NecoClient
+    from neco.evaluation.hummingbird import build_bank, evaluate_bank
+    from neco.serving import EmbeddedServer, ServeConfig
+
+    size = (cfg.input_size, cfg.input_size)
+    serve_cfg = ServeConfig(repository=repository, model_name=name, http_port=0, grpc_port=0, metrics_port=0)
+    stages.note(f"starting the embedded Triton server for {name!r}")
+    with EmbeddedServer(serve_cfg) as server, NecoClient(server.grpc_url, "grpc", model=name, size=size) as client:
+        stages.note(f"serving on grpc {server.grpc_url} / http {server.http_url}; building the bank")
+        bank = build_bank(client, train, train.class_names, size, memory_size=cfg.memory_size, seed=cfg.seed)
+        bank.save(cfg.output_dir / "banks" / name)
+        stages.note(f"{bank!r}; segmenting {len(val)} val images")
+        result = evaluate_bank(client, bank, val, k=cfg.k, beta=cfg.beta)
+        pca = []
+        for i in range(min(cfg.pictures, len(val))):
+            image, _ = val[i]
+            seg = retrieval.segment(client, image, bank, k=cfg.k, temperature=cfg.beta)
+            seg.overlay(image).save(pictures / f"query{i}_{name}_overlay.png")
+            feats = batch_features(client, [prepare_image(image, size).array])[0]
+            pca.append(np.asarray(features_to_rgb(feats, size=image.shape[:2])))
+        if pca:
+            from PIL import Image
+
+            Image.fromarray(np.concatenate(pca, axis=1)).save(pictures / f"pca_{name}.png")
+    stages.note(f"server for {name!r} stopped")
+    return {"model": name, "bank_patches": len(bank), **result.to_dict()}
+
+
+def write_ground_truth(val, count: int, pictures: Path) -> None:
+    from neco.client.render import overlay
+
+    for i in range(min(count, len(val))):
+        image, mask = val[i]
+        overlay(image, mask, val.class_names).save(pictures / f"query{i}_ground_truth.png")
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, object]:
+    """All stages; returns (and writes to output_dir/summary.json) the side-by-side results."""
+    from neco.evaluation.backends import resolve_device
+    from neco.evaluation.datasets import load_dataset
+    from neco.scenes import write_scene_dataset
+
+    stages = Stages(6)
+    out = cfg.output_dir
+    pictures = out / "pictures"
+    pictures.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.startswith("cuda"):
+        device = "cuda"
+
+    stages(f"generating {cfg.scenes.train}+{cfg.scenes.val} scenes ({cfg.scenes.size}px, {cfg.scenes.num_classes} classes)")
+    root = write_scene_dataset(
+        out / "scenes", {"train": cfg.scenes.train, "val": cfg.scenes.val},
+        size=(cfg.scenes.size, cfg.scenes.size), num_classes=cfg.scenes.num_classes, seed=cfg.seed,
+    )
+    train, val = load_dataset("folder", root, "train"), load_dataset("folder", root, "val")
+    stages.note(f"wrote {root}")
+
+    stages(f"NeCo post-pretraining on {device} ({cfg.train_config})")
+    start = save_starting_weights(cfg, out / "start_artefact")
+    stages.note(f"starting weights: {start}")
+    trained = post_pretrain(cfg, start, root / "train" / "images", device)
+    stages.note(f"post-pretrained weights: {trained}")
+
+    stages("exporting both backbones to ONNX in one Triton model repository")
+    repository = out / "model_repository"
+    for name, source in ((START_MODEL_NAME, start), (DEFAULT_MODEL_NAME, trained)):
+        stages.note(f"{name} <- {source}")
+        export(cfg, source, repository, name, device, stages)
+
+    results = {}
+    for label, name in (("starting weights", START_MODEL_NAME), ("after NeCo", DEFAULT_MODEL_NAME)):
+        stages(f"{label}: serve -> bank -> segment() -> mIoU")
+        results[label] = evaluate_served(cfg, repository, name, train, val, pictures, stages)
+    write_ground_truth(val, cfg.pictures, pictures)
+
+    stages("results")
+    names = train.class_names
+    before, after = results["starting weights"], results["after NeCo"]
+    width = max(len(n) for n in [*names, "mIoU"])
+    print(f"      {'':<{width}}  {'start':>7}  {'NeCo':>7}")
+    for cls in names:
+        b, a = before["per_class_iou"][cls], after["per_class_iou"][cls]  # type: ignore[index]
+        print(f"      {cls:<{width}}  {_pct(b):>7}  {_pct(a):>7}")
+    print(f"      {'mIoU':<{width}}  {_pct(before['miou']):>7}  {_pct(after['miou']):>7}")
+    summary = {
+        "config": cfg.model_dump(mode="json"),
+        "device": device,
+        "seconds": round(time.perf_counter() - stages.started, 1),
+        "results": results,
+        "pictures": sorted(p.name for p in pictures.glob("*.png")),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    stages.note(f"pictures in {pictures}/, summary in {out / 'summary.json'}")
+    return summary
+
+
+def _pct(value: object) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}"  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from neco.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m neco.evaluation.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="demo YAML (configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(DemoConfig, args.config, args.overrides)
+        run_demo(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
