@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 bench: $(STAMP)
 	$(PY) benchmarks/sorter.py
+	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/segment.py
