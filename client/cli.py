@@ -200,13 +200,8 @@ def register(subparsers: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m neco.client`: the client's commands without importing the other stages."""
-    from neco.config import ConfigError
+    from neco.cli import run
 
     parser = argparse.ArgumentParser(prog="python -m neco.client", description=__doc__.splitlines()[0])
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run(parser, argv)

@@ -36,17 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and run the chosen handler; expected errors exit 2 with one message."""
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run the chosen handler; expected errors exit 2 with one message.
+
+    Shared by `neco` and the stage-only entry points (`python -m neco.client`), so every
+    command reports bad input the same way.
+    """
     from neco.config import ConfigError
 
-    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"neco {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `neco` console script."""
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":
