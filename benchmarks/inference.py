@@ -6,7 +6,13 @@
 
 All runtimes are measured side by side in one process on the same generated images, at 224²
 and 448², batch 1 and 8. The ONNX graphs are produced by the project's own export path
-(dynamo export -> onnxslim -> optional FP16/INT8), so the numbers describe what Triton serves.
+(dynamo export -> onnxslim -> optional FP16/INT8), so the numbers describe what Triton serves;
+`--attention-opset 23` adds the same graphs exported at opset 23, where each block's attention
+is one `Attention` node instead of MatMul/Softmax/MatMul.
+
+On CPU the run also measures the machine's GEMM ceiling at the ViT's MLP shape (torch FP32,
+onnxruntime FP32, U8S8 and S8S8 MatMulInteger): a ViT forward is ~75% GEMM, so these ratios
+bound what any runtime or precision can gain over eager on this CPU.
 Writes a table to stdout and JSON (with machine info) to benchmarks/results/inference_<device>.json.
 """
 
@@ -77,16 +83,67 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def build_models(model: DenseFeatureModel, work: Path, int8_modes: list[str], fp16: bool) -> dict[str, Path]:
-    t0 = time.perf_counter()
-    raw = export_onnx(model, work / "fp32_raw.onnx", OnnxSettings(simplify=False))
-    paths = {"fp32": simplify_onnx(raw, work / "fp32.onnx")}
-    print(f"exported + simplified in {time.perf_counter() - t0:.0f}s", flush=True)
-    for mode in int8_modes:
-        paths[f"int8_{mode}"] = convert_int8(paths["fp32"], work / f"int8_{mode}.onnx",
-                                             QuantizationSettings(mode=mode, calibration_images=8))
-    if fp16:
-        paths["fp16"] = convert_fp16(paths["fp32"], work / "fp16.onnx")
+def gemm_ceiling(contract: ModelContract, threads: int, tokens: int = 8 * 261) -> dict[str, float]:
+    """GFLOP/s (GOP/s for integer) of one [tokens, C] x [C, 4C] product, the ViT's fc1 shape.
+
+    Measured in the same process as the model timings, so the ratios between them are the
+    upper bound on what ONNX Runtime FP32 or INT8 can gain over eager PyTorch on this CPU.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = contract.embed_dim, 4 * contract.embed_dim
+    flops = 2.0 * tokens * k * n
+
+    def ort_gemm(op: str, x_type: int, x: np.ndarray, w: np.ndarray) -> Callable[[], object]:
+        out_type = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
+        graph = helper.make_graph(
+            [helper.make_node(op, ["x", "w"], ["y"])], "gemm",
+            [helper.make_tensor_value_info("x", x_type, [tokens, k])],
+            [helper.make_tensor_value_info("y", out_type, [tokens, n])], [numpy_helper.from_array(w, "w")])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
+                                       options, providers=["CPUExecutionProvider"])
+        return lambda: session.run(None, {"x": x})
+
+    def rate(fn: Callable[[], object], iters: int = 20) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return flops * iters / (time.perf_counter() - start) / 1e9
+
+    x32 = rng.standard_normal((tokens, k), dtype=np.float32)
+    w32 = rng.standard_normal((k, n), dtype=np.float32)
+    xu8 = rng.integers(0, 256, (tokens, k), dtype=np.uint8)
+    w8 = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    xt, wt = torch.from_numpy(x32), torch.from_numpy(w32)
+    result = {
+        "torch_fp32": rate(lambda: xt @ wt),
+        "ort_fp32": rate(ort_gemm("MatMul", TensorProto.FLOAT, x32, w32)),
+        "ort_u8s8": rate(ort_gemm("MatMulInteger", TensorProto.UINT8, xu8, w8)),
+        "ort_s8s8": rate(ort_gemm("MatMulInteger", TensorProto.INT8, xu8.view(np.int8), w8)),
+    }
+    result["u8s8_over_fp32"] = result["ort_u8s8"] / result["ort_fp32"]
+    result["ort_fp32_over_torch_fp32"] = result["ort_fp32"] / result["torch_fp32"]
+    return result
+
+
+def build_models(model: DenseFeatureModel, work: Path, int8_modes: list[str], fp16: bool,
+                 attention_opset: int | None) -> dict[str, Path]:
+    paths: dict[str, Path] = {}
+    for opset, suffix in [(18, "")] + ([(attention_opset, f"_opset{attention_opset}")] if attention_opset else []):
+        t0 = time.perf_counter()
+        raw = export_onnx(model, work / f"fp32{suffix}_raw.onnx", OnnxSettings(simplify=False, opset=opset))
+        fp32 = paths[f"fp32{suffix}"] = simplify_onnx(raw, work / f"fp32{suffix}.onnx")
+        print(f"opset {opset}: exported + simplified in {time.perf_counter() - t0:.0f}s", flush=True)
+        for mode in int8_modes:
+            paths[f"int8_{mode}{suffix}"] = convert_int8(fp32, work / f"int8_{mode}{suffix}.onnx",
+                                                         QuantizationSettings(mode=mode, calibration_images=8))
+        if fp16:
+            paths[f"fp16{suffix}"] = convert_fp16(fp32, work / f"fp16{suffix}.onnx")
     return paths
 
 
@@ -99,6 +156,8 @@ def main() -> None:
     parser.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not busy-wait (shared machines)")
     parser.add_argument("--int8-modes", nargs="*", default=["dynamic", "static"], choices=["dynamic", "static"],
                         help="static (QDQ, calibrated on 8 generated scenes) adds ~40 s of calibration")
+    parser.add_argument("--attention-opset", type=int, choices=[23], default=None,
+                        help="also export at this opset (one Attention node per block) and time it side by side")
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--min-iters", type=int, default=2)
     args = parser.parse_args()
@@ -118,7 +177,8 @@ def main() -> None:
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_models(model, Path(tmp), [] if cuda else args.int8_modes, fp16=cuda)
+        paths = build_models(model, Path(tmp), [] if cuda else args.int8_modes, fp16=cuda,
+                             attention_opset=args.attention_opset)
         runners: dict[str, Callable] = {}
         if cuda:
             model_gpu = model.to("cuda")
@@ -130,10 +190,9 @@ def main() -> None:
                 info["ort_cuda_fp16"] = "skipped: this onnxruntime build has no CUDAExecutionProvider"
         else:
             runners["eager_fp32"] = torch_runner(model, "cpu", None)
-            runners["ort_fp32"] = ort_runner(ort_session(paths["fp32"], threads=args.threads, spinning=not args.no_spin))
-            for key in paths:
-                if key.startswith("int8"):
-                    runners[f"ort_{key}"] = ort_runner(ort_session(paths[key], threads=args.threads, spinning=not args.no_spin))
+            for key, path in paths.items():
+                runners[f"ort_{key}"] = ort_runner(ort_session(path, threads=args.threads, spinning=not args.no_spin))
+            info["gemm_ceiling_gflops"] = gemm_ceiling(contract, args.threads)
 
         rows = []
         for size in SIZES:
@@ -159,6 +218,10 @@ def main() -> None:
         cells = " ".join(f"{row[n]:>13.2f} ({row[n + '_speedup']:4.2f}x)" for n in names)
         print(f"{row['size']:>5} {row['batch']:>5} {cells}")
     print(f"load average start {info['load_average_at_start']}, end {os.getloadavg()} on {info['cpu_count']} CPUs")
+    if "gemm_ceiling_gflops" in info:
+        ceiling = info["gemm_ceiling_gflops"]
+        print(f"GEMM ceiling [{8 * 261}x{contract.embed_dim}]x[{contract.embed_dim}x{4 * contract.embed_dim}]: "
+              + ", ".join(f"{k}={v:.1f}" for k, v in ceiling.items()))
     print("mean per-patch cosine vs eager: " + ", ".join(f"{n}={rows[-1][n + '_cosine_vs_eager']:.5f}" for n in names))
     out = RESULTS / f"inference_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,10 @@ configs, PyTriton bindings and clients do not care which precision a repository 
   conversion leaves the converter's graph unsorted for onnx.checker, so nothing is blocked.
 - INT8 uses onnxruntime.quantization: "dynamic" (weights INT8, activations quantised per call,
   no calibration needed) or "static" (QDQ with activation ranges calibrated on images).
+  Static mode quantises only the weight MatMuls (qkv, proj, fc1, fc2), with UINT8 activations
+  and per-channel INT8 weights. Both choices are measured on this project's AVX2 CPUs: an
+  S8S8 MatMulInteger runs at ~0.2x the speed of U8S8, and QDQ around the attention
+  MatMuls fuses into QLinearSoftmax, which took ~28% of a 448² forward on its own.
 """
 
 from __future__ import annotations
@@ -67,6 +71,17 @@ def _calibration_images(settings: QuantizationSettings, seed: int) -> Iterator[n
             yield np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.uint8)
 
 
+def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Names of (MatMuls with a constant operand, MatMuls of two activations)."""
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    weights, activations = [], []
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            (weights if constants.intersection(node.input) else activations).append(node.name)
+    return weights, activations
+
+
 def convert_int8(source: Path, destination: Path, settings: QuantizationSettings, seed: int = 0) -> Path:
     """FP32 ONNX -> INT8 (MatMul/Conv weights; activations per `settings.mode`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -80,13 +95,15 @@ def convert_int8(source: Path, destination: Path, settings: QuantizationSettings
             # ConvInteger has no CPU kernel for every layout).
             quantize_dynamic(str(source), str(destination), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         else:
+            _, attention = weight_matmuls(onnx.load(str(source), load_external_data=False))
             quantize_static(
                 str(source),
                 str(destination),
                 ImageCalibrationReader(settings, seed),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul"],
-                activation_type=QuantType.QInt8,
+                nodes_to_exclude=attention,
+                activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 calibrate_method=CalibrationMethod.MinMax,
