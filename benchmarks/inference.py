@@ -30,14 +30,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
+from neco.contract import ModelContract
 from neco.export.config import OnnxSettings, QuantizationSettings
 from neco.export.onnx_export import DenseFeatureModel, export_onnx, simplify_onnx
-from neco.export.parity import generated_images, mean_patch_cosine, ort_session
+from neco.export.parity import generated_images, mean_patch_cosine, ort_features, ort_session
 from neco.export.precision import convert_fp16, convert_int8
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (224, 448)
+GEMM_TOKENS = 8 * 261  # batch 8 at 224²: 256 patches + CLS + 4 registers
 BATCHES = (1, 8)
 
 
@@ -49,10 +50,6 @@ def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, m
         run(images)
         iters += 1
     return iters * len(images) / (time.perf_counter() - start)
-
-
-def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda images: session.run([OUTPUT_FEATURES], {INPUT_IMAGES: images})[0]
 
 
 def torch_runner(model: DenseFeatureModel, device: str, dtype: torch.dtype | None,
@@ -91,15 +88,16 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def gemm_ceiling(contract: ModelContract, threads: int, tokens: int = 8 * 261) -> dict[str, float]:
+def gemm_ceiling(contract: ModelContract, work: Path, threads: int, spinning: bool) -> dict[str, float]:
     """GFLOP/s (GOP/s for integer) of one [tokens, C] x [C, 4C] product, the ViT's fc1 shape.
 
     Measured in the same process as the model timings, so the ratios between them are the
     upper bound on what ONNX Runtime FP32 or INT8 can gain over eager PyTorch on this CPU.
     """
-    import onnxruntime as ort
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    tokens = GEMM_TOKENS
     rng = np.random.default_rng(0)
     k, n = contract.embed_dim, 4 * contract.embed_dim
     flops = 2.0 * tokens * k * n
@@ -110,10 +108,9 @@ def gemm_ceiling(contract: ModelContract, threads: int, tokens: int = 8 * 261) -
             [helper.make_node(op, ["x", "w"], ["y"])], "gemm",
             [helper.make_tensor_value_info("x", x_type, [tokens, k])],
             [helper.make_tensor_value_info("y", out_type, [tokens, n])], [numpy_helper.from_array(w, "w")])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
-                                       options, providers=["CPUExecutionProvider"])
+        path = work / f"gemm_{op}_{x_type}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+        session = ort_session(path, threads=threads, spinning=spinning)  # the model sessions' options
         return lambda: session.run(None, {"x": x})
 
     def rate(fn: Callable[[], object], iters: int = 20) -> float:
@@ -193,15 +190,15 @@ def main() -> None:
             runners["eager_fp32"] = torch_runner(model_gpu, "cuda", None)
             runners["eager_bf16"] = torch_runner(model_gpu, "cuda", torch.bfloat16)
             if "CUDAExecutionProvider" in info["ort_providers"]:
-                runners["ort_cuda_fp16"] = ort_runner(ort_session(paths["fp16"], ["CUDAExecutionProvider"]))
+                runners["ort_cuda_fp16"] = ort_features(ort_session(paths["fp16"], ["CUDAExecutionProvider"]))
             else:
                 info["ort_cuda_fp16"] = "skipped: this onnxruntime build has no CUDAExecutionProvider"
         else:
             runners["eager_fp32"] = torch_runner(model, "cpu", None)
             runners["eager_fp32_autograd"] = torch_runner(model, "cpu", None, autograd=True)
             for key, path in paths.items():
-                runners[f"ort_{key}"] = ort_runner(ort_session(path, threads=args.threads, spinning=not args.no_spin))
-            info["gemm_ceiling_gflops"] = gemm_ceiling(contract, args.threads)
+                runners[f"ort_{key}"] = ort_features(ort_session(path, threads=args.threads, spinning=not args.no_spin))
+            info["gemm_ceiling_gflops"] = gemm_ceiling(contract, Path(tmp), args.threads, not args.no_spin)
 
         rows = []
         for size in SIZES:
@@ -229,7 +226,7 @@ def main() -> None:
     print(f"load average start {info['load_average_at_start']}, end {os.getloadavg()} on {info['cpu_count']} CPUs")
     if "gemm_ceiling_gflops" in info:
         ceiling = info["gemm_ceiling_gflops"]
-        print(f"GEMM ceiling [{8 * 261}x{contract.embed_dim}]x[{contract.embed_dim}x{4 * contract.embed_dim}]: "
+        print(f"GEMM ceiling [{GEMM_TOKENS}x{contract.embed_dim}]x[{contract.embed_dim}x{4 * contract.embed_dim}]: "
               + ", ".join(f"{k}={v:.1f}" for k, v in ceiling.items()))
     print("mean per-patch cosine vs eager: " + ", ".join(f"{n}={rows[-1][n + '_cosine_vs_eager']:.5f}" for n in names))
     out = RESULTS / f"inference_{args.device}.json"

@@ -71,7 +71,7 @@ def _calibration_images(settings: QuantizationSettings, seed: int) -> Iterator[n
             yield np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC), dtype=np.uint8)
 
 
-def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+def split_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Names of (MatMuls with a constant operand, MatMuls of two activations)."""
     constants = {init.name for init in model.graph.initializer}
     constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
@@ -95,7 +95,7 @@ def convert_int8(source: Path, destination: Path, settings: QuantizationSettings
             # ConvInteger has no CPU kernel for every layout).
             quantize_dynamic(str(source), str(destination), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         else:
-            _, attention = weight_matmuls(onnx.load(str(source), load_external_data=False))
+            _, attention = split_matmuls(onnx.load(str(source), load_external_data=False))
             quantize_static(
                 str(source),
                 str(destination),

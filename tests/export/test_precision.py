@@ -11,7 +11,7 @@ import pytest
 from neco.contract import INPUT_IMAGES
 from neco.export.config import QuantizationSettings
 from neco.export.parity import compare, ort_features, ort_session
-from neco.export.precision import ImageCalibrationReader, convert_fp16, convert_int8, weight_matmuls
+from neco.export.precision import ImageCalibrationReader, convert_fp16, convert_int8, split_matmuls
 
 GRID = [(1, (224, 224)), (2, (308, 196))]
 
@@ -65,7 +65,7 @@ def test_int8_static_quantises_weight_matmuls_with_uint8_activations(fp32, tmp_p
     assert _interface_of(converted) == _interface(source)
     producer = {out: node for node in converted.graph.node for out in node.output}
     initializers = {init.name: init for init in converted.graph.initializer}
-    weights, attention = weight_matmuls(onnx.load(str(source)))
+    weights, attention = split_matmuls(onnx.load(str(source)))
     assert len(weights) == 48 and len(attention) == 24  # 12 blocks: qkv, proj, fc1, fc2 | q@k, attn@v
     by_name = {node.name: node for node in converted.graph.node}
     for name in weights:
