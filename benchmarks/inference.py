@@ -24,8 +24,8 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -42,7 +42,9 @@ GEMM_TOKENS = 8 * 261  # batch 8 at 224²: 256 patches + CLS + 4 registers
 BATCHES = (1, 8)
 
 
-def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, min_seconds: float, min_iters: int) -> float:
+def images_per_second(
+    run: Callable[[np.ndarray], object], images: np.ndarray, min_seconds: float, min_iters: int
+) -> float:
     """One warm-up call, then repeat until both the time and iteration floors are met."""
     run(images)
     iters, start = 0, time.perf_counter()
@@ -52,8 +54,9 @@ def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, m
     return iters * len(images) / (time.perf_counter() - start)
 
 
-def torch_runner(model: DenseFeatureModel, device: str, dtype: torch.dtype | None,
-                 autograd: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def torch_runner(
+    model: DenseFeatureModel, device: str, dtype: torch.dtype | None, autograd: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
     """Eager PyTorch; ``autograd=True`` leaves grad tracking on, as a plain ``model(x)`` call does.
 
     The speed-ups are taken against ``inference_mode`` (the fair baseline); the autograd column
@@ -73,15 +76,22 @@ def machine_info(device: str) -> dict:
     import onnxruntime as ort
 
     cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-              if line.startswith("model name")]
+    models = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
     info = {
-        "platform": platform.platform(), "python": platform.python_version(),
-        "cpu": models[0] if models else platform.processor(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": models[0] if models else platform.processor(),
+        "cpu_count": os.cpu_count(),
         # Other processes on a shared machine skew every number: record how busy it was.
         "load_average_at_start": os.getloadavg(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": ort.__version__,
+        "ort_providers": ort.get_available_providers(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -105,9 +115,12 @@ def gemm_ceiling(contract: ModelContract, work: Path, threads: int, spinning: bo
     def ort_gemm(op: str, x_type: int, x: np.ndarray, w: np.ndarray) -> Callable[[], object]:
         out_type = TensorProto.FLOAT if op == "MatMul" else TensorProto.INT32
         graph = helper.make_graph(
-            [helper.make_node(op, ["x", "w"], ["y"])], "gemm",
+            [helper.make_node(op, ["x", "w"], ["y"])],
+            "gemm",
             [helper.make_tensor_value_info("x", x_type, [tokens, k])],
-            [helper.make_tensor_value_info("y", out_type, [tokens, n])], [numpy_helper.from_array(w, "w")])
+            [helper.make_tensor_value_info("y", out_type, [tokens, n])],
+            [numpy_helper.from_array(w, "w")],
+        )
         path = work / f"gemm_{op}_{x_type}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
         session = ort_session(path, threads=threads, spinning=spinning)  # the model sessions' options
@@ -136,8 +149,9 @@ def gemm_ceiling(contract: ModelContract, work: Path, threads: int, spinning: bo
     return result
 
 
-def build_models(model: DenseFeatureModel, work: Path, int8_modes: list[str], fp16: bool,
-                 attention_opset: int | None) -> dict[str, Path]:
+def build_models(
+    model: DenseFeatureModel, work: Path, int8_modes: list[str], fp16: bool, attention_opset: int | None
+) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for opset, suffix in [(18, "")] + ([(attention_opset, f"_opset{attention_opset}")] if attention_opset else []):
         t0 = time.perf_counter()
@@ -145,8 +159,9 @@ def build_models(model: DenseFeatureModel, work: Path, int8_modes: list[str], fp
         fp32 = paths[f"fp32{suffix}"] = simplify_onnx(raw, work / f"fp32{suffix}.onnx")
         print(f"opset {opset}: exported + simplified in {time.perf_counter() - t0:.0f}s", flush=True)
         for mode in int8_modes:
-            paths[f"int8_{mode}{suffix}"] = convert_int8(fp32, work / f"int8_{mode}{suffix}.onnx",
-                                                         QuantizationSettings(mode=mode, calibration_images=8))
+            paths[f"int8_{mode}{suffix}"] = convert_int8(
+                fp32, work / f"int8_{mode}{suffix}.onnx", QuantizationSettings(mode=mode, calibration_images=8)
+            )
         if fp16:
             paths[f"fp16{suffix}"] = convert_fp16(fp32, work / f"fp16{suffix}.onnx")
     return paths
@@ -159,10 +174,20 @@ def main() -> None:
     parser.add_argument("--arch", default="vit_small_patch14_reg4_dinov2")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (CPU)")
     parser.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not busy-wait (shared machines)")
-    parser.add_argument("--int8-modes", nargs="*", default=["dynamic", "static"], choices=["dynamic", "static"],
-                        help="static (QDQ, calibrated on 8 generated scenes) adds ~40 s of calibration")
-    parser.add_argument("--attention-opset", type=int, choices=[23], default=None,
-                        help="also export at this opset (one Attention node per block) and time it side by side")
+    parser.add_argument(
+        "--int8-modes",
+        nargs="*",
+        default=["dynamic", "static"],
+        choices=["dynamic", "static"],
+        help="static (QDQ, calibrated on 8 generated scenes) adds ~40 s of calibration",
+    )
+    parser.add_argument(
+        "--attention-opset",
+        type=int,
+        choices=[23],
+        default=None,
+        help="also export at this opset (one Attention node per block) and time it side by side",
+    )
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--min-iters", type=int, default=2)
     args = parser.parse_args()
@@ -182,8 +207,9 @@ def main() -> None:
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_models(model, Path(tmp), [] if cuda else args.int8_modes, fp16=cuda,
-                             attention_opset=args.attention_opset)
+        paths = build_models(
+            model, Path(tmp), [] if cuda else args.int8_modes, fp16=cuda, attention_opset=args.attention_opset
+        )
         runners: dict[str, Callable] = {}
         if cuda:
             model_gpu = model.to("cuda")
@@ -214,8 +240,14 @@ def main() -> None:
                 for name in runners:
                     row[f"{name}_speedup"] = row[name] / row["eager_fp32"]
                 rows.append(row)
-                print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                                if not k.endswith("_cosine_vs_eager")), flush=True)
+                print(
+                    "  ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()
+                        if not k.endswith("_cosine_vs_eager")
+                    ),
+                    flush=True,
+                )
 
     names = list(runners)
     print(f"\nimages/s ({args.device}; speed-up vs eager in brackets; weights: {args.source or 'random-init'})")
@@ -226,14 +258,26 @@ def main() -> None:
     print(f"load average start {info['load_average_at_start']}, end {os.getloadavg()} on {info['cpu_count']} CPUs")
     if "gemm_ceiling_gflops" in info:
         ceiling = info["gemm_ceiling_gflops"]
-        print(f"GEMM ceiling [{GEMM_TOKENS}x{contract.embed_dim}]x[{contract.embed_dim}x{4 * contract.embed_dim}]: "
-              + ", ".join(f"{k}={v:.1f}" for k, v in ceiling.items()))
+        print(
+            f"GEMM ceiling [{GEMM_TOKENS}x{contract.embed_dim}]x[{contract.embed_dim}x{4 * contract.embed_dim}]: "
+            + ", ".join(f"{k}={v:.1f}" for k, v in ceiling.items())
+        )
     print("mean per-patch cosine vs eager: " + ", ".join(f"{n}={rows[-1][n + '_cosine_vs_eager']:.5f}" for n in names))
     out = RESULTS / f"inference_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     info["load_average_at_end"] = os.getloadavg()
-    out.write_text(json.dumps({"machine": info, "weights": args.source or f"random-init {args.arch} (LayerScale ~U(0.2, 1))",
-                               "ort_intra_op_threads": args.threads, "ort_spinning": not args.no_spin, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "weights": args.source or f"random-init {args.arch} (LayerScale ~U(0.2, 1))",
+                "ort_intra_op_threads": args.threads,
+                "ort_spinning": not args.no_spin,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -49,10 +49,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="starting weights (load_backbone source); default random init")
     parser.add_argument("--arch", default="vit_small_patch14_reg4_dinov2")
     parser.add_argument("--train-config", type=Path, default=REPO / "configs" / "train_smoke.yaml")
-    parser.add_argument("--backbone-lr", type=float, default=1e-4,
-                        help="the recipe's 1e-5 is for pretrained DINOv2; random init needs more to move")
-    parser.add_argument("--set", nargs="*", default=["crops.global_size=70", "crops.local_size=28"], metavar="KEY=VALUE",
-                        help="extra training overrides (default: small crops so the CPU run stays short)")
+    parser.add_argument(
+        "--backbone-lr",
+        type=float,
+        default=1e-4,
+        help="the recipe's 1e-5 is for pretrained DINOv2; random init needs more to move",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=["crops.global_size=70", "crops.local_size=28"],
+        metavar="KEY=VALUE",
+        help="extra training overrides (default: small crops so the CPU run stays short)",
+    )
     parser.add_argument("--train-images", type=int, default=24, help="scenes for NeCo training and the bank")
     parser.add_argument("--val-images", type=int, default=12)
     parser.add_argument("--size", type=int, default=112, help="scene side (px)")
@@ -90,7 +99,9 @@ def starting_weights(args: argparse.Namespace, out: Path) -> Path | str:
     return save_artefact(create_backbone(args.arch), ModelContract.for_arch(args.arch), out, {"seed": args.seed})
 
 
-def train_variant(args: argparse.Namespace, variant: str, start: Path | str, images: Path, device: str, work: Path) -> tuple[Path, float]:
+def train_variant(
+    args: argparse.Namespace, variant: str, start: Path | str, images: Path, device: str, work: Path
+) -> tuple[Path, float]:
     """One run of max(steps) steps keeping a checkpoint at every requested step count."""
     from neco.training.config import load_train_config
     from neco.training.run import CHECKPOINT_DIR, train
@@ -98,12 +109,21 @@ def train_variant(args: argparse.Namespace, variant: str, start: Path | str, ima
     positive = sorted({s for s in args.steps if s > 0})
     every = reduce(math.gcd, positive)
     overrides = [
-        f"output_dir={work / variant}", f"seed={args.seed}", f"model.arch={args.arch}", f"model.weights={start}",
-        "data.kind=folder", f"data.root={images}", f"runtime.device={device}",
-        f"runtime.precision={'bf16' if device == 'cuda' else 'fp32'}", "runtime.tensorboard=false",
-        f"runtime.checkpoint_every={every}", f"runtime.keep_checkpoints={len(range(every, max(positive) + 1, every))}",
-        f"optim.steps={max(positive)}", f"optim.backbone_lr={args.backbone_lr}",
-        *VARIANTS[variant], *args.set,
+        f"output_dir={work / variant}",
+        f"seed={args.seed}",
+        f"model.arch={args.arch}",
+        f"model.weights={start}",
+        "data.kind=folder",
+        f"data.root={images}",
+        f"runtime.device={device}",
+        f"runtime.precision={'bf16' if device == 'cuda' else 'fp32'}",
+        "runtime.tensorboard=false",
+        f"runtime.checkpoint_every={every}",
+        f"runtime.keep_checkpoints={len(range(every, max(positive) + 1, every))}",
+        f"optim.steps={max(positive)}",
+        f"optim.backbone_lr={args.backbone_lr}",
+        *VARIANTS[variant],
+        *args.set,
     ]
     started = time.perf_counter()
     train(load_train_config(args.train_config, overrides))
@@ -119,7 +139,9 @@ def evaluate(source: Path | str, arch: str, device: str, train, val, size: int, 
     return evaluate_bank(backend, bank, val, progress=False).to_dict()
 
 
-def write_report(args: argparse.Namespace, device: str, rows: list[dict[str, object]], seconds: float, out: Path) -> None:
+def write_report(
+    args: argparse.Namespace, device: str, rows: list[dict[str, object]], seconds: float, out: Path
+) -> None:
     """Rewritten after every variant, so a long run that is cut short keeps what it measured."""
     report = {
         "benchmark": "neco_effect",
@@ -148,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows: list[dict[str, object]] = []
     try:
-        root = write_scene_dataset(work / "scenes", {"train": args.train_images, "val": args.val_images},
-                                   size=(args.size, args.size), seed=args.seed)
+        root = write_scene_dataset(
+            work / "scenes",
+            {"train": args.train_images, "val": args.val_images},
+            size=(args.size, args.size),
+            seed=args.seed,
+        )
         train_set, val_set = load_dataset("folder", root, "train"), load_dataset("folder", root, "val")
         start = starting_weights(args, work / "start")
         baseline = evaluate(start, args.arch, device, train_set, val_set, args.input_size, args.seed)
@@ -160,8 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             checkpoints, seconds = train_variant(args, variant, start, root / "train" / "images", device, work)
             for steps in sorted({s for s in args.steps if s > 0}):
-                result = evaluate(checkpoint_path(checkpoints, steps), args.arch, device, train_set, val_set,
-                                  args.input_size, args.seed)
+                result = evaluate(
+                    checkpoint_path(checkpoints, steps),
+                    args.arch,
+                    device,
+                    train_set,
+                    val_set,
+                    args.input_size,
+                    args.seed,
+                )
                 rows.append({"variant": variant, "steps": steps, "train_seconds_full_run": round(seconds, 1), **result})
                 print(f"{variant} @ {steps} steps: mIoU {100 * result['miou']:.1f}", flush=True)
             write_report(args, device, rows, time.perf_counter() - started, out)

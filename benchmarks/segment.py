@@ -47,7 +47,9 @@ def random_bank(size: int, rng: np.random.Generator) -> MemoryBank:
     soft = np.zeros((size, CLASSES), dtype=np.float16)
     soft[np.arange(size), rng.integers(0, CLASSES, size)] = 0.75
     soft[np.arange(size), rng.integers(0, CLASSES, size)] += 0.25
-    return MemoryBank(ModelContract.for_arch(ARCH), features, soft, [f"class_{i}" for i in range(CLASSES)], dtype="float16")
+    return MemoryBank(
+        ModelContract.for_arch(ARCH), features, soft, [f"class_{i}" for i in range(CLASSES)], dtype="float16"
+    )
 
 
 def folder_bytes(path: Path) -> int:
@@ -120,14 +122,21 @@ def machine() -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--rounds", type=int, nargs="+", default=[15, 5, 2],
-                        help="timed rounds per size (cheap small banks get more: their ratio is the noisiest)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        nargs="+",
+        default=[15, 5, 2],
+        help="timed rounds per size (cheap small banks get more: their ratio is the noisiest)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/segment_cpu.json"))
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
     rows = []
-    print(f"{'patches':>10} {'segment ms':>11} {'faiss ms':>9} {'time x':>7} {'cpu x':>6} {'bank MB':>8} {'fp16 MB':>8} {'bytes x':>8}")
+    print(
+        f"{'patches':>10} {'segment ms':>11} {'faiss ms':>9} {'time x':>7} {'cpu x':>6} {'bank MB':>8} {'fp16 MB':>8} {'bytes x':>8}"
+    )
     if len(args.rounds) != len(args.sizes):
         parser.error(f"--rounds needs one count per size ({len(args.sizes)})")
     for size, rounds in zip(args.sizes, args.rounds):
@@ -140,9 +149,15 @@ def main() -> None:
         )
     report = {
         "benchmark": "segment",
-        "setup": {"dim": DIM, "k": K, "query": f"{IMAGE}x{IMAGE} image = {GRID}x{GRID} patches",
-                  "classes": CLASSES, "storage": "float16", "index": "flat (IndexFlatIP)",
-                  "timed_rounds": dict(zip(map(str, args.sizes), args.rounds))},
+        "setup": {
+            "dim": DIM,
+            "k": K,
+            "query": f"{IMAGE}x{IMAGE} image = {GRID}x{GRID} patches",
+            "classes": CLASSES,
+            "storage": "float16",
+            "index": "flat (IndexFlatIP)",
+            "timed_rounds": dict(zip(map(str, args.sizes), args.rounds)),
+        },
         "goals": {"time_ratio_max": 1.2, "bytes_ratio_max": 1.2},
         "goals_met": {
             "time": all(r["time_ratio"] <= 1.2 for r in rows),

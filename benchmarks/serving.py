@@ -75,7 +75,9 @@ def bench_in_process(runner, batch: int, seconds: float, min_requests: int) -> d
     return summarise(latencies, batch * len(latencies), time.perf_counter() - start)
 
 
-def bench_triton(server, protocol: str, batch: int, clients: int, seconds: float, min_requests: int) -> dict[str, float]:
+def bench_triton(
+    server, protocol: str, batch: int, clients: int, seconds: float, min_requests: int
+) -> dict[str, float]:
     """`clients` threads send back-to-back requests until the deadline (and at least
     `min_requests` in all have completed); requests in flight finish.
 
@@ -161,8 +163,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="neco-bench-serving-") as tmp:
         repository = args.repository or export_random_model(Path(tmp))
         onnx_path = repository / DEFAULT_MODEL_NAME / "1" / "model.onnx"
-        print(f"model: {onnx_path} ({ARCH}, {SIZE}x{SIZE}); {args.seconds:.0f} s / >= {args.min_requests} requests per setting")
-        print(f"{'path':<12} {'batch':>5} {'clients':>7} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs in-proc':>10} errors")
+        print(
+            f"model: {onnx_path} ({ARCH}, {SIZE}x{SIZE}); {args.seconds:.0f} s / >= {args.min_requests} requests per setting"
+        )
+        print(
+            f"{'path':<12} {'batch':>5} {'clients':>7} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs in-proc':>10} errors"
+        )
         runner = OnnxFeatureRunner(onnx_path)
         # Generous queue bound and timeout: the benchmark measures throughput, not rejection.
         cfg = ServeConfig(repository=repository, http_port=0, grpc_port=0, metrics_port=0,
@@ -181,7 +187,10 @@ def main() -> None:
                         rows.append({"path": "in-process", "batch": batch, "clients": 1, **local})
                         rows.append({"path": f"triton-{protocol}", "batch": batch, "clients": clients, **result,
                                      "in_process_images_per_s": local["images_per_s"], "ratio": ratio})  # fmt: skip
-                        for name, r, shown in (("in-process", local, ""), (f"triton-{protocol}", result, f"{ratio:.3f}")):
+                        for name, r, shown in (
+                            ("in-process", local, ""),
+                            (f"triton-{protocol}", result, f"{ratio:.3f}"),
+                        ):
                             print(f"{name:<12} {batch:>5} {clients if shown else 1:>7} {r['images_per_s']:>8.1f} "
                                   f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {shown:>10} {r.get('errors', ''):>6}")  # fmt: skip
 
@@ -194,7 +203,9 @@ def main() -> None:
                 "best_batch8": {p: {"clients": r["clients"], "ratio": r["ratio"]} for p, r in best.items()},
                 "met": all(r["ratio"] >= GOAL_RATIO for r in best.values())}  # fmt: skip
         for p, r in best.items():
-            print(f"{p} batch 8: best {r['images_per_s']:.1f} img/s with {r['clients']} clients = {r['ratio']:.1%} of in-process")
+            print(
+                f"{p} batch 8: best {r['images_per_s']:.1f} img/s with {r['clients']} clients = {r['ratio']:.1%} of in-process"
+            )
         print(f"goal (>= {GOAL_RATIO:.0%} at batch 8 over HTTP and gRPC): {'met' if goal['met'] else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {

@@ -42,15 +42,17 @@ N = 49
 STEEPNESS = 100.0
 
 
-def time_sorter_step(x: torch.Tensor, network: str = "bitonic", steepness: float = STEEPNESS,
-                     distribution: str = "cauchy") -> float:
+def time_sorter_step(
+    x: torch.Tensor, network: str = "bitonic", steepness: float = STEEPNESS, distribution: str = "cauchy"
+) -> float:
     """Seconds for one forward + backward of :func:`soft_sort` on ``x`` (for other benchmarks).
 
     Uses a fixed random weighting of both outputs as the upstream gradient and synchronises
     the device, so the figure is comparable with the training benchmark's step split.
     """
-    return _timed(_make_step(lambda v: soft_sort(v, network=network, steepness=steepness,
-                                                  distribution=distribution), x))
+    return _timed(
+        _make_step(lambda v: soft_sort(v, network=network, steepness=steepness, distribution=distribution), x)
+    )
 
 
 def _make_step(sort_fn: Callable, x: torch.Tensor) -> Callable[[], None]:
@@ -143,12 +145,17 @@ def _measure(step: Callable[[], None], device: torch.device, repeats: int) -> di
 
 
 def _machine(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "threads": torch.get_num_threads(),
-            "device": str(device), "load_average_1m_before": os.getloadavg()[0]}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "load_average_1m_before": os.getloadavg()[0],
+    }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     if device.type == "cuda":
@@ -159,13 +166,15 @@ def _machine(device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--rows", type=int, nargs="+", default=None,
-                        help="row counts (default: 3136 31360 on CPU, 31360 62720 on CUDA)")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=None, help="row counts (default: 3136 31360 on CPU, 31360 62720 on CUDA)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of our sorter")
     parser.add_argument("--ref-repeats", type=int, default=3, help="timed repeats of diffsort")
     parser.add_argument("--no-reference", action="store_true", help="skip diffsort")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for both sorters (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads for both sorters (default: torch's)"
+    )
     parser.add_argument("--memory-child", choices=("ours", "diffsort"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -181,14 +190,19 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for rows in rows_list:
-        entry = {"rows": rows, "n": N, "dtype": "float32", "network": "bitonic",
-                 "distribution": "cauchy", "steepness": STEEPNESS}
+        entry = {
+            "rows": rows,
+            "n": N,
+            "dtype": "float32",
+            "network": "bitonic",
+            "distribution": "cauchy",
+            "steepness": STEEPNESS,
+        }
         steps = _steps(rows, device, not args.no_reference)
         for name, step in steps.items():
             entry[name] = _measure(step, device, args.ref_repeats if name == "diffsort" else args.repeats)
             entry[name]["peak_bytes"] = (
-                _peak_memory(step, device) if device.type == "cuda"
-                else _cpu_peak_in_child(name, rows, args.threads)
+                _peak_memory(step, device) if device.type == "cuda" else _cpu_peak_in_child(name, rows, args.threads)
             )
         del steps
         if "diffsort" in entry:
@@ -197,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
         _print_row(entry)
 
-    out = {"benchmark": "sorter", "machine": _machine(device),
-           "memory_method": "cuda max_memory_allocated" if device.type == "cuda"
-           else "child-process RSS peak above baseline (MALLOC_MMAP_THRESHOLD_=131072), 2 ms sampling",
-           "results": results}
+    out = {
+        "benchmark": "sorter",
+        "machine": _machine(device),
+        "memory_method": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "child-process RSS peak above baseline (MALLOC_MMAP_THRESHOLD_=131072), 2 ms sampling",
+        "results": results,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"sorter_{device.type}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
@@ -214,8 +232,10 @@ def _print_row(e: dict) -> None:
     print(head)
     print(f"{e['rows']:>7} {'ours':>9} {e['ours']['median_s']:>10.3f} {e['ours']['peak_bytes'] / mib:>10.1f}")
     if "diffsort" in e:
-        print(f"{e['rows']:>7} {'diffsort':>9} {e['diffsort']['median_s']:>10.3f} "
-              f"{e['diffsort']['peak_bytes'] / mib:>10.1f}")
+        print(
+            f"{e['rows']:>7} {'diffsort':>9} {e['diffsort']['median_s']:>10.3f} "
+            f"{e['diffsort']['peak_bytes'] / mib:>10.1f}"
+        )
         print(f"{'':>7} speed-up x{e['speedup']:.1f}, memory ours/diffsort = {e['memory_ratio']:.3f}")
 
 

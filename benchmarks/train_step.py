@@ -63,8 +63,15 @@ def machine_info(device: torch.device) -> dict[str, object]:
 
 def loader_throughput(dataset, cfg, batches: int) -> float:
     sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
-    loader = iter(make_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=False,
-                              prefetch_factor=cfg.data.prefetch_factor))
+    loader = iter(
+        make_loader(
+            dataset,
+            sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=False,
+            prefetch_factor=cfg.data.prefetch_factor,
+        )
+    )
     next(loader)  # worker start-up is not throughput
     start = time.perf_counter()
     for _ in range(batches):
@@ -95,8 +102,15 @@ def main() -> None:
     loader_ips = loader_throughput(dataset, cfg, args.loader_batches)
 
     sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
-    loader = iter(make_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                              prefetch_factor=cfg.data.prefetch_factor))
+    loader = iter(
+        make_loader(
+            dataset,
+            sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch_factor,
+        )
+    )
     accumulation = cfg.optim.accumulation
     horizon = max(args.steps + args.warmup, 1) * 100  # lr/momentum stay near their start values
     # FLOPs are counted on an eager twin (the counter cannot see inside compiled graphs).
@@ -138,7 +152,7 @@ def main() -> None:
         "batch_size": cfg.optim.batch_size,
         "accumulation": accumulation,
         "crops": {"global": cfg.crops.global_size, "local": cfg.crops.local_size, "num_local": cfg.crops.num_local},
-        "grid_patches": cfg.method.grid_size ** 2,
+        "grid_patches": cfg.method.grid_size**2,
         "steps_timed": args.steps,
         "images_per_s": images / elapsed,
         "step_s": step_s,
@@ -149,8 +163,11 @@ def main() -> None:
         "model_flops_per_step": flops_per_step,
         "achieved_tflops": flops_per_step / step_s / 1e12,
         "mfu": flops_per_step / step_s / peak if peak else None,
-        "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_memory_mib": (
+            torch.cuda.max_memory_allocated(device) / 2**20
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
         "machine": machine_info(device),
     }

@@ -12,8 +12,9 @@ Searching: exact inner product (`faiss.IndexFlatIP`) by default; `IndexSpec(kind
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -141,7 +142,7 @@ class MemoryBank:
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = False,
-    ) -> "MemoryBank":
+    ) -> MemoryBank:
         """Extract, label and (optionally) subsample the patches of a support set.
 
         `memory_size` bounds the bank: each of the support set's n images keeps
@@ -157,10 +158,18 @@ class MemoryBank:
         names = opened.class_names or [f"class_{i}" for i in range(width)]
         soft = np.concatenate([np.pad(lab, ((0, 0), (0, width - lab.shape[1]))) for lab in labels])
         if soft.shape[0] == 0:
-            raise SupportSetError(f"every support pixel of {opened.source} is ignore ({IGNORE_INDEX}); nothing to store")
+            raise SupportSetError(
+                f"every support pixel of {opened.source} is ignore ({IGNORE_INDEX}); nothing to store"
+            )
         return cls(
-            backend.contract, np.concatenate(feats), soft, names, image_size=image_size,
-            index_spec=index, dtype=dtype, num_images=count,
+            backend.contract,
+            np.concatenate(feats),
+            soft,
+            names,
+            image_size=image_size,
+            index_spec=index,
+            dtype=dtype,
+            num_images=count,
         )
 
     def add(
@@ -173,14 +182,22 @@ class MemoryBank:
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = False,
-    ) -> "MemoryBank":
+    ) -> MemoryBank:
         """Append a support set's patches (same contract and class list) in place."""
         if not backend.contract.compatible_with(self.contract):
             raise BankError(f"cannot add features of {backend.contract} to a bank of {self.contract}")
         other = MemoryBank.build(
-            backend, support, class_names=self.class_names, image_size=self.image_size,
-            memory_size=memory_size, patches_per_image=patches_per_image, dtype=self.dtype,
-            index=self.index_spec, batch_size=batch_size, seed=seed, progress=progress,
+            backend,
+            support,
+            class_names=self.class_names,
+            image_size=self.image_size,
+            memory_size=memory_size,
+            patches_per_image=patches_per_image,
+            dtype=self.dtype,
+            index=self.index_spec,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
         )
         self.features = np.concatenate([self.features, other.features])
         self.soft_labels = np.concatenate([self.soft_labels, other.soft_labels])
@@ -231,7 +248,7 @@ class MemoryBank:
         return save_bank(self, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path, contract: ModelContract | None = None, verify: bool = True) -> "MemoryBank":
+    def load(cls, path: str | Path, contract: ModelContract | None = None, verify: bool = True) -> MemoryBank:
         """Read a saved bank; with `contract`, refuse one built by a different model."""
         from .bank_io import load_bank
 
@@ -250,7 +267,9 @@ def _per_image_budget(support: SupportSet, memory_size: int | None, patches_per_
     if memory_size < 1:
         raise ValueError(f"memory_size must be >= 1, got {memory_size}")
     if support.length is None:
-        raise ValueError(f"memory_size needs a support set of known length; {support.source} has none: use patches_per_image")
+        raise ValueError(
+            f"memory_size needs a support set of known length; {support.source} has none: use patches_per_image"
+        )
     if support.length == 0:
         raise SupportSetError(f"the support set ({support.source}) is empty")
     return max(1, memory_size // support.length)

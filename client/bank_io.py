@@ -181,11 +181,15 @@ def load_bank(path: Path, contract: ModelContract | None = None, verify: bool = 
         index_spec.configure(index)
     try:
         return MemoryBank(
-            bank_contract, features, soft, class_names,
+            bank_contract,
+            features,
+            soft,
+            class_names,
             image_size=tuple(image_size) if isinstance(image_size, list) else image_size,
-            index_spec=index_spec, dtype=dtype, num_images=num_images,
+            index_spec=index_spec,
+            dtype=dtype,
+            num_images=num_images,
             index=index,
         )
     except BankError as exc:
         raise BankCorruptError(f"memory bank {str(path)!r} is inconsistent: {exc}") from None
-

@@ -15,8 +15,9 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from neco.contract import DEFAULT_MODEL_NAME
 
@@ -52,7 +53,9 @@ def _size(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}") from None
 
 
-def _server_options(parser: argparse.ArgumentParser, size_help: str = f"shorter side N, or exact HxW (default {DEFAULT_IMAGE_SIZE})") -> None:
+def _server_options(
+    parser: argparse.ArgumentParser, size_help: str = f"shorter side N, or exact HxW (default {DEFAULT_IMAGE_SIZE})"
+) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--url", default=None, help="host:port (default localhost:8001 for grpc, 8000 for http)")
     group.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
@@ -106,9 +109,16 @@ def _bank_build(args: argparse.Namespace) -> int:
     index = IndexSpec(kind=args.index)
     with _client(args) as client:
         bank = MemoryBank.build(
-            client, args.support, class_names=_class_names(args.classes), image_size=client.size,
-            memory_size=args.memory_size, dtype="float16" if args.fp16 else "float32", index=index,
-            batch_size=args.batch_size, seed=args.seed, progress=True,
+            client,
+            args.support,
+            class_names=_class_names(args.classes),
+            image_size=client.size,
+            memory_size=args.memory_size,
+            dtype="float16" if args.fp16 else "float32",
+            index=index,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=True,
         )
     bank.save(args.out)
     print(f"{bank!r} -> {args.out}")
@@ -121,7 +131,14 @@ def _bank_append(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         bank = MemoryBank.load(args.bank, contract=client.contract)
-        bank.add(client, args.support, memory_size=args.memory_size, batch_size=args.batch_size, seed=args.seed, progress=True)
+        bank.add(
+            client,
+            args.support,
+            memory_size=args.memory_size,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=True,
+        )
     bank.save(args.bank)
     print(f"{bank!r} -> {args.bank}")
     return 0

@@ -134,9 +134,7 @@ def _open(image_like: ImageLike, what: str) -> Image.Image:
             raise ImageError(f"{what} bytes are empty")
         source = io.BytesIO(bytes(image_like))
     else:
-        raise ImageError(
-            f"cannot read a {what} from {name}; pass a path, bytes, a PIL image or a numpy array"
-        )
+        raise ImageError(f"cannot read a {what} from {name}; pass a path, bytes, a PIL image or a numpy array")
     try:
         image = image_like if source is None else Image.open(source)  # type: ignore[arg-type]
         # Pillow silently narrows 16-bit-per-channel colour PNGs to 8-bit "RGB"; only the

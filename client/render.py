@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -52,7 +52,9 @@ def overlay(
     """Blend class colours over the image and add a legend strip for the classes present."""
     rgb = load_rgb(image)
     if rgb.shape[:2] != mask.shape:
-        raise ValueError(f"overlay: image is {rgb.shape[0]}x{rgb.shape[1]} but the mask is {mask.shape[0]}x{mask.shape[1]}")
+        raise ValueError(
+            f"overlay: image is {rgb.shape[0]}x{rgb.shape[1]} but the mask is {mask.shape[0]}x{mask.shape[1]}"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
     colours = palette(len(class_names)).astype(np.float32)

@@ -13,9 +13,10 @@ to source coordinate (o + 0.5) * in / out - 0.5, clamped to the grid edges.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

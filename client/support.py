@@ -9,9 +9,10 @@ the layout `neco.scenes.write_scene_dataset` writes), or any iterable/dataset yi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ def patch_soft_labels(
             f"(valid labels are 0..{num_classes - 1} and {IGNORE_INDEX} = ignore)"
         )
     k = num_classes if num_classes is not None else top + 1
-    patch_id = (np.arange(rows)[:, None, None, None] * cols + np.arange(cols)[None, None, :, None])
+    patch_id = np.arange(rows)[:, None, None, None] * cols + np.arange(cols)[None, None, :, None]
     patch_id = np.broadcast_to(patch_id, (rows, patch_size, cols, patch_size)).reshape(height, width)
     counts = np.bincount(patch_id[valid] * max(k, 1) + labels, minlength=rows * cols * max(k, 1))
     counts = counts.reshape(rows * cols, max(k, 1)).astype(np.float32)[:, :k]

@@ -7,8 +7,9 @@ needs no local model files and refuses models it does not understand.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from google.protobuf import json_format
@@ -18,9 +19,9 @@ from tritonclient.utils import InferenceServerException
 from neco.contract import DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
 from neco.export.repository import contract_from_config
 
+from .bank import MemoryBank
 from .errors import ContractError, InferenceError, ModelNotFoundError, ModelNotReadyError, ServerUnavailableError
 from .images import ImageLike, PreparedImage, SizeSpec, prepare_image
-from .bank import MemoryBank
 from .retrieval import SegmentationResult, is_saved_bank, segment
 
 Protocol = Literal["grpc", "http"]
@@ -246,7 +247,7 @@ class NecoClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "NecoClient":
+    def __enter__(self) -> NecoClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -254,4 +255,3 @@ class NecoClient:
 
     def __repr__(self) -> str:
         return f"NecoClient({self.url!r}, protocol={self.protocol!r}, model={self.model!r}, {self.contract.arch})"
-

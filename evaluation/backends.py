@@ -10,8 +10,9 @@ normalisation inside, L2-normalised final-norm patch tokens out.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,7 +90,11 @@ class OnnxBackend:
         self.contract = contract
         self.batch_size = batch_size
         available = ort.get_available_providers()
-        chosen = list(providers) if providers else [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        chosen = (
+            list(providers)
+            if providers
+            else [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        )
         self._session = ort.InferenceSession(str(path), providers=chosen)
         names = {o.name for o in self._session.get_outputs()}
         if OUTPUT_FEATURES not in names or INPUT_IMAGES not in {i.name for i in self._session.get_inputs()}:
@@ -156,7 +161,10 @@ class TorchBackend:
 
         batch = stack_images(images)
         out = []
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
+        with (
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")),
+        ):
             for i in range(0, len(batch), self.batch_size):
                 x = torch.from_numpy(batch[i : i + self.batch_size]).to(self.device)
                 x = (x.permute(0, 3, 1, 2).float() / 255.0 - self._mean) / self._std
@@ -175,7 +183,7 @@ def make_backend(
     arch: str | None = None,
     device: str = "auto",
     batch_size: int = 8,
-) -> "FeatureBackend":
+) -> FeatureBackend:
     """Build the backend chosen by `--backend`.
 
     triton: `url`/`protocol`/`model_name` of a running server; onnx: `model` is a model.onnx
@@ -212,7 +220,7 @@ class BackendConfig(BaseModel):
     device: str = "auto"
     batch_size: int = Field(8, ge=1)
 
-    def build(self) -> "FeatureBackend":
+    def build(self) -> FeatureBackend:
         return make_backend(
             self.kind,
             model=self.model,
@@ -226,9 +234,9 @@ class BackendConfig(BaseModel):
 
 
 def iter_features(
-    backend: "FeatureBackend",
+    backend: FeatureBackend,
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-    size: "SizeSpec",
+    size: SizeSpec,
     *,
     batch_size: int = 8,
     desc: str = "features",

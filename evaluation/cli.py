@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # (flag, config key, argparse type, help); every default is None = "not given".
 COMMON_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (

@@ -31,6 +31,6 @@ class EvalConfig(BaseModel):
     out: Path | None = None
 
     @property
-    def size(self) -> "SizeSpec":
+    def size(self) -> SizeSpec:
         """The client's resize-policy argument for this config."""
         return (self.input_size, self.input_size) if self.square else self.input_size

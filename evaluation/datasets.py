@@ -13,11 +13,13 @@ lazily (a missing or mis-sized file fails when that sample is read, naming the f
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
+
 from neco.client.images import load_mask, load_rgb
 from neco.contract import IGNORE_INDEX
 
@@ -121,7 +123,7 @@ class SegmentationDataset(Sequence[tuple[np.ndarray, np.ndarray]]):
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return (self[i] for i in range(len(self)))
 
-    def subset(self, fraction: int, seed: int = 0) -> "SegmentationDataset":
+    def subset(self, fraction: int, seed: int = 0) -> SegmentationDataset:
         """A seeded 1/`fraction` subset (at least one sample), kept in file order."""
         if fraction < 1:
             raise DatasetError(f"subset fraction must be >= 1 (1/N of the split), got {fraction}")
@@ -235,7 +237,9 @@ def _read_class_names(*dirs: Path) -> list[str]:
     raise MissingDatasetFileError(f"missing classes.json in {' or '.join(str(d) for d in dict.fromkeys(dirs))}")
 
 
-def load_dataset(kind: DatasetKind, root: str | Path, split: str, subset: int = 1, seed: int = 0) -> SegmentationDataset:
+def load_dataset(
+    kind: DatasetKind, root: str | Path, split: str, subset: int = 1, seed: int = 0
+) -> SegmentationDataset:
     """Dispatch on the `--dataset` flag, then take the 1/`subset` fraction."""
     if kind == "voc":
         dataset = voc(root, split)

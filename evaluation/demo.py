@@ -19,8 +19,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -116,8 +116,11 @@ def export(cfg: DemoConfig, source: Path, repository: Path, name: str, device: s
         overwrite=True,
         onnx={"simplify": False, "example_size": size},
         parity={"enabled": cfg.export_parity, "sizes": [size], "batch_sizes": [1]},
-        triton={"instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU", "max_batch_size": 8,
-                "preferred_batch_sizes": [8]},
+        triton={
+            "instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
+            "max_batch_size": 8,
+            "preferred_batch_sizes": [8],
+        },
     )
     return run_export(export_cfg, progress=stages.note)
 
@@ -180,10 +183,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
     if device.startswith("cuda"):
         device = "cuda"
 
-    stages(f"generating {cfg.scenes.train}+{cfg.scenes.val} scenes ({cfg.scenes.size}px, {cfg.scenes.num_classes} classes)")
+    stages(
+        f"generating {cfg.scenes.train}+{cfg.scenes.val} scenes ({cfg.scenes.size}px, {cfg.scenes.num_classes} classes)"
+    )
     root = write_scene_dataset(
-        out / "scenes", {"train": cfg.scenes.train, "val": cfg.scenes.val},
-        size=(cfg.scenes.size, cfg.scenes.size), num_classes=cfg.scenes.num_classes, seed=cfg.seed,
+        out / "scenes",
+        {"train": cfg.scenes.train, "val": cfg.scenes.val},
+        size=(cfg.scenes.size, cfg.scenes.size),
+        num_classes=cfg.scenes.num_classes,
+        seed=cfg.seed,
     )
     train, val = load_dataset("folder", root, "train"), load_dataset("folder", root, "val")
     stages.note(f"wrote {root}")

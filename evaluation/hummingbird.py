@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import Field
@@ -75,10 +76,10 @@ class AugmentedPairs(Sequence[tuple[np.ndarray, np.ndarray]]):
 
 
 def build_bank(
-    backend: "FeatureBackend",
+    backend: FeatureBackend,
     train: Sequence[tuple[np.ndarray, np.ndarray]],
     class_names: Sequence[str],
-    size: "SizeSpec",
+    size: SizeSpec,
     *,
     memory_size: int | None = None,
     augment_passes: int = 1,
@@ -86,24 +87,37 @@ def build_bank(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
-) -> "MemoryBank":
+) -> MemoryBank:
     """The client's MemoryBank over `augment_passes` passes; `memory_size` is split across them."""
     from neco.client.bank import MemoryBank
 
     per_pass = None if memory_size is None else max(1, memory_size // augment_passes)
     bank = MemoryBank.build(
-        backend, train, class_names=class_names, image_size=size, memory_size=per_pass,
-        dtype="float16" if fp16 else "float32", batch_size=batch_size, seed=seed, progress=progress,
+        backend,
+        train,
+        class_names=class_names,
+        image_size=size,
+        memory_size=per_pass,
+        dtype="float16" if fp16 else "float32",
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
     )
     for p in range(1, augment_passes):
-        bank.add(backend, AugmentedPairs(train, seed=seed + p), memory_size=per_pass,
-                 batch_size=batch_size, seed=seed + p, progress=progress)
+        bank.add(
+            backend,
+            AugmentedPairs(train, seed=seed + p),
+            memory_size=per_pass,
+            batch_size=batch_size,
+            seed=seed + p,
+            progress=progress,
+        )
     return bank
 
 
 def evaluate_bank(
-    backend: "FeatureBackend",
-    bank: "MemoryBank",
+    backend: FeatureBackend,
+    bank: MemoryBank,
     val: Sequence[tuple[np.ndarray, np.ndarray]],
     *,
     k: int = 30,
@@ -127,7 +141,7 @@ def evaluate_bank(
     return acc.result()
 
 
-def run_hummingbird(cfg: HummingbirdConfig, backend: "FeatureBackend | None" = None) -> dict[str, object]:
+def run_hummingbird(cfg: HummingbirdConfig, backend: FeatureBackend | None = None) -> dict[str, object]:
     """`neco eval hummingbird`: load splits, build the bank, score val, print and write the report."""
     started = time.perf_counter()
     train = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split, subset=cfg.train_subset, seed=cfg.seed)
@@ -135,8 +149,15 @@ def run_hummingbird(cfg: HummingbirdConfig, backend: "FeatureBackend | None" = N
     backend = backend if backend is not None else cfg.backend.build()
     print(f"hummingbird: {len(train)} {train.name}/{train.split} support images -> bank, {len(val)} val images")
     bank = build_bank(
-        backend, train, train.class_names, cfg.size, memory_size=cfg.memory_size,
-        augment_passes=cfg.augment_passes, fp16=cfg.fp16_bank, batch_size=cfg.backend.batch_size, seed=cfg.seed,
+        backend,
+        train,
+        train.class_names,
+        cfg.size,
+        memory_size=cfg.memory_size,
+        augment_passes=cfg.augment_passes,
+        fp16=cfg.fp16_bank,
+        batch_size=cfg.backend.batch_size,
+        seed=cfg.seed,
     )
     print(f"hummingbird: {bank!r}")
     result = evaluate_bank(backend, bank, val, k=cfg.k, beta=cfg.beta, batch_size=cfg.backend.batch_size)

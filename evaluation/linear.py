@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import Field
@@ -40,7 +41,7 @@ class LinearConfig(EvalConfig):
 
 
 def extract_features(
-    backend: "FeatureBackend", dataset: SegmentationDataset, size: SizeSpec, desc: str, batch_size: int = 8
+    backend: FeatureBackend, dataset: SegmentationDataset, size: SizeSpec, desc: str, batch_size: int = 8
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fp16 patch features [h, w, C], full-size mask) per sample, cached for all epochs."""
     return [
@@ -49,7 +50,7 @@ def extract_features(
     ]
 
 
-def _logits(head: "torch.nn.Module", feats: np.ndarray, size: tuple[int, int], device: str) -> "torch.Tensor":
+def _logits(head: torch.nn.Module, feats: np.ndarray, size: tuple[int, int], device: str) -> torch.Tensor:
     """Head on a [h, w, C] grid -> class logits [1, K, H, W] bilinearly upsampled to `size`."""
     import torch
     import torch.nn.functional as F
@@ -65,7 +66,7 @@ def train_head(
     num_classes: int,
     cfg: LinearConfig,
     device: str,
-) -> "torch.nn.Module":
+) -> torch.nn.Module:
     """AdamW on BatchNorm + 1x1 conv (= per-patch linear layer), cosine schedule, CE ignore 255.
 
     The (affine-free) BatchNorm only standardises the frozen features, which are unit-norm and
@@ -106,7 +107,7 @@ def train_head(
 
 
 def evaluate_head(
-    head: "torch.nn.Module", val: Sequence[tuple[np.ndarray, np.ndarray]], class_names: list[str], device: str
+    head: torch.nn.Module, val: Sequence[tuple[np.ndarray, np.ndarray]], class_names: list[str], device: str
 ) -> IoUResult:
     import torch
 
@@ -118,7 +119,7 @@ def evaluate_head(
     return acc.result()
 
 
-def run_linear(cfg: LinearConfig, backend: "FeatureBackend") -> dict[str, object]:
+def run_linear(cfg: LinearConfig, backend: FeatureBackend) -> dict[str, object]:
     """Extract features, train the head, score val; returns (and optionally writes) a JSON report."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)

@@ -14,8 +14,8 @@ Convention (same as the Hummingbird / MMSegmentation evaluators):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -100,7 +100,9 @@ def iou_from_confusion(matrix: np.ndarray, class_names: Sequence[str] | None = N
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(union > 0, tp / union, np.nan)
     total = matrix.sum()
-    return IoUResult(per_class=per_class, class_names=names, pixel_accuracy=float(tp.sum() / total) if total else float("nan"))
+    return IoUResult(
+        per_class=per_class, class_names=names, pixel_accuracy=float(tp.sum() / total) if total else float("nan")
+    )
 
 
 @dataclass

@@ -27,7 +27,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="model repository root (overrides config `output`)")
     parser.add_argument("--model-name", help="Triton model name (overrides config)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. triton.max_batch_size=16")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. triton.max_batch_size=16"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trtexec.add_argument("--engine", type=Path, required=True, help="where to save the engine (e.g. .../1/model.plan)")
     trtexec.add_argument("--trtexec", default="trtexec", help="trtexec executable")
     trtexec.add_argument("--run", action="store_true", help="run it instead of printing it")
-    trtexec.add_argument("overrides", nargs="*", metavar="key=value", help="tensorrt-section overrides, e.g. fp16=false")
+    trtexec.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="tensorrt-section overrides, e.g. fp16=false"
+    )
     trtexec.set_defaults(handler=_run_trtexec)
 
     inspect = sub.add_parser("inspect", help="validate a model dir's config.pbtxt and print its contract")
@@ -61,7 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace, extra: list[str]) -> ExportConfig:
     overrides = list(args.overrides)
-    for key, value in (("source", args.source), ("arch", args.arch), ("output", args.out), ("model_name", args.model_name)):
+    for key, value in (
+        ("source", args.source),
+        ("arch", args.arch),
+        ("output", args.out),
+        ("model_name", args.model_name),
+    ):
         if value is not None:
             overrides.append(f"{key}={json.dumps(str(value))}")  # quoted: YAML must not retype it
     if args.overwrite:
@@ -82,8 +91,10 @@ def _export(cfg: ExportConfig) -> int:
     if (report.get("tensorrt") or {}).get("parity_vs_onnxruntime"):
         parities["parity_tensorrt"] = report["tensorrt"]["parity_vs_onnxruntime"]
     for key, parity in parities.items():
-        print(f"{key}: max_abs_diff={parity['max_abs_diff']:.3e} min_mean_cosine={parity['min_mean_cosine']:.5f}",
-              file=sys.stderr)
+        print(
+            f"{key}: max_abs_diff={parity['max_abs_diff']:.3e} min_mean_cosine={parity['min_mean_cosine']:.5f}",
+            file=sys.stderr,
+        )
     print(model_dir)
     return 0
 
@@ -123,8 +134,17 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     cfg = read_model_config(args.model_dir)
     contract = contract_from_config(cfg)
-    print(json.dumps({"model_name": cfg.name, "backend": cfg.backend, "max_batch_size": cfg.max_batch_size,
-                      "contract": contract.model_dump(mode="json")}, indent=2))
+    print(
+        json.dumps(
+            {
+                "model_name": cfg.name,
+                "backend": cfg.backend,
+                "max_batch_size": cfg.max_batch_size,
+                "contract": contract.model_dump(mode="json"),
+            },
+            indent=2,
+        )
+    )
     if args.check_engine:
         from neco.export.tensorrt import verify_repository_engine
 

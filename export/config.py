@@ -14,7 +14,6 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neco.contract import DEFAULT_MODEL_NAME, PATCH_SIZE, arch_spec
-
 from neco.export.errors import ProfileError
 
 Size = tuple[int, int]
@@ -103,7 +102,7 @@ class TritonSettings(_Section):
     gpus: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _preferred_within_max(self) -> "TritonSettings":
+    def _preferred_within_max(self) -> TritonSettings:
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if bad:
             raise ValueError(f"triton.preferred_batch_sizes {bad} exceed max_batch_size {self.max_batch_size}")
@@ -143,7 +142,7 @@ class TensorRTSettings(_Section):
     engine_cache_dir: Optional[Path] = Field(default=None, description="keep named engines here as well")
 
     @model_validator(mode="after")
-    def _profile(self) -> "TensorRTSettings":
+    def _profile(self) -> TensorRTSettings:
         validate_profile(self.min_shape, self.opt_shape, self.max_shape)
         return self
 
@@ -180,7 +179,7 @@ class ExportConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ExportConfig":
+    def _consistent(self) -> ExportConfig:
         if self.backend == "tensorrt":
             if self.precision != "fp32":
                 raise ValueError(

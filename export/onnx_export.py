@@ -110,7 +110,9 @@ def check_onnx(path: Path) -> None:
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
     if inputs != [INPUT_IMAGES] or outputs != list(OUTPUTS):
-        raise ExportError(f"{path}: graph I/O {inputs} -> {outputs} differs from the contract {INPUT_IMAGES} -> {OUTPUTS}")
+        raise ExportError(
+            f"{path}: graph I/O {inputs} -> {outputs} differs from the contract {INPUT_IMAGES} -> {OUTPUTS}"
+        )
 
 
 def simplify_onnx(source: Path, destination: Path) -> Path:

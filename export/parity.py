@@ -9,9 +9,9 @@ real photos) rather than uniform noise, which would understate quantisation erro
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -142,7 +142,9 @@ def compare(
         got, want = candidate(images), reference(images)
         expected_shape = (batch, size[0] // 14, size[1] // 14)
         if got.shape != want.shape or got.shape[:3] != expected_shape:
-            raise ValueError(f"{names[0]} returned {got.shape}, {names[1]} {want.shape}; expected {expected_shape}+(C,)")
+            raise ValueError(
+                f"{names[0]} returned {got.shape}, {names[1]} {want.shape}; expected {expected_shape}+(C,)"
+            )
         report.cases.append(
             ParityCase(
                 batch=batch,

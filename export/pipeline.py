@@ -14,8 +14,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from neco.contract import ModelContract
 from neco.export.config import ExportConfig
@@ -82,7 +83,11 @@ def export_model(
     progress = progress or stderr_progress()
     preflight(cfg)
     model = DenseFeatureModel(backbone.eval(), contract).eval()
-    report: dict[str, Any] = {"source": source, "contract": contract.model_dump(mode="json"), "config": cfg.model_dump(mode="json")}
+    report: dict[str, Any] = {
+        "source": source,
+        "contract": contract.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"),
+    }
     with tempfile.TemporaryDirectory(prefix="neco-export-") as work_dir:
         work = Path(work_dir)
         progress(f"exporting {contract.arch} to ONNX (opset {cfg.onnx.opset}, dynamic batch/height/width)")
@@ -92,11 +97,18 @@ def export_model(
             fp32 = simplify_onnx(fp32, work / "model_fp32_slim.onnx")
         report["onnx"] = {"opset": opset_of(fp32), "simplified": cfg.onnx.simplify}
         grid = shape_grid(cfg.parity.sizes, cfg.parity.batch_sizes)
-        fp32_session = ort_session(fp32, cfg.parity.providers) if cfg.parity.enabled else None  # the reference for later checks
+        fp32_session = (
+            ort_session(fp32, cfg.parity.providers) if cfg.parity.enabled else None
+        )  # the reference for later checks
         if cfg.parity.enabled:
             progress(f"FP32 parity vs PyTorch at {len(grid)} shapes")
-            parity = compare(ort_features(fp32_session), torch_features(model), grid, seed=cfg.parity.seed,
-                             names=("onnxruntime-fp32", "pytorch"))
+            parity = compare(
+                ort_features(fp32_session),
+                torch_features(model),
+                grid,
+                seed=cfg.parity.seed,
+                names=("onnxruntime-fp32", "pytorch"),
+            )
             report["parity_fp32"] = {**parity.to_dict(), "providers": fp32_session.get_providers()}
             progress(f"  max abs diff {parity.max_abs_diff:.2e} (limit {cfg.parity.atol:.0e})")
             if parity.max_abs_diff > cfg.parity.atol:
@@ -118,14 +130,21 @@ def export_model(
         report_path.write_text(json.dumps(report, indent=2, default=str))
         progress(f"writing {cfg.output / cfg.model_name}")
         target = write_model_directory(
-            cfg.output, triton_cfg, files, model_dir_files={REPORT_FILENAME: report_path},
-            version=cfg.version, overwrite=cfg.overwrite, move_files=True,
+            cfg.output,
+            triton_cfg,
+            files,
+            model_dir_files={REPORT_FILENAME: report_path},
+            version=cfg.version,
+            overwrite=cfg.overwrite,
+            move_files=True,
         )
     progress("done")
     return target
 
 
-def _served_onnx(fp32: Path, fp32_session: Any, cfg: ExportConfig, work: Path, report: dict, progress: Progress) -> Path:
+def _served_onnx(
+    fp32: Path, fp32_session: Any, cfg: ExportConfig, work: Path, report: dict, progress: Progress
+) -> Path:
     """Convert to the served precision and measure cosine parity against the FP32 graph."""
     from neco.export.parity import compare, ort_features, ort_session, shape_grid
     from neco.export.precision import convert_fp16, convert_int8
@@ -142,10 +161,17 @@ def _served_onnx(fp32: Path, fp32_session: Any, cfg: ExportConfig, work: Path, r
     if not cfg.parity.enabled:
         return converted
     grid = shape_grid(cfg.parity.sizes, cfg.parity.batch_sizes)
-    parity = compare(ort_features(ort_session(converted, cfg.parity.providers)), ort_features(fp32_session), grid,
-                     seed=cfg.parity.seed, names=(f"onnxruntime-{cfg.precision}", "onnxruntime-fp32"))
+    parity = compare(
+        ort_features(ort_session(converted, cfg.parity.providers)),
+        ort_features(fp32_session),
+        grid,
+        seed=cfg.parity.seed,
+        names=(f"onnxruntime-{cfg.precision}", "onnxruntime-fp32"),
+    )
     report[f"parity_{cfg.precision}"] = {**parity.to_dict(), "providers": fp32_session.get_providers()}
-    progress(f"  {cfg.precision} mean per-patch cosine vs FP32: min over shapes {parity.min_mean_cosine:.4f} (goal {limit})")
+    progress(
+        f"  {cfg.precision} mean per-patch cosine vs FP32: min over shapes {parity.min_mean_cosine:.4f} (goal {limit})"
+    )
     if parity.min_mean_cosine < limit:
         raise ParityError(f"{cfg.precision} features have mean cosine {parity.min_mean_cosine:.4f} < {limit} to FP32")
     return converted

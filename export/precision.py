@@ -19,8 +19,8 @@ configs, PyTriton bindings and clients do not care which precision a repository 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -93,7 +93,9 @@ def convert_int8(source: Path, destination: Path, settings: QuantizationSettings
         if settings.mode == "dynamic":
             # Dynamic MatMul quantisation; the patch-embedding Conv stays FP32 (tiny, and
             # ConvInteger has no CPU kernel for every layout).
-            quantize_dynamic(str(source), str(destination), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+            quantize_dynamic(
+                str(source), str(destination), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+            )
         else:
             _, attention = split_matmuls(onnx.load(str(source), load_external_data=False))
             quantize_static(

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -63,7 +64,9 @@ def build_model_config(
     batching.default_queue_policy.max_queue_size = settings.max_queue_size
     batching.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
 
-    group = cfg.instance_group.add(count=settings.instance_count, kind=mc.ModelInstanceGroup.Kind.Value(settings.instance_kind))
+    group = cfg.instance_group.add(
+        count=settings.instance_count, kind=mc.ModelInstanceGroup.Kind.Value(settings.instance_kind)
+    )
     group.gpus.extend(settings.gpus)
 
     parameters = {**contract.to_parameters(), **(extra_parameters or {})}

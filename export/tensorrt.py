@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -97,7 +98,9 @@ def read_sidecar(engine_path: Path) -> EngineMetadata:
     """Metadata written next to an engine; absent or malformed metadata is a mismatch."""
     sidecar = engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
     if not sidecar.is_file():
-        raise EngineMismatchError(f"{engine_path}: no metadata sidecar {sidecar.name}; refusing an engine of unknown origin")
+        raise EngineMismatchError(
+            f"{engine_path}: no metadata sidecar {sidecar.name}; refusing an engine of unknown origin"
+        )
     try:
         return EngineMetadata.model_validate_json(sidecar.read_text())
     except ValueError as exc:
@@ -131,7 +134,9 @@ def _input_shape(shape: Shape) -> tuple[int, int, int, int]:
     return (batch, height, width, 3)
 
 
-def trtexec_command(onnx_path: Path, engine_path: Path, settings: TensorRTSettings, trtexec: str = "trtexec") -> list[str]:
+def trtexec_command(
+    onnx_path: Path, engine_path: Path, settings: TensorRTSettings, trtexec: str = "trtexec"
+) -> list[str]:
     """The equivalent trtexec invocation (TensorRT 10 flags) for container builds."""
     validate_profile(settings.min_shape, settings.opt_shape, settings.max_shape)
 
@@ -174,7 +179,10 @@ def build_engine(onnx_path: Path, engine_path: Path, meta: EngineMetadata, setti
         config.set_flag(trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
     profile.set_shape(
-        INPUT_IMAGES, _input_shape(settings.min_shape), _input_shape(settings.opt_shape), _input_shape(settings.max_shape)
+        INPUT_IMAGES,
+        _input_shape(settings.min_shape),
+        _input_shape(settings.opt_shape),
+        _input_shape(settings.max_shape),
     )
     config.add_optimization_profile(profile)
     cache_path = settings.timing_cache
@@ -231,8 +239,14 @@ def engine_features(engine) -> Any:
 
 
 def check_engine_parity(
-    engine, reference_session, sizes: Sequence, batch_sizes: Sequence[int], *,
-    atol: float | None, min_cosine: float | None, seed: int = 0,
+    engine,
+    reference_session,
+    sizes: Sequence,
+    batch_sizes: Sequence[int],
+    *,
+    atol: float | None,
+    min_cosine: float | None,
+    seed: int = 0,
 ) -> dict:
     """Engine vs onnxruntime FP32 on the same generated images.
 
@@ -241,8 +255,13 @@ def check_engine_parity(
     """
     from neco.export.parity import compare, ort_features, shape_grid
 
-    report = compare(engine_features(engine), ort_features(reference_session), shape_grid(sizes, batch_sizes),
-                     seed=seed, names=("tensorrt", "onnxruntime-fp32"))
+    report = compare(
+        engine_features(engine),
+        ort_features(reference_session),
+        shape_grid(sizes, batch_sizes),
+        seed=seed,
+        names=("tensorrt", "onnxruntime-fp32"),
+    )
     if atol is not None and report.max_abs_diff > atol:
         raise ParityError(f"TensorRT engine differs from onnxruntime by {report.max_abs_diff:.3e} > {atol}")
     if min_cosine is not None and report.min_mean_cosine < min_cosine:
@@ -255,14 +274,18 @@ def require_tensorrt() -> None:
     try:
         import tensorrt  # noqa: F401  (availability check; the API is used in build_engine)
     except ImportError as exc:
-        raise ExportError("backend tensorrt needs the `tensorrt` Python package (pip install neco-dense[tensorrt])") from exc
+        raise ExportError(
+            "backend tensorrt needs the `tensorrt` Python package (pip install neco-dense[tensorrt])"
+        ) from exc
     import torch
 
     if not torch.cuda.is_available():
         raise ExportError("backend tensorrt needs a CUDA GPU; torch.cuda.is_available() is False")
 
 
-def build_and_check_engine(onnx_path: Path, reference_session, cfg: ExportConfig, work: Path) -> tuple[dict[str, Path], dict]:
+def build_and_check_engine(
+    onnx_path: Path, reference_session, cfg: ExportConfig, work: Path
+) -> tuple[dict[str, Path], dict]:
     """Pipeline step: build (or reuse a verified cached) engine and check its parity.
 
     Returns the files for the version directory (`model.plan` and its metadata sidecar, which
@@ -283,7 +306,8 @@ def build_and_check_engine(onnx_path: Path, reference_session, cfg: ExportConfig
     if cfg.parity.enabled:
         reduced = meta.precision != "fp32"
         parity = check_engine_parity(
-            load_engine(engine_path, meta), reference_session,
+            load_engine(engine_path, meta),
+            reference_session,
             [s for s in cfg.parity.sizes if _within(settings, s)],
             [b for b in cfg.parity.batch_sizes if settings.min_shape[0] <= b <= settings.max_shape[0]],
             atol=None if reduced else cfg.parity.atol,
@@ -293,8 +317,13 @@ def build_and_check_engine(onnx_path: Path, reference_session, cfg: ExportConfig
     plan = work / PLAN_FILENAME
     plan.write_bytes(engine_path.read_bytes())
     sidecar = write_sidecar(plan, meta)
-    report = {"engine_name": engine_path.name, "metadata": json.loads(meta.model_dump_json()), "reused": reused,
-              "parity_vs_onnxruntime": parity, "precision": meta.precision}
+    report = {
+        "engine_name": engine_path.name,
+        "metadata": json.loads(meta.model_dump_json()),
+        "reused": reused,
+        "parity_vs_onnxruntime": parity,
+        "precision": meta.precision,
+    }
     return {PLAN_FILENAME: plan, sidecar.name: sidecar}, report
 
 
@@ -302,8 +331,13 @@ def verify_repository_engine(model_dir: Path, version: int = 1, device: int = 0)
     """Check that `<model_dir>/<version>/model.plan` was built for this GPU and TensorRT."""
     plan = Path(model_dir) / str(version) / PLAN_FILENAME
     found = read_sidecar(plan)
-    settings = TensorRTSettings(min_shape=found.min_shape, opt_shape=found.opt_shape, max_shape=found.max_shape,
-                                fp16="fp16" in found.precision, bf16="bf16" in found.precision)
+    settings = TensorRTSettings(
+        min_shape=found.min_shape,
+        opt_shape=found.opt_shape,
+        max_shape=found.max_shape,
+        fp16="fp16" in found.precision,
+        bf16="bf16" in found.precision,
+    )
     expected = expected_metadata(found.model_name, settings, device)
     verify_engine(plan, expected, check_name=False)
     return expected

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # Stage modules that contribute sub-commands, in the order they appear in --help.
 STAGE_CLIS: tuple[str, ...] = (

@@ -9,7 +9,7 @@ stay torch-free (the client extra does not install torch) and small.
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -120,7 +120,7 @@ class ModelContract(BaseModel):
         return value
 
     @classmethod
-    def for_arch(cls, arch: str, training_hash: str = "") -> "ModelContract":
+    def for_arch(cls, arch: str, training_hash: str = "") -> ModelContract:
         spec = arch_spec(arch)
         return cls(
             arch=arch,
@@ -129,7 +129,7 @@ class ModelContract(BaseModel):
             training_hash=training_hash,
         )
 
-    def compatible_with(self, other: "ModelContract") -> bool:
+    def compatible_with(self, other: ModelContract) -> bool:
         """Features are interchangeable only between identical encoders and preprocessing."""
         return self == other
 
@@ -141,7 +141,7 @@ class ModelContract(BaseModel):
         }
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str]) -> "ModelContract":
+    def from_parameters(cls, params: Mapping[str, str]) -> ModelContract:
         """Inverse of `to_parameters`; raises ValueError naming what is missing or malformed."""
         values: dict[str, object] = {}
         for name, field in cls.model_fields.items():

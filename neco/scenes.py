@@ -10,8 +10,8 @@ real spatial structure to learn from. numpy only (Pillow only to write PNG files
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 

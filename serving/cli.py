@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

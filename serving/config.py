@@ -41,7 +41,9 @@ class ServeConfig(BaseModel):
     max_queue_delay_us: int | None = Field(default=None, ge=0, description="None = from config.pbtxt")
 
     max_queue_size: int | None = Field(
-        default=None, ge=1, description="requests beyond this many queued are rejected (UNAVAILABLE); None = from config.pbtxt"
+        default=None,
+        ge=1,
+        description="requests beyond this many queued are rejected (UNAVAILABLE); None = from config.pbtxt",
     )
     request_timeout_ms: int | None = Field(
         default=None, ge=1, description="a request still queued after this long is rejected; None = from config.pbtxt"
@@ -74,7 +76,7 @@ class ServeConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ServeConfig":
+    def _consistent(self) -> ServeConfig:
         if self.max_batch_size and self.preferred_batch_sizes and max(self.preferred_batch_sizes) > self.max_batch_size:
             raise ValueError(
                 f"preferred_batch_sizes {self.preferred_batch_sizes} exceed max_batch_size {self.max_batch_size}"

@@ -28,9 +28,9 @@ import signal
 import socket
 import sysconfig
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Callable
 
 import numpy as np
 from google.protobuf import text_format
@@ -142,7 +142,7 @@ class EmbeddedServer:
         return f"http://{self.cfg.host}:{self._port(2)}/metrics"
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "EmbeddedServer":
+    def start(self) -> EmbeddedServer:
         """Load the model, start tritonserver, and return once the model is ready to infer."""
         if self._triton is not None:
             raise ServingError("the embedded server is already running")
@@ -206,7 +206,7 @@ class EmbeddedServer:
     def is_alive(self) -> bool:
         return self._triton is not None and self._triton.is_alive()
 
-    def serve_forever(self, on_ready: Callable[["EmbeddedServer"], None] | None = None, poll_s: float = 1.0) -> None:
+    def serve_forever(self, on_ready: Callable[[EmbeddedServer], None] | None = None, poll_s: float = 1.0) -> None:
         """Start (if needed) and block until SIGINT/SIGTERM, then stop cleanly; raise if Triton dies.
 
         The signal handlers are installed before starting, so a signal that arrives while the
@@ -232,7 +232,7 @@ class EmbeddedServer:
                 signal.signal(sig, handler)
             self.stop()
 
-    def __enter__(self) -> "EmbeddedServer":
+    def __enter__(self) -> EmbeddedServer:
         return self.start()
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -11,8 +11,9 @@ PyTriton turns into an error response for that request batch while the model sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort

@@ -19,8 +19,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 import torch
@@ -44,7 +45,13 @@ TRAINING_CHECKPOINT_KIND = "neco-training-checkpoint"
 """Value of the `kind` entry that marks this project's training checkpoints."""
 
 STRIP_PREFIXES: tuple[str, ...] = (
-    "module.", "model.", "student.", "backbone.", "feature_extractor.", "encoder.", "_orig_mod.",
+    "module.",
+    "model.",
+    "student.",
+    "backbone.",
+    "feature_extractor.",
+    "encoder.",
+    "_orig_mod.",
 )
 """Wrapper prefixes (DDP, Lightning, NeCo's student/backbone modules, torch.compile) removed
 from checkpoint keys until a backbone key remains."""

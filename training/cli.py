@@ -15,7 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `train` to the `neco` console script."""
     from neco.training.run_args import add_train_arguments
 
-    parser = subparsers.add_parser("train", help="NeCo post-pretraining of a DINOv2 backbone",
-                                   description="NeCo post-pretraining of a DINOv2 backbone")
+    parser = subparsers.add_parser(
+        "train",
+        help="NeCo post-pretraining of a DINOv2 backbone",
+        description="NeCo post-pretraining of a DINOv2 backbone",
+    )
     add_train_arguments(parser)
     parser.set_defaults(handler=_handle)

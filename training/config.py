@@ -7,8 +7,9 @@ the key, through `neco.config.load_config`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -52,7 +53,7 @@ class ModelSection(_Section):
         return value
 
     @model_validator(mode="after")
-    def _blocks(self) -> "ModelSection":
+    def _blocks(self) -> ModelSection:
         depth = arch_spec(self.arch).depth
         if self.train_last_blocks is not None and self.train_last_blocks > depth:
             raise ValueError(f"train_last_blocks={self.train_last_blocks} exceeds the depth {depth} of {self.arch}")
@@ -69,7 +70,7 @@ class DataSection(_Section):
     prefetch_factor: PositiveInt = 4
 
     @model_validator(mode="after")
-    def _root(self) -> "DataSection":
+    def _root(self) -> DataSection:
         if self.kind == "folder":
             if self.root is None:
                 raise ValueError("data.root is required when data.kind is 'folder'")
@@ -143,7 +144,7 @@ class OptimSection(_Section):
     clip_grad: PositiveFloat | None = 3.0
 
     @model_validator(mode="after")
-    def _length(self) -> "OptimSection":
+    def _length(self) -> OptimSection:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of optim.steps and optim.epochs")
         return self
@@ -175,7 +176,7 @@ class TrainConfig(_Section):
     runtime: RuntimeSection = RuntimeSection()
 
     @model_validator(mode="after")
-    def _cross(self) -> "TrainConfig":
+    def _cross(self) -> TrainConfig:
         if self.crops.global_size < self.crops.local_size:
             raise ValueError(f"crops.global_size {self.crops.global_size} < crops.local_size {self.crops.local_size}")
         return self

@@ -8,8 +8,8 @@ uninterrupted run would have seen, with any number of workers, on any number of 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -104,7 +104,9 @@ class NeCoDataset(Dataset):
                 skipped += 1
                 index = (index + 1) % len(self.source)
         else:
-            raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images ending at {self.source.describe(index)}")
+            raise DataError(
+                f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images ending at {self.source.describe(index)}"
+            )
         sample = self.views(image, seed)
         sample["skipped"] = torch.tensor(skipped)
         return sample
@@ -119,7 +121,9 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     batch), so it never depends on workers or on where a run was resumed.
     """
 
-    def __init__(self, length: int, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, length: int, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.global_batch = batch_size * world_size
         if length < self.global_batch:
             raise DataError(f"dataset has {length} images, fewer than one global batch ({self.global_batch})")

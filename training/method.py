@@ -46,7 +46,9 @@ class NeCoNet(nn.Module):
         if self.keep_registers or bb.reg_token is None:
             return bb._pos_embed(x), bb.num_prefix_tokens, h, w
         # Register models are `no_embed_class`: position embeddings cover patches only.
-        pos = resample_abs_pos_embed(bb.pos_embed, new_size=(h, w), old_size=bb.patch_embed.grid_size, num_prefix_tokens=0)
+        pos = resample_abs_pos_embed(
+            bb.pos_embed, new_size=(h, w), old_size=bb.patch_embed.grid_size, num_prefix_tokens=0
+        )
         x = x.reshape(batch, h * w, dim) + pos
         return torch.cat([bb.cls_token.expand(batch, -1, -1), x], dim=1), 1, h, w
 
@@ -91,7 +93,9 @@ def attention_foreground(block: nn.Module, x: Tensor, prefix: int, threshold: fl
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def roi_grid(maps: Tensor, boxes: Tensor, flips: Tensor, size: int = 7, spatial_scale: float = 1.0 / PATCH_SIZE) -> Tensor:
+def roi_grid(
+    maps: Tensor, boxes: Tensor, flips: Tensor, size: int = 7, spatial_scale: float = 1.0 / PATCH_SIZE
+) -> Tensor:
     """ROI-align `maps` [B, D, h, w] over pixel boxes [B, 4] to [B, size*size, D].
 
     Boxes are in the crop's pixel coordinates; a patch map has one cell per 14-px patch, hence
@@ -158,7 +162,9 @@ class NeCoLoss(nn.Module):
         # All pairs go through the sorter in one call each for teacher and student: the
         # sorting network is launch-bound at these sizes, so batching is what makes it cheap.
         with torch.no_grad():
-            t = torch.cat([roi_grid(teacher_maps[g].detach(), boxes[:, g, v, 0], flips[:, g], self.grid_size) for g, v in pairs])
+            t = torch.cat(
+                [roi_grid(teacher_maps[g].detach(), boxes[:, g, v, 0], flips[:, g], self.grid_size) for g, v in pairs]
+            )
             refs = torch.cat([references[g].detach() for g, _ in pairs])
             target = self._order(self.teacher_sorter, t, refs)
         s = torch.cat([roi_grid(student_maps[v], boxes[:, g, v, 1], flips[:, v], self.grid_size) for g, v in pairs])
@@ -168,7 +174,9 @@ class NeCoLoss(nn.Module):
         losses = [self._reduce(per_pair[i], g, v, boxes, flips, teacher_fg) for i, (g, v) in enumerate(pairs)]
         return torch.stack(losses).mean()
 
-    def _reduce(self, per_patch: Tensor, g: int, v: int, boxes: Tensor, flips: Tensor, fg: list[Tensor] | None) -> Tensor:
+    def _reduce(
+        self, per_patch: Tensor, g: int, v: int, boxes: Tensor, flips: Tensor, fg: list[Tensor] | None
+    ) -> Tensor:
         if self.mask_mode == "all" or fg is None:
             return per_patch.mean()
         with torch.no_grad():

@@ -39,7 +39,9 @@ class Schedule:
     def weight_decay_at(self, step: int) -> float:
         """Cosine from `weight_decay` to `weight_decay_end`."""
         progress = min(step / max(self.total_steps, 1), 1.0)
-        return self.weight_decay_end + (self.weight_decay - self.weight_decay_end) * (1 + math.cos(math.pi * progress)) / 2
+        return (
+            self.weight_decay_end + (self.weight_decay - self.weight_decay_end) * (1 + math.cos(math.pi * progress)) / 2
+        )
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -54,14 +56,16 @@ def param_groups(backbone: nn.Module, head: nn.Module, schedule: Schedule) -> li
         for decay in (True, False):
             params = [p for n, p in named if _decays(n, p) == decay]
             if params:
-                groups.append({
-                    "name": f"{part}{'' if decay else '_no_decay'}",
-                    "params": params,
-                    "base_lr": lr,
-                    "lr": lr,
-                    "apply_decay": decay,
-                    "weight_decay": schedule.weight_decay if decay else 0.0,
-                })
+                groups.append(
+                    {
+                        "name": f"{part}{'' if decay else '_no_decay'}",
+                        "params": params,
+                        "base_lr": lr,
+                        "lr": lr,
+                        "apply_decay": decay,
+                        "weight_decay": schedule.weight_decay if decay else 0.0,
+                    }
+                )
     if not groups:
         raise ValueError("no trainable parameters: the backbone and head are entirely frozen")
     return groups

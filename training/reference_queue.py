@@ -7,7 +7,7 @@ Until a queue is full, references are a shuffled draw of patches from the curren
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

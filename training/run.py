@@ -18,7 +18,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
@@ -29,8 +29,8 @@ from neco.training.backbone import save_artefact
 from neco.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from neco.training.config import TrainConfig, load_train_config
 from neco.training.data import ImageFolderSource, NeCoDataset, ResumableBatchSampler, SceneSource, make_loader
-from neco.training.run_args import add_train_arguments
 from neco.training.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
+from neco.training.run_args import add_train_arguments
 from neco.training.trainer import Trainer
 from neco.training.views import MultiCropViews, ViewSpec
 
@@ -52,9 +52,17 @@ def resolve_device(choice: str) -> torch.device:
 
 def build_dataset(cfg: TrainConfig) -> NeCoDataset:
     c = cfg.crops
-    spec = ViewSpec(c.global_size, c.local_size, c.num_local, c.global_scale, c.local_scale,
-                    min_intersection=c.min_intersection, flip_p=c.flip_p,
-                    jitter_strength=c.jitter_strength, blur_strength=c.blur_strength)
+    spec = ViewSpec(
+        c.global_size,
+        c.local_size,
+        c.num_local,
+        c.global_scale,
+        c.local_scale,
+        min_intersection=c.min_intersection,
+        flip_p=c.flip_p,
+        jitter_strength=c.jitter_strength,
+        blur_strength=c.blur_strength,
+    )
     d = cfg.data
     if d.kind == "folder":
         assert d.root is not None
@@ -95,8 +103,9 @@ def train(cfg: TrainConfig, resume: bool | str | Path = False, stop_at: int | No
         shutdown(dist_info)
 
 
-def _train(cfg: TrainConfig, resume: bool | str | Path, device: torch.device, dist_info: DistInfo,
-           stop_at: int | None) -> Path:
+def _train(
+    cfg: TrainConfig, resume: bool | str | Path, device: torch.device, dist_info: DistInfo, stop_at: int | None
+) -> Path:
     state = _resume_state(cfg, resume)
     dataset = build_dataset(cfg)
     total = cfg.total_steps(len(dataset), dist_info.world_size)
@@ -106,17 +115,35 @@ def _train(cfg: TrainConfig, resume: bool | str | Path, device: torch.device, di
     if state is not None:
         trainer.load_state_dict(state)
     accumulation = cfg.optim.accumulation
-    sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed, start_step=trainer.step * accumulation,
-                                    rank=dist_info.rank, world_size=dist_info.world_size)
-    loader = iter(make_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                              prefetch_factor=cfg.data.prefetch_factor))
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        cfg.optim.batch_size,
+        seed=cfg.seed,
+        start_step=trainer.step * accumulation,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
+    loader = iter(
+        make_loader(
+            dataset,
+            sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=cfg.data.prefetch_factor,
+        )
+    )
     writer = None
     if dist_info.is_main and cfg.runtime.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(cfg.output_dir / "tensorboard"), purge_step=trainer.step)
-    bar = tqdm(total=total, initial=trainer.step, disable=not (dist_info.is_main and cfg.runtime.progress),
-               desc="neco train", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=trainer.step,
+        disable=not (dist_info.is_main and cfg.runtime.progress),
+        desc="neco train",
+        dynamic_ncols=True,
+    )
     images_per_step = cfg.optim.batch_size * accumulation * dist_info.world_size
     skipped, tick = 0, time.perf_counter()
     checkpoints = cfg.output_dir / CHECKPOINT_DIR

@@ -38,7 +38,12 @@ from neco.training.sorting_kernels import LayerView, soft_permutation
 Network = Literal["bitonic", "odd_even"]
 NETWORKS: tuple[str, ...] = ("bitonic", "odd_even")
 DISTRIBUTIONS: tuple[str, ...] = (
-    "cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal",
+    "cauchy",
+    "logistic",
+    "logistic_phi",
+    "gaussian",
+    "reciprocal",
+    "optimal",
 )
 DEFAULT_DISTRIBUTION = "cauchy"  # diffsort.DiffSortNet's default, used by the NeCo recipe
 
@@ -150,8 +155,9 @@ def _mix_values(xa: torch.Tensor, xb: torch.Tensor, alpha: torch.Tensor):
     return grad_min + (val_min - grad_min).detach(), grad_max + (val_max - grad_max).detach()
 
 
-def _validate(x: torch.Tensor, network: str, steepness: float, art_lambda: float,
-              distribution: str, check_finite: bool) -> None:
+def _validate(
+    x: torch.Tensor, network: str, steepness: float, art_lambda: float, distribution: str, check_finite: bool
+) -> None:
     if network not in NETWORKS:
         raise SortingConfigError(f"network must be one of {NETWORKS}, got {network!r}")
     if distribution not in DISTRIBUTIONS:
@@ -163,9 +169,7 @@ def _validate(x: torch.Tensor, network: str, steepness: float, art_lambda: float
     if not isinstance(x, torch.Tensor):
         raise SortingInputError(f"soft_sort expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise SortingInputError(
-            f"soft_sort expects a tensor of shape [..., n] with n >= 1, got shape {tuple(x.shape)}"
-        )
+        raise SortingInputError(f"soft_sort expects a tensor of shape [..., n] with n >= 1, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise SortingInputError(f"soft_sort expects a floating-point tensor, got {x.dtype}")
     if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
@@ -238,11 +242,17 @@ class SoftSorter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return soft_sort(
-            x, network=self.network, steepness=self.steepness, art_lambda=self.art_lambda,
-            distribution=self.distribution, check_finite=self.check_finite,
+            x,
+            network=self.network,
+            steepness=self.steepness,
+            art_lambda=self.art_lambda,
+            distribution=self.distribution,
+            check_finite=self.check_finite,
             chunk_rows=self.chunk_rows,
         )
 
     def extra_repr(self) -> str:
-        return (f"network={self.network!r}, steepness={self.steepness}, "
-                f"art_lambda={self.art_lambda}, distribution={self.distribution!r}")
+        return (
+            f"network={self.network!r}, steepness={self.steepness}, "
+            f"art_lambda={self.art_lambda}, distribution={self.distribution!r}"
+        )

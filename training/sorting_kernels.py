@@ -73,8 +73,16 @@ class _Workspace:
     Python time than a cache-sized chunk's arithmetic, so they are built once per call.
     """
 
-    def __init__(self, layers: tuple[LayerView, ...], wires: int, n: int, rows: int,
-                 max_pairs: int, like: torch.Tensor, backward: bool) -> None:
+    def __init__(
+        self,
+        layers: tuple[LayerView, ...],
+        wires: int,
+        n: int,
+        rows: int,
+        max_pairs: int,
+        like: torch.Tensor,
+        backward: bool,
+    ) -> None:
         kw = {"dtype": like.dtype, "device": like.device}
         self.rows, self.pad, self.n, self.wires = rows, wires - n, n, wires
         self.eye = torch.eye(wires, **kw).unsqueeze(-1).expand(wires, wires, rows)
@@ -161,7 +169,11 @@ class PairMixPermutation(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, q_all: torch.Tensor, layers: tuple[LayerView, ...], wires: int, n: int,
+        ctx,
+        q_all: torch.Tensor,
+        layers: tuple[LayerView, ...],
+        wires: int,
+        n: int,
         chunk_rows: int | None,
     ) -> torch.Tensor:
         rows = q_all.shape[0]
@@ -215,7 +227,10 @@ class PairMixPermutation(torch.autograd.Function):
 
 
 def soft_permutation(
-    q_all: torch.Tensor, layers: tuple[LayerView, ...], wires: int, n: int,
+    q_all: torch.Tensor,
+    layers: tuple[LayerView, ...],
+    wires: int,
+    n: int,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Apply :class:`PairMixPermutation` (see there for the conventions)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,9 @@ def build_student(cfg: TrainConfig) -> NeCoNet:
 class Trainer:
     """Student/teacher/queue/optimiser for one run on one rank."""
 
-    def __init__(self, cfg: TrainConfig, total_steps: int, device: torch.device, dist_info: DistInfo = DistInfo()) -> None:
+    def __init__(
+        self, cfg: TrainConfig, total_steps: int, device: torch.device, dist_info: DistInfo = DistInfo()
+    ) -> None:
         self.cfg, self.total_steps, self.device, self.dist = cfg, total_steps, device, dist_info
         self.step = 0
         self.timer: PhaseTimer | None = None
@@ -71,20 +74,37 @@ class Trainer:
         self.teacher = make_teacher(self.model)
         method = cfg.method
         self.loss_fn = NeCoLoss(
-            SoftSorter(method.sort_network, steepness=method.student_steepness, art_lambda=method.art_lambda,
-                       distribution=method.distribution, check_finite=False),
-            SoftSorter(method.sort_network, steepness=method.teacher_steepness, art_lambda=method.art_lambda,
-                       distribution=method.distribution, check_finite=False),
-            similarity=method.similarity, grid_size=method.grid_size, mask_mode=method.mask_mode,
+            SoftSorter(
+                method.sort_network,
+                steepness=method.student_steepness,
+                art_lambda=method.art_lambda,
+                distribution=method.distribution,
+                check_finite=False,
+            ),
+            SoftSorter(
+                method.sort_network,
+                steepness=method.teacher_steepness,
+                art_lambda=method.art_lambda,
+                distribution=method.distribution,
+                check_finite=False,
+            ),
+            similarity=method.similarity,
+            grid_size=method.grid_size,
+            mask_mode=method.mask_mode,
         )
         self.queue = ReferenceQueue(2, method.queue_length, cfg.model.head_out_dim, device)
         o = cfg.optim
-        self.schedule = Schedule(total_steps, o.backbone_lr, o.head_lr, o.warmup_steps, o.min_lr_ratio,
-                                 o.weight_decay, o.weight_decay_end)
-        self.optimizer = build_optimizer(self.model.backbone, self.model.head, self.schedule, fused=device.type == "cuda")
+        self.schedule = Schedule(
+            total_steps, o.backbone_lr, o.head_lr, o.warmup_steps, o.min_lr_ratio, o.weight_decay, o.weight_decay_end
+        )
+        self.optimizer = build_optimizer(
+            self.model.backbone, self.model.head, self.schedule, fused=device.type == "cuda"
+        )
         self.student: nn.Module = self.model
         if dist_info.enabled:
-            self.student = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.student = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         if cfg.runtime.compile:
             self.student = torch.compile(self.student)
             self.teacher_forward = torch.compile(self.teacher.encode)
@@ -121,12 +141,15 @@ class Trainer:
         teacher_patches = [t.flatten(2).transpose(1, 2) for t in teacher_views]  # [B, hw, D]
         references = [self.queue.references(g, teacher_patches[g], method.num_references) for g in range(2)]
         with self._phase("sorter"), self._autocast():
-            loss = self.loss_fn(student_views, teacher_views, boxes, flips, references,
-                                None if fg is None else list(fg.chunk(2)))
+            loss = self.loss_fn(
+                student_views, teacher_views, boxes, flips, references, None if fg is None else list(fg.chunk(2))
+            )
         with self._phase("backward"):
             (loss * scale).backward()
         for g in range(2):
-            self.queue.push_from(g, teacher_patches[g], method.queue_push_per_image, lambda t: all_gather_cat(t, self.dist))
+            self.queue.push_from(
+                g, teacher_patches[g], method.queue_push_per_image, lambda t: all_gather_cat(t, self.dist)
+            )
         return loss.detach()
 
     def train_step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
@@ -145,11 +168,17 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            momentum = momentum_at(self.step, self.total_steps, self.cfg.method.teacher_momentum,
-                                   self.cfg.method.teacher_momentum_end)
+            momentum = momentum_at(
+                self.step, self.total_steps, self.cfg.method.teacher_momentum, self.cfg.method.teacher_momentum_end
+            )
             ema_update(self.teacher, self.model, momentum)
-        return {"loss": float(torch.stack(losses).mean()), "lr": lr, "momentum": momentum,
-                "grad_norm": float(grad_norm), "queue_full": float(self.queue.full(0))}
+        return {
+            "loss": float(torch.stack(losses).mean()),
+            "lr": lr,
+            "momentum": momentum,
+            "grad_norm": float(grad_norm),
+            "queue_full": float(self.queue.full(0)),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to resume: weights, optimiser, queue, step, per-rank RNG states."""

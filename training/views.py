@@ -66,7 +66,9 @@ def _rand(gen: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
     return low + (high - low) * torch.rand((), generator=gen).item()
 
 
-def sample_crop(gen: torch.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]) -> Box:
+def sample_crop(
+    gen: torch.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> Box:
     """RandomResizedCrop's box distribution (area fraction in `scale`, log-uniform aspect)."""
     area = height * width
     for _ in range(10):
@@ -117,7 +119,9 @@ def sample_layout(gen: torch.Generator, height: int, width: int, spec: ViewSpec)
                 break
         else:
             ch, cw = common[3] - common[1], common[2] - common[0]
-            box = sample_crop(gen, ch, cw, (min(1.0, spec.local_scale[1] * height * width / (ch * cw)), 1.0), spec.ratio)
+            box = sample_crop(
+                gen, ch, cw, (min(1.0, spec.local_scale[1] * height * width / (ch * cw)), 1.0), spec.ratio
+            )
             box = (box[0] + common[0], box[1] + common[1], box[2] + common[0], box[3] + common[1])
         boxes.append(box)
     return boxes
@@ -127,7 +131,9 @@ def box_in_view(region: Box, crop: Box, out_size: int, flipped: bool, canvas: tu
     """Where `region` (source pixels) lands in a crop resized to `out_size` and maybe flipped."""
     boxes = tv_tensors.BoundingBoxes(torch.tensor([region], dtype=torch.float32), format="XYXY", canvas_size=canvas)
     left, top, right, bottom = crop
-    boxes = F.resized_crop(boxes, top=top, left=left, height=bottom - top, width=right - left, size=[out_size, out_size])
+    boxes = F.resized_crop(
+        boxes, top=top, left=left, height=bottom - top, width=right - left, size=[out_size, out_size]
+    )
     if flipped:
         boxes = F.horizontal_flip(boxes)
     return boxes.as_subclass(Tensor)[0]
@@ -162,10 +168,12 @@ class MultiCropViews:
     def __init__(self, spec: ViewSpec, normalise: bool = True) -> None:
         self.spec = spec
         j = spec.jitter_strength
-        jitter = T.Compose([
-            T.RandomApply([T.ColorJitter(0.4 * j, 0.4 * j, 0.2 * j, min(0.1 * j, 0.5))], p=0.8 if j > 0 else 0.0),
-            T.RandomGrayscale(p=0.2 if j > 0 else 0.0),
-        ])
+        jitter = T.Compose(
+            [
+                T.RandomApply([T.ColorJitter(0.4 * j, 0.4 * j, 0.2 * j, min(0.1 * j, 0.5))], p=0.8 if j > 0 else 0.0),
+                T.RandomGrayscale(p=0.2 if j > 0 else 0.0),
+            ]
+        )
         blur_p = (1.0, 0.1, 0.5) if spec.blur_strength > 0 else (0.0, 0.0, 0.0)
         sigma = (0.1, max(0.1, 2.0 * spec.blur_strength))
 
@@ -178,7 +186,9 @@ class MultiCropViews:
             finish.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
         self.photometric = [
             T.Compose([jitter, blur(blur_p[0], spec.global_size), *finish]),
-            T.Compose([jitter, blur(blur_p[1], spec.global_size), T.RandomSolarize(128, p=0.2 if j > 0 else 0.0), *finish]),
+            T.Compose(
+                [jitter, blur(blur_p[1], spec.global_size), T.RandomSolarize(128, p=0.2 if j > 0 else 0.0), *finish]
+            ),
             T.Compose([jitter, blur(blur_p[2], spec.local_size), *finish]),
         ]
 

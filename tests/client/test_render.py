@@ -18,8 +18,9 @@ def test_palette_is_distinct_and_voc_compatible() -> None:
 def _result() -> tuple[SegmentationResult, np.ndarray]:
     mask = np.zeros((40, 60), dtype=np.uint8)
     mask[10:30, 20:50] = 2
-    result = SegmentationResult(mask=mask, class_names=["sky", "road", "a very long class name"],
-                                confidence=np.ones((40, 60), np.float32))
+    result = SegmentationResult(
+        mask=mask, class_names=["sky", "road", "a very long class name"], confidence=np.ones((40, 60), np.float32)
+    )
     return result, np.full((40, 60, 3), 200, dtype=np.uint8)
 
 

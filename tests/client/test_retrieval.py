@@ -22,7 +22,9 @@ def _prototype_bank(noise: float = 0.05, per_class: int = 40, seed: int = 0) -> 
     """Three classes, each a cluster around an orthogonal prototype, with one-hot soft labels."""
     rng = np.random.default_rng(seed)
     protos = np.linalg.qr(rng.standard_normal((384, 3)))[0].T.astype(np.float32)  # (3, 384) orthonormal
-    feats = np.repeat(protos, per_class, axis=0) + noise * rng.standard_normal((3 * per_class, 384)).astype(np.float32) / 20
+    feats = (
+        np.repeat(protos, per_class, axis=0) + noise * rng.standard_normal((3 * per_class, 384)).astype(np.float32) / 20
+    )
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     soft = np.repeat(np.eye(3, dtype=np.float32), per_class, axis=0)
     return MemoryBank(CONTRACT, feats, soft, ["a", "b", "c"]), protos

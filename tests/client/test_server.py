@@ -21,7 +21,7 @@ from neco.client import (
     ServerUnavailableError,
 )
 from neco.client.triton import DEFAULT_URLS
-from neco.contract import DEFAULT_MODEL_NAME, ModelContract
+from neco.contract import ModelContract
 from neco.scenes import SCENE_CLASSES, generate_scene, write_scene_dataset
 
 from .conftest import FORBIDDEN, miou
@@ -49,7 +49,9 @@ def test_contract_comes_from_the_served_config(client: NecoClient, model_reposit
     assert client.contract == ModelContract.for_arch("vit_small_patch14_reg4_dinov2")
 
 
-def test_features_match_onnxruntime_on_the_same_model(client: NecoClient, model_repository_model_dir: Path, scenes) -> None:
+def test_features_match_onnxruntime_on_the_same_model(
+    client: NecoClient, model_repository_model_dir: Path, scenes
+) -> None:
     import onnxruntime as ort
 
     image = Image.fromarray(scenes[0][0]).resize((150, 130))  # any size: resized by the policy
@@ -57,7 +59,9 @@ def test_features_match_onnxruntime_on_the_same_model(client: NecoClient, model_
     assert isinstance(dense, DenseFeatures)
     assert dense.image.original_size == (130, 150) and dense.image.size == (112, 126)
     assert dense.features.shape == (8, 9, 384) and dense.features.dtype == np.float32
-    session = ort.InferenceSession(str(model_repository_model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_repository_model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     expected = session.run(["features"], {"images": dense.image.array[None]})[0][0]
     np.testing.assert_allclose(dense.features, expected, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(dense.features, axis=-1), 1, atol=1e-4)
@@ -113,15 +117,26 @@ def test_config_without_contract_is_refused(client: NecoClient) -> None:
 
 def test_cli_end_to_end_without_torch(triton_server, tmp_path: Path) -> None:
     """`features`, `bank build`, `bank info` and `segment` in a process where torch cannot load."""
-    root = write_scene_dataset(tmp_path / "data", splits={"train": 3, "val": 1}, size=(SIZE, SIZE), num_classes=4, seed=1)
+    root = write_scene_dataset(
+        tmp_path / "data", splits={"train": 3, "val": 1}, size=(SIZE, SIZE), num_classes=4, seed=1
+    )
     query = root / "val" / "images" / "0000.png"
     server = ["--url", triton_server.http_url, "--protocol", "http", "--size", str(SIZE)]
     commands = [
         ["features", str(query), "--out", str(tmp_path / "f.npy"), "--pca", str(tmp_path / "pca.png"), *server],
         ["bank", "build", str(root / "train"), "--out", str(tmp_path / "bank"), "--fp16", *server],
         ["bank", "info", str(tmp_path / "bank")],
-        ["segment", str(query), "--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "mask.png"),
-         "--overlay", str(tmp_path / "overlay.png"), *server],
+        [
+            "segment",
+            str(query),
+            "--bank",
+            str(tmp_path / "bank"),
+            "--out",
+            str(tmp_path / "mask.png"),
+            "--overlay",
+            str(tmp_path / "overlay.png"),
+            *server,
+        ],
     ]
     script = textwrap.dedent(
         f"""

@@ -13,8 +13,16 @@ from packaging.utils import canonicalize_name
 
 from .conftest import FORBIDDEN
 
-ALLOWED_ROOTS = {"numpy": (), "pillow": (), "pydantic": (), "pyyaml": (), "tqdm": (),
-                 "tritonclient": ("http", "grpc"), "faiss-cpu": (), "neco-dense": ()}
+ALLOWED_ROOTS = {
+    "numpy": (),
+    "pillow": (),
+    "pydantic": (),
+    "pyyaml": (),
+    "tqdm": (),
+    "tritonclient": ("http", "grpc"),
+    "faiss-cpu": (),
+    "neco-dense": (),
+}
 """The client extra's packages (and this project's own torch-free core)."""
 RUNTIME_ARTEFACTS = {"cython_runtime", "swig_runtime_data5"}  # pseudo-modules made by compiled extensions
 

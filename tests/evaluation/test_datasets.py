@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from neco.contract import IGNORE_INDEX
-from neco.scenes import write_scene_dataset
 from neco.evaluation.datasets import (
     ADE20K_CLASSES,
     VOC_CLASSES,
@@ -18,6 +17,7 @@ from neco.evaluation.datasets import (
     MissingDatasetFileError,
     load_dataset,
 )
+from neco.scenes import write_scene_dataset
 
 
 def _image(path: Path, size: tuple[int, int], seed: int) -> None:
@@ -49,7 +49,9 @@ def voc_root(tmp_path: Path) -> Path:
         (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(items) + "\n")
         for i, name in enumerate(items):
             _image(base / "JPEGImages" / f"{name}.jpg", (20, 16), i)
-            _mask(base / "SegmentationClass" / f"{name}.png", _labels((16, 20), [0, 15, 20, IGNORE_INDEX]), palette=True)
+            _mask(
+                base / "SegmentationClass" / f"{name}.png", _labels((16, 20), [0, 15, 20, IGNORE_INDEX]), palette=True
+            )
     return tmp_path
 
 
@@ -123,7 +125,9 @@ def test_subset_is_seeded_fraction(tmp_path: Path) -> None:
     full = load_dataset("folder", tmp_path, "train")
     eighth = load_dataset("folder", tmp_path, "train", subset=8, seed=3)
     assert len(eighth) == 2
-    assert [s.name for s in eighth.samples] == [s.name for s in load_dataset("folder", tmp_path, "train", subset=8, seed=3).samples]
+    assert [s.name for s in eighth.samples] == [
+        s.name for s in load_dataset("folder", tmp_path, "train", subset=8, seed=3).samples
+    ]
     assert {s.name for s in eighth.samples} <= {s.name for s in full.samples}
     with pytest.raises(DatasetError, match=">= 1"):
         full.subset(0)

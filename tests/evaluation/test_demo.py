@@ -15,8 +15,12 @@ REDUCED = {
     "train_config": REPO / "configs" / "train_smoke.yaml",
     "scenes": {"train": 6, "val": 3, "size": 112, "num_classes": 3},
     "train_overrides": [
-        "optim.steps=2", "optim.batch_size=2", "data.num_workers=0", "runtime.checkpoint_every=2",
-        "runtime.tensorboard=false", "runtime.progress=false",
+        "optim.steps=2",
+        "optim.batch_size=2",
+        "data.num_workers=0",
+        "runtime.checkpoint_every=2",
+        "runtime.tensorboard=false",
+        "runtime.progress=false",
     ],
     "input_size": 56,
     "pictures": 1,
@@ -42,8 +46,13 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "model_repository" / "neco_dinov2" / "1" / "model.onnx").is_file()
     pictures = sorted((tmp_path / "pictures").glob("*.png"))
     names = {p.name for p in pictures}
-    assert {"query0_ground_truth.png", "query0_neco_start_overlay.png", "query0_neco_dinov2_overlay.png",
-            "pca_neco_start.png", "pca_neco_dinov2.png"} <= names
+    assert {
+        "query0_ground_truth.png",
+        "query0_neco_start_overlay.png",
+        "query0_neco_dinov2_overlay.png",
+        "pca_neco_start.png",
+        "pca_neco_dinov2.png",
+    } <= names
     for path in pictures:
         with Image.open(path) as image:
             image.verify()

@@ -97,10 +97,27 @@ def test_cli_on_every_layout(
     else:
         root = scene_dataset
     out = tmp_path / "report.json"
-    code = main([
-        "eval", "hummingbird", "--dataset", layout, "--data-root", str(root), "--backend", "torch",
-        "--model", str(random_artefact), "--device", "cpu", "--input-size", "56", "--out", str(out), "k=10",
-    ])
+    code = main(
+        [
+            "eval",
+            "hummingbird",
+            "--dataset",
+            layout,
+            "--data-root",
+            str(root),
+            "--backend",
+            "torch",
+            "--model",
+            str(random_artefact),
+            "--device",
+            "cpu",
+            "--input-size",
+            "56",
+            "--out",
+            str(out),
+            "k=10",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
     assert 0.0 <= report["miou"] <= 1.0 and report["config"]["k"] == 10

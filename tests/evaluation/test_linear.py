@@ -36,13 +36,36 @@ def test_head_learns_beyond_chance(random_artefact: Path, scene_dataset: Path) -
 
 def test_cli_writes_report(random_artefact: Path, scene_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "linear.json"
-    code = main([
-        "eval", "linear", "--dataset", "folder", "--data-root", str(scene_dataset), "--model", str(random_artefact),
-        "--device", "cpu", "--input-size", "56", "--epochs", "1", "--train-subset", "4", "--out", str(out),
-    ])
+    code = main(
+        [
+            "eval",
+            "linear",
+            "--dataset",
+            "folder",
+            "--data-root",
+            str(scene_dataset),
+            "--model",
+            str(random_artefact),
+            "--device",
+            "cpu",
+            "--input-size",
+            "56",
+            "--epochs",
+            "1",
+            "--train-subset",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
-    assert report["protocol"] == "linear" and 0.0 <= report["miou"] <= 1.0 and report["num_val"] == 6 and report["num_train"] == 3
+    assert (
+        report["protocol"] == "linear"
+        and 0.0 <= report["miou"] <= 1.0
+        and report["num_val"] == 6
+        and report["num_train"] == 3
+    )
 
 
 def test_config_rejects_bad_values(scene_dataset: Path) -> None:

@@ -95,8 +95,11 @@ def test_opset_23_exports_one_attention_node_per_block_with_parity(export_source
     from neco.export.onnx_export import DenseFeatureModel, export_onnx
 
     contract = ModelContract.for_arch("vit_small_patch14_reg4_dinov2")
-    path = export_onnx(DenseFeatureModel(export_source_model, contract), tmp_path / "opset23.onnx",
-                       OnnxSettings(simplify=False, opset=23))
+    path = export_onnx(
+        DenseFeatureModel(export_source_model, contract),
+        tmp_path / "opset23.onnx",
+        OnnxSettings(simplify=False, opset=23),
+    )
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("Attention") == 12 and "Softmax" not in ops
     session = ort_session(path)

@@ -40,10 +40,22 @@ def reuse_fixture_onnx(monkeypatch, model_repository_model_dir):
 
 def test_cli_exports_training_artefact_as_int8_with_parity_report(artefact, tmp_path, capsys, reuse_fixture_onnx):
     repo = tmp_path / "repo"
-    code = main([
-        "export", "onnx", "--config", "configs/export_onnx.yaml", "--source", str(artefact), "--out", str(repo),
-        "--precision", "int8", "parity.sizes=[[112, 84], [70, 126]]", "parity.batch_sizes=[2]",
-    ])
+    code = main(
+        [
+            "export",
+            "onnx",
+            "--config",
+            "configs/export_onnx.yaml",
+            "--source",
+            str(artefact),
+            "--out",
+            str(repo),
+            "--precision",
+            "int8",
+            "parity.sizes=[[112, 84], [70, 126]]",
+            "parity.batch_sizes=[2]",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     model_dir = repo / "neco_dinov2"

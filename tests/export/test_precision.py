@@ -85,7 +85,9 @@ def test_calibration_reader_reads_user_images_resized(tmp_path):
 
     for i, size in enumerate([(50, 40), (300, 200), (224, 224)]):
         Image.fromarray(np.full((size[1], size[0], 3), i * 60, np.uint8)).save(tmp_path / f"{i}.png")
-    reader = ImageCalibrationReader(QuantizationSettings(calibration_dir=tmp_path, calibration_images=2, calibration_size=(112, 84)))
+    reader = ImageCalibrationReader(
+        QuantizationSettings(calibration_dir=tmp_path, calibration_images=2, calibration_size=(112, 84))
+    )
     batches = [reader.get_next() for _ in range(3)]
     assert [b[INPUT_IMAGES].shape for b in batches[:2]] == [(1, 112, 84, 3)] * 2
     assert batches[0][INPUT_IMAGES].dtype == np.uint8 and batches[2] is None
@@ -97,4 +99,3 @@ def test_calibration_dir_without_images_is_an_error(tmp_path):
     reader = ImageCalibrationReader(QuantizationSettings(calibration_dir=tmp_path))
     with pytest.raises(ExportError, match="holds no .png/.jpg images"):
         reader.get_next()
-

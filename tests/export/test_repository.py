@@ -22,8 +22,14 @@ CONTRACT = ModelContract.for_arch("vit_base_patch14_reg4_dinov2", training_hash=
 
 SETTINGS = [
     ("onnxruntime", TritonSettings()),
-    ("onnxruntime", TritonSettings(instance_kind="KIND_CPU", instance_count=3, max_batch_size=1, preferred_batch_sizes=[1])),
-    ("tensorrt", TritonSettings(instance_kind="KIND_GPU", gpus=[0, 1], max_batch_size=32, preferred_batch_sizes=[8, 32])),
+    (
+        "onnxruntime",
+        TritonSettings(instance_kind="KIND_CPU", instance_count=3, max_batch_size=1, preferred_batch_sizes=[1]),
+    ),
+    (
+        "tensorrt",
+        TritonSettings(instance_kind="KIND_GPU", gpus=[0, 1], max_batch_size=32, preferred_batch_sizes=[8, 32]),
+    ),
 ]
 
 

@@ -31,8 +31,13 @@ META = EngineMetadata(
 def test_engine_name_encodes_gpu_tensorrt_version_profile_and_precision():
     name = engine_name(META)
     assert name == "neco_dinov2__NVIDIA-H100-80GB-HBM3_sm90__trt10.3.0__b1x224x224-4x448x448-8x896x896__fp16.plan"
-    for changed in ({"gpu_name": "NVIDIA A100"}, {"tensorrt_version": "10.4.0"}, {"max_shape": (16, 896, 896)},
-                    {"precision": "bf16"}, {"compute_capability": "8.0"}):
+    for changed in (
+        {"gpu_name": "NVIDIA A100"},
+        {"tensorrt_version": "10.4.0"},
+        {"max_shape": (16, 896, 896)},
+        {"precision": "bf16"},
+        {"compute_capability": "8.0"},
+    ):
         assert engine_name(META.model_copy(update=changed)) != name
 
 
@@ -53,7 +58,9 @@ def test_matching_engine_is_accepted(tmp_path):
     verify_engine(_engine(tmp_path), META)
 
 
-@pytest.mark.parametrize("field,value", [("gpu_name", "NVIDIA L4"), ("tensorrt_version", "10.0.1"), ("opt_shape", (2, 448, 448))])
+@pytest.mark.parametrize(
+    "field,value", [("gpu_name", "NVIDIA L4"), ("tensorrt_version", "10.0.1"), ("opt_shape", (2, 448, 448))]
+)
 def test_engine_for_another_setup_is_refused(tmp_path, field, value):
     path = _engine(tmp_path)
     expected = META.model_copy(update={field: value})
@@ -75,20 +82,36 @@ def test_engine_without_or_with_broken_metadata_is_refused(tmp_path):
 
 
 def test_trtexec_command_carries_profile_precision_and_cache(tmp_path):
-    settings = TensorRTSettings(min_shape=(1, 224, 224), opt_shape=(4, 448, 336), max_shape=(8, 896, 672),
-                                fp16=True, bf16=True, workspace_gib=2, timing_cache=tmp_path / "t.cache")
+    settings = TensorRTSettings(
+        min_shape=(1, 224, 224),
+        opt_shape=(4, 448, 336),
+        max_shape=(8, 896, 672),
+        fp16=True,
+        bf16=True,
+        workspace_gib=2,
+        timing_cache=tmp_path / "t.cache",
+    )
     command = trtexec_command(tmp_path / "model.onnx", tmp_path / "model.plan", settings)
     assert command[0] == "trtexec"
     assert f"--onnx={tmp_path / 'model.onnx'}" in command
     assert "--minShapes=images:1x224x224x3" in command
     assert "--optShapes=images:4x448x336x3" in command
     assert "--maxShapes=images:8x896x672x3" in command
-    assert {"--fp16", "--bf16", "--memPoolSize=workspace:2048", f"--timingCacheFile={tmp_path / 't.cache'}"} <= set(command)
+    assert {"--fp16", "--bf16", "--memPoolSize=workspace:2048", f"--timingCacheFile={tmp_path / 't.cache'}"} <= set(
+        command
+    )
 
 
 def test_trtexec_command_refuses_bad_profile(tmp_path):
-    bad = TensorRTSettings.model_construct(min_shape=(1, 224, 224), opt_shape=(4, 450, 448), max_shape=(8, 896, 896),
-                                           fp16=True, bf16=False, workspace_gib=1.0, timing_cache=None)
+    bad = TensorRTSettings.model_construct(
+        min_shape=(1, 224, 224),
+        opt_shape=(4, 450, 448),
+        max_shape=(8, 896, 896),
+        fp16=True,
+        bf16=False,
+        workspace_gib=1.0,
+        timing_cache=None,
+    )
     with pytest.raises(ProfileError, match="multiples of the patch size"):
         trtexec_command(tmp_path / "m.onnx", tmp_path / "m.plan", bad)
 
@@ -96,8 +119,20 @@ def test_trtexec_command_refuses_bad_profile(tmp_path):
 def test_cli_prints_trtexec_command(tmp_path, capsys):
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"x")
-    code = main(["export", "trtexec", "--config", "configs/export_tensorrt.yaml", "--onnx", str(onnx_path),
-                 "--engine", str(tmp_path / "model.plan"), "fp16=false", "max_shape=[8, 448, 448]"])
+    code = main(
+        [
+            "export",
+            "trtexec",
+            "--config",
+            "configs/export_tensorrt.yaml",
+            "--onnx",
+            str(onnx_path),
+            "--engine",
+            str(tmp_path / "model.plan"),
+            "fp16=false",
+            "max_shape=[8, 448, 448]",
+        ]
+    )
     assert code == 0
     command = shlex.split(capsys.readouterr().out)
     assert "--maxShapes=images:8x448x448x3" in command and "--fp16" not in command
@@ -113,8 +148,18 @@ def test_tensorrt_export_fails_fast_where_it_cannot_run(tmp_path, capsys):
         pytest.skip("tensorrt and a GPU are available here; the fail-fast path does not apply")
     except ExportError:
         pass
-    code = main(["export", "tensorrt", "--config", "configs/export_tensorrt.yaml", "--source", str(tmp_path / "never-read"),
-                 "--out", str(tmp_path / "repo")])
+    code = main(
+        [
+            "export",
+            "tensorrt",
+            "--config",
+            "configs/export_tensorrt.yaml",
+            "--source",
+            str(tmp_path / "never-read"),
+            "--out",
+            str(tmp_path / "repo"),
+        ]
+    )
     assert code == 1
     assert "backend tensorrt needs" in capsys.readouterr().err
     assert list((tmp_path / "repo").iterdir()) == []
@@ -133,9 +178,18 @@ def test_engine_build_and_parity_against_onnxruntime(request, tmp_path):
     from neco.export.tensorrt import build_and_check_engine, load_engine, read_sidecar
 
     onnx_path = model_repository_model_dir / "1" / "model.onnx"
-    cfg = ExportConfig(source="fixture", backend="tensorrt", tensorrt={
-        "min_shape": [1, 224, 196], "opt_shape": [2, 224, 224], "max_shape": [8, 448, 448], "fp16": False,
-        "timing_cache": str(tmp_path / "timing.cache"), "engine_cache_dir": str(tmp_path / "engines")})
+    cfg = ExportConfig(
+        source="fixture",
+        backend="tensorrt",
+        tensorrt={
+            "min_shape": [1, 224, 196],
+            "opt_shape": [2, 224, 224],
+            "max_shape": [8, 448, 448],
+            "fp16": False,
+            "timing_cache": str(tmp_path / "timing.cache"),
+            "engine_cache_dir": str(tmp_path / "engines"),
+        },
+    )
     files, report = build_and_check_engine(onnx_path, ort_session(onnx_path), cfg, tmp_path)
     assert report["parity_vs_onnxruntime"]["max_abs_diff"] <= 1e-3
     assert (tmp_path / "timing.cache").stat().st_size > 0

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -16,7 +16,9 @@ def reference_features(model_repository_model_dir: Path) -> Callable[[np.ndarray
     """Run the exported model.onnx directly with onnxruntime (no Triton, no neco.serving code)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_repository_model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_repository_model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(OUTPUTS, session.run(list(OUTPUTS), {INPUT_IMAGES: images})))

@@ -120,7 +120,9 @@ def test_every_mount_and_build_input_exists_or_is_prepared(services):
             source = Path(mount["source"])
             assert source == REPO or REPO in source.parents, f"{name} mounts {source} from outside the repo"
             produced_here = not mount.get("read_only") and mount.get("bind", {}).get("create_host_path")
-            assert source.exists() or source in prepared or produced_here, f"{name}: {source} neither exists nor is prepared"
+            assert source.exists() or source in prepared or produced_here, (
+                f"{name}: {source} neither exists nor is prepared"
+            )
         if "build" in service:
             context = Path(service["build"]["context"])
             assert (context / service["build"]["dockerfile"]).is_file()
@@ -146,7 +148,9 @@ def test_prepare_script_skips_an_already_prepared_repository(tmp_path):
     (model_dir / "config.pbtxt").write_text('backend: "onnxruntime"\ninstance_group { kind: KIND_CPU }\n')
     env = {"PATH": os.environ["PATH"], "NECO_SOURCE": "unused", "NECO_REPOSITORY": str(tmp_path),
            "NECO_BACKEND": "onnxruntime", "NECO_INSTANCE_KIND": "KIND_CPU"}  # fmt: skip
-    result = subprocess.run(["bash", str(REPO / "serving" / "prepare.sh")], env=env, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", str(REPO / "serving" / "prepare.sh")], env=env, cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0 and "nothing to do" in result.stderr
     bad = subprocess.run(["bash", str(REPO / "serving" / "prepare.sh")], env={**env, "NECO_BACKEND": "tensorflow"},
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip

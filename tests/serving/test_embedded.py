@@ -64,7 +64,9 @@ def test_served_config_matches_export(triton_server, model_repository_model_dir,
 
         client = httpclient.InferenceServerClient(triton_server.http_url)
         served = json_format.ParseDict(
-            client.get_model_config(triton_server.model_name), model_config_pb2.ModelConfig(), ignore_unknown_fields=True
+            client.get_model_config(triton_server.model_name),
+            model_config_pb2.ModelConfig(),
+            ignore_unknown_fields=True,
         )
     client.close()
 
@@ -130,7 +132,11 @@ MALFORMED = {
     "wrong rank": (np.zeros((1, 28, 28), np.uint8), "UINT8", "unexpected shape for input 'images'"),
     "not RGB": (np.zeros((1, 28, 28, 4), np.uint8), "UINT8", "unexpected shape for input 'images'"),
     "H not a multiple of 14": (np.zeros((1, 30, 28, 3), np.uint8), "UINT8", "MalformedRequestError: images: height 30"),
-    "W not a multiple of 14": (np.zeros((2, 28, 20, 3), np.uint8), "UINT8", "MalformedRequestError: images: height 28 and width 20"),
+    "W not a multiple of 14": (
+        np.zeros((2, 28, 20, 3), np.uint8),
+        "UINT8",
+        "MalformedRequestError: images: height 28 and width 20",
+    ),
     "empty batch": (np.zeros((0, 28, 28, 3), np.uint8), "UINT8", "input byte size mismatch for input 'images'"),
 }
 

@@ -8,8 +8,8 @@ hanging, and the server then serves normally again.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import pytest

@@ -12,7 +12,13 @@ import pytest
 from neco.config import ConfigError, load_config
 from neco.serving.config import ServeConfig
 from neco.serving.embedded import ensure_stub_library_path, find_model_version, pick_free_ports
-from neco.serving.runtime import MalformedRequestError, ModelLoadError, OnnxFeatureRunner, resolve_providers, validate_images
+from neco.serving.runtime import (
+    MalformedRequestError,
+    ModelLoadError,
+    OnnxFeatureRunner,
+    resolve_providers,
+    validate_images,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +70,9 @@ def test_runner_batches_requests_of_mixed_sizes(model_repository_model_dir, refe
 
     runner = OnnxFeatureRunner(model_repository_model_dir / "1" / "model.onnx", intra_op_threads=1)
     rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(1, 28, 28, 3), (2, 28, 42, 3), (2, 28, 28, 3)]]
+    batches = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(1, 28, 28, 3), (2, 28, 42, 3), (2, 28, 28, 3)]
+    ]
     responses = runner([Request(data={"images": b}) for b in batches])
     assert len(responses) == 3
     for batch, response in zip(batches, responses):
@@ -144,14 +152,17 @@ def copy_model_dir(source: Path, root: Path, edit=None) -> Path:
         (lambda cfg: cfg.parameters.clear(), ["model.onnx"], "ValueError", "lack 'neco_arch'"),
         (lambda cfg: setattr(cfg.output[0], "data_type", 10), ["model.onnx"], "ModelLoadError", "must be TYPE_FP32"),
         (lambda cfg: setattr(cfg, "max_batch_size", 0), ["model.onnx"], "ModelLoadError", "max_batch_size"),
-        (lambda cfg: cfg.output.add(name="attn", data_type=11, dims=[-1]), ["model.onnx"], "ModelLoadError",
-         r"\['attn'\] are not part of the served contract"),
+        (
+            lambda cfg: cfg.output.add(name="attn", data_type=11, dims=[-1]),
+            ["model.onnx"],
+            "ModelLoadError",
+            r"\['attn'\] are not part of the served contract",
+        ),
     ],
     ids=["plan-only", "no-contract", "wrong-dtype", "unbatched", "extra-tensor"],
 )
 def test_start_refuses_unservable_repositories(tmp_path, model_repository_model_dir, edit, files, error, fragment):
-    from neco.serving import EmbeddedServer, ServingError
-    from neco.serving import runtime
+    from neco.serving import EmbeddedServer, ServingError, runtime
 
     root = copy_model_dir(model_repository_model_dir, tmp_path, edit)
     for name in files:

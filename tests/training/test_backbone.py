@@ -177,8 +177,11 @@ def test_timm_id_from_local_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_freeze_last_blocks() -> None:
     model = create_backbone(ARCH)
     freeze_all_but_last_blocks(model, 2)
-    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
-                 for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     assert trainable == {"blocks.10", "blocks.11", "norm"}
     with pytest.raises(ValueError, match="outside"):
         freeze_all_but_last_blocks(model, 13)

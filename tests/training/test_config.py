@@ -25,7 +25,9 @@ def test_recipe_values(tmp_path: Path) -> None:
     assert (cfg.method.queue_length, cfg.method.student_steepness, cfg.method.teacher_momentum) == (8192, 100.0, 0.9995)
     assert (cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.backbone_lr, cfg.optim.head_lr) == (64, 25, 1e-5, 1e-4)
     assert cfg.total_steps(118_287) == 25 * 118_287 // 64
-    assert load_train_config(CONFIGS / "train_vits14_reg_coco518.yaml", [f"data.root={tmp_path}"]).crops.global_size == 518
+    assert (
+        load_train_config(CONFIGS / "train_vits14_reg_coco518.yaml", [f"data.root={tmp_path}"]).crops.global_size == 518
+    )
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,12 @@ def _states_equal(a: dict, b: dict) -> None:
 
 def test_tiny_run_lowers_its_loss_on_a_fixed_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_tiny_backbone(monkeypatch)
-    cfg = tiny_config(tmp_path, model={"drop_path_rate": 0.0},
-                      optim={"steps": 30, "backbone_lr": 1e-3, "head_lr": 3e-3, "warmup_steps": 0, "clip_grad": None},
-                      method={"queue_length": 4096})  # never fills: references from the batch
+    cfg = tiny_config(
+        tmp_path,
+        model={"drop_path_rate": 0.0},
+        optim={"steps": 30, "backbone_lr": 1e-3, "head_lr": 3e-3, "warmup_steps": 0, "clip_grad": None},
+        method={"queue_length": 4096},
+    )  # never fills: references from the batch
     torch.manual_seed(0)
     dataset = build_dataset(cfg)
     batch = collate([dataset[(i, 100 + i)] for i in range(2)])
@@ -73,7 +76,9 @@ def test_training_checkpoint_loads_as_a_backbone(tmp_path: Path) -> None:
     assert contract.training_hash and contract.arch == cfg.model.arch
     images = torch.randn(1, 3, 42, 42)
     with torch.no_grad():
-        torch.testing.assert_close(patch_features(model, images)[0], patch_features(trainer.model.backbone.eval(), images)[0])
+        torch.testing.assert_close(
+            patch_features(model, images)[0], patch_features(trainer.model.backbone.eval(), images)[0]
+        )
 
 
 def _free_port() -> int:
@@ -83,8 +88,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from neco.training import trainer as trainer_module
     from tests.training.tiny import tiny_backbone
@@ -115,8 +121,13 @@ def test_ddp_gloo_two_processes_stay_in_sync(tmp_path: Path) -> None:
 
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    result = subprocess.run([sys.executable, "training/run.py", "--config", "configs/train_smoke.yaml", "optim.batch_size=0"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "training/run.py", "--config", "configs/train_smoke.yaml", "optim.batch_size=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "optim.batch_size" in result.stderr, result.stderr
     from neco.cli import main
 
@@ -127,9 +138,20 @@ def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.slow
 def test_smoke_config_runs_from_the_command_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "training/run.py", "--config", "configs/train_smoke.yaml", f"output_dir={tmp_path}",
-         "optim.steps=2", "runtime.progress=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "training/run.py",
+            "--config",
+            "configs/train_smoke.yaml",
+            f"output_dir={tmp_path}",
+            "optim.steps=2",
+            "runtime.progress=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     model, contract = load_backbone(tmp_path / "artefact")
@@ -140,8 +162,11 @@ def test_smoke_config_runs_from_the_command_line(tmp_path: Path) -> None:
 def test_recipe_variants_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fg masks, dropped registers, last-block-only training, euclidean + odd-even sorting."""
     use_tiny_backbone(monkeypatch)
-    cfg = tiny_config(tmp_path, model={"keep_registers": False, "train_last_blocks": 1},
-                      method={"mask_mode": "fg", "similarity": "euclidean", "sort_network": "odd_even"})
+    cfg = tiny_config(
+        tmp_path,
+        model={"keep_registers": False, "train_last_blocks": 1},
+        method={"mask_mode": "fg", "similarity": "euclidean", "sort_network": "odd_even"},
+    )
     dataset = build_dataset(cfg)
     trainer = Trainer(cfg, 4, torch.device("cpu"))
     frozen = trainer.model.backbone.blocks[0].attn.qkv.weight.clone()

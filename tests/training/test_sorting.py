@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from neco.training.sorting import (
-    DISTRIBUTIONS, SoftSorter, SortingConfigError, SortingInputError, soft_sort,
+    DISTRIBUTIONS,
+    SoftSorter,
+    SortingConfigError,
+    SortingInputError,
+    soft_sort,
 )
 
 diffsort = pytest.importorskip("diffsort", reason="diffsort is the test-only parity reference")
@@ -50,17 +54,21 @@ def _run(fn, x: torch.Tensor, w_vals: torch.Tensor, w_perm: torch.Tensor):
     return values.detach(), perm.detach(), leaf.grad
 
 
-def _assert_parity(net: str, n: int, steepness: float, distribution: str, art_lambda: float,
-                   dtype: torch.dtype, seed: int) -> None:
+def _assert_parity(
+    net: str, n: int, steepness: float, distribution: str, art_lambda: float, dtype: torch.dtype, seed: int
+) -> None:
     x = _inputs(n, seed, dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     w_vals = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
     w_perm = torch.randn(*x.shape, n, generator=gen, dtype=torch.float64).to(dtype)
-    reference = diffsort.DiffSortNet(net, n, steepness=steepness, art_lambda=art_lambda,
-                                     distribution=distribution)
+    reference = diffsort.DiffSortNet(net, n, steepness=steepness, art_lambda=art_lambda, distribution=distribution)
     ref = _run(reference, x, w_vals, w_perm)
-    ours = _run(lambda v: soft_sort(v, network=net, steepness=steepness, art_lambda=art_lambda,
-                                    distribution=distribution), x, w_vals, w_perm)
+    ours = _run(
+        lambda v: soft_sort(v, network=net, steepness=steepness, art_lambda=art_lambda, distribution=distribution),
+        x,
+        w_vals,
+        w_perm,
+    )
     torch.testing.assert_close(ours[0], ref[0], rtol=TOL, atol=TOL, msg="sorted values")
     torch.testing.assert_close(ours[1], ref[1], rtol=TOL, atol=TOL, msg="permutation")
     # Input gradients scale with the steepness; compare relative to each row's largest entry.
@@ -109,8 +117,10 @@ def test_neco_setting_float64_parity_and_float32_accuracy() -> None:
     _assert_parity("bitonic", 49, 100.0, "cauchy", 0.25, torch.float64, seed=49)
     x = _inputs(49, 7, torch.float64)
     gen = torch.Generator().manual_seed(8)
-    w_vals, w_perm = torch.randn(x.shape, generator=gen, dtype=torch.float64), torch.randn(
-        *x.shape, 49, generator=gen, dtype=torch.float64)
+    w_vals, w_perm = (
+        torch.randn(x.shape, generator=gen, dtype=torch.float64),
+        torch.randn(*x.shape, 49, generator=gen, dtype=torch.float64),
+    )
     reference = diffsort.DiffSortNet("bitonic", 49, steepness=100.0)
     truth = _run(reference, x, w_vals, w_perm)
     ref32 = _run(reference, x.float(), w_vals.float(), w_perm.float())
@@ -164,7 +174,7 @@ def test_chunked_kernel_matches_single_chunk() -> None:
     w_vals, w_perm = torch.randn(x.shape), torch.randn(*x.shape, 49)
     whole = _run(lambda v: soft_sort(v, chunk_rows=10_000), x, w_vals, w_perm)
     for chunk in (1, 4):
-        chunked = _run(lambda v: soft_sort(v, chunk_rows=chunk), x, w_vals, w_perm)
+        chunked = _run(lambda v, c=chunk: soft_sort(v, chunk_rows=c), x, w_vals, w_perm)
         for a, b in zip(chunked, whole):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -218,13 +228,16 @@ def test_bad_shapes_and_dtypes() -> None:
         soft_sort([1.0, 2.0])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"network": "bubble"}, "network"),
-    ({"distribution": "laplace"}, "distribution"),
-    ({"steepness": 0.0}, "steepness"),
-    ({"steepness": float("nan")}, "steepness"),
-    ({"art_lambda": -1.0}, "art_lambda"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"network": "bubble"}, "network"),
+        ({"distribution": "laplace"}, "distribution"),
+        ({"steepness": 0.0}, "steepness"),
+        ({"steepness": float("nan")}, "steepness"),
+        ({"art_lambda": -1.0}, "art_lambda"),
+    ],
+)
 def test_bad_config(kwargs: dict, match: str) -> None:
     with pytest.raises(SortingConfigError, match=match):
         soft_sort(torch.randn(2, 4), **kwargs)

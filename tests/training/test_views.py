@@ -60,7 +60,10 @@ def test_aligned_grids_look_at_the_same_source_pixels(seed: int) -> None:
             if v == g:
                 continue
             grids = []
-            for view, box, flip in ((g, out["boxes"][g, v, 0], out["flips"][g]), (v, out["boxes"][g, v, 1], out["flips"][v])):
+            for view, box, flip in (
+                (g, out["boxes"][g, v, 0], out["flips"][g]),
+                (v, out["boxes"][g, v, 1], out["flips"][v]),
+            ):
                 image = crops[view][None] * 255.0  # coordinates back in source pixels
                 pixel = roi_grid(image, box[None], flip[None], spatial_scale=1.0)[0, :, :2]
                 patches = F.avg_pool2d(image, PATCH_SIZE)

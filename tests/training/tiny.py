@@ -6,8 +6,9 @@ tests swap `create_backbone` for a 2-block timm DINOv2 ViT-S to fit the CPU time
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import timm
@@ -27,8 +28,15 @@ def one_thread() -> Iterator[None]:
 
 def tiny_backbone(arch: str, *, pretrained: bool = False, drop_path_rate: float = 0.0) -> Any:
     assert not pretrained
-    return timm.create_model(arch, pretrained=False, dynamic_img_size=True, num_classes=0,
-                             drop_path_rate=drop_path_rate, depth=2, img_size=56)
+    return timm.create_model(
+        arch,
+        pretrained=False,
+        dynamic_img_size=True,
+        num_classes=0,
+        drop_path_rate=drop_path_rate,
+        depth=2,
+        img_size=56,
+    )
 
 
 def use_tiny_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,8 +53,14 @@ def tiny_config(output_dir: Path, **sections: dict[str, Any]) -> TrainConfig:
         "crops": {"global_size": 42, "local_size": 28, "num_local": 2},
         "method": {"grid_size": 3, "num_references": 8, "queue_length": 16, "queue_push_per_image": 2},
         "optim": {"batch_size": 2, "steps": 4, "warmup_steps": 1},
-        "runtime": {"device": "cpu", "precision": "fp32", "checkpoint_every": 2, "progress": False,
-                    "tensorboard": False, "channels_last": False},
+        "runtime": {
+            "device": "cpu",
+            "precision": "fp32",
+            "checkpoint_every": 2,
+            "progress": False,
+            "tensorboard": False,
+            "channels_last": False,
+        },
     }
     for key, value in sections.items():
         if isinstance(value, dict):
