@@ -37,6 +37,14 @@ OUTPUTS: tuple[str, ...] = (OUTPUT_FEATURES, OUTPUT_FEATURES_RAW, OUTPUT_CLS)
 DEFAULT_MODEL_NAME: str = "neco_dinov2"
 """Triton model name used by export, serving and the client unless configured otherwise."""
 
+# --- Retrieval defaults (the Hummingbird protocol); every stage and the CLI read these -----
+DEFAULT_K: int = 30
+"""Nearest support patches per query patch."""
+DEFAULT_TEMPERATURE: float = 0.02
+"""Softmax temperature over the k cosine similarities (called beta in the Hummingbird paper)."""
+DEFAULT_INPUT_SIZE: int = 448
+"""Input side (pixels) of support and query images."""
+
 # --- File formats ----------------------------------------------------------------------------
 ARTEFACT_WEIGHTS: str = "backbone.safetensors"
 ARTEFACT_METADATA: str = "metadata.json"
