@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test test-fast venv clean bench
 
 demo: $(STAMP)
-	$(PY) -m neco.evaluation.demo --config configs/demo.yaml
+	$(PY) -m neco.demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -32,9 +32,10 @@ import torch
 
 from neco.contract import ModelContract
 from neco.export.config import OnnxSettings, QuantizationSettings
-from neco.export.onnx_export import DenseFeatureModel, export_onnx, simplify_onnx
+from neco.export.onnx_export import export_onnx, simplify_onnx
 from neco.export.parity import generated_images, mean_patch_cosine, ort_features, ort_session
 from neco.export.precision import convert_fp16, convert_int8
+from neco.model import DenseFeatureModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (224, 448)
@@ -193,11 +194,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.source:
-        from neco.training.backbone import load_backbone
+        from neco.model import load_backbone
 
         backbone, contract = load_backbone(args.source)
     else:
-        from neco.export.parity import random_backbone
+        from neco.model.testing import random_backbone
 
         backbone, contract = random_backbone(args.arch, seed=0), ModelContract.for_arch(args.arch)
     model = DenseFeatureModel(backbone, contract).eval()

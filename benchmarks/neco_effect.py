@@ -33,6 +33,8 @@ import time
 from functools import reduce
 from pathlib import Path
 
+from neco.layout import IMAGES_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
     "cosine": [],
@@ -93,7 +95,7 @@ def starting_weights(args: argparse.Namespace, out: Path) -> Path | str:
     import torch
 
     from neco.contract import ModelContract
-    from neco.training.backbone import create_backbone, save_artefact
+    from neco.model import create_backbone, save_artefact
 
     torch.manual_seed(args.seed)
     return save_artefact(create_backbone(args.arch), ModelContract.for_arch(args.arch), out, {"seed": args.seed})
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": variant, "steps": 0, **baseline})
             if not any(s > 0 for s in args.steps):
                 continue
-            checkpoints, seconds = train_variant(args, variant, start, root / "train" / "images", device, work)
+            checkpoints, seconds = train_variant(args, variant, start, root / "train" / IMAGES_DIR, device, work)
             for steps in sorted({s for s in args.steps if s > 0}):
                 result = evaluate(
                     checkpoint_path(checkpoints, steps),

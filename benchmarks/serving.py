@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from neco.contract import DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES
+from neco.signature import INPUT
+from neco.triton_config import ONNX_FILENAME
 
 ARCH = "vit_small_patch14_reg4_dinov2"
 SIZE = 224
@@ -42,7 +44,7 @@ def export_random_model(root: Path) -> Path:
     from neco.contract import ModelContract
     from neco.export.config import ExportConfig
     from neco.export.pipeline import export_model
-    from neco.training.backbone import create_backbone
+    from neco.model import create_backbone
 
     torch.manual_seed(0)
     cfg = ExportConfig(
@@ -97,7 +99,7 @@ def bench_triton(
 
     def client_loop(index: int) -> None:
         client = module.InferenceServerClient(url)
-        tensor = module.InferInput(INPUT_IMAGES, list(images.shape), "UINT8")
+        tensor = module.InferInput(INPUT_IMAGES, list(images.shape), INPUT.triton_dtype)
         tensor.set_data_from_numpy(images)
         outputs = [module.InferRequestedOutput(OUTPUT_FEATURES)]
         try:
@@ -126,7 +128,7 @@ def warm_up(server, batch: int) -> None:
 
     client = grpcclient.InferenceServerClient(server.grpc_url)
     images = np.zeros((batch, SIZE, SIZE, 3), np.uint8)
-    tensor = grpcclient.InferInput(INPUT_IMAGES, list(images.shape), "UINT8")
+    tensor = grpcclient.InferInput(INPUT_IMAGES, list(images.shape), INPUT.triton_dtype)
     tensor.set_data_from_numpy(images)
     client.infer(server.model_name, [tensor])
     client.close()
@@ -162,7 +164,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="neco-bench-serving-") as tmp:
         repository = args.repository or export_random_model(Path(tmp))
-        onnx_path = repository / DEFAULT_MODEL_NAME / "1" / "model.onnx"
+        onnx_path = repository / DEFAULT_MODEL_NAME / "1" / ONNX_FILENAME
         print(
             f"model: {onnx_path} ({ARCH}, {SIZE}x{SIZE}); {args.seconds:.0f} s / >= {args.min_requests} requests per setting"
         )

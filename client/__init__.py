@@ -20,9 +20,9 @@ from .errors import (
     ServerUnavailableError,
     SupportSetError,
 )
-from .images import PreparedImage, load_mask, load_rgb, prepare_image
+from .images import ImageLike, PreparedImage, SizeSpec, load_mask, load_rgb, prepare_image
 from .render import features_to_rgb, overlay, palette
-from .retrieval import SegmentationResult, segment, segment_features, transfer_labels
+from .retrieval import SegmentationResult, check_contract, segment, segment_features, transfer_labels
 from .triton import DenseFeatures, NecoClient
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "DenseFeatures",
     "FeatureBackend",
     "ImageError",
+    "ImageLike",
     "IndexSpec",
     "InferenceError",
     "MemoryBank",
@@ -44,8 +45,10 @@ __all__ = [
     "PreparedImage",
     "SegmentationResult",
     "ServerUnavailableError",
+    "SizeSpec",
     "SupportSetError",
     "batch_features",
+    "check_contract",
     "features_to_rgb",
     "load_mask",
     "load_rgb",

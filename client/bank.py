@@ -21,14 +21,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from neco.contract import IGNORE_INDEX, ModelContract
+from neco.contract import DEFAULT_INPUT_SIZE, IGNORE_INDEX, ModelContract
 
 from .backend import FeatureBackend, batch_features
-from .errors import BankError, SupportSetError
+from .bank_io import INDEX, MANIFEST, BankFiles, read_bank, read_manifest, write_bank
+from .errors import BankContractError, BankCorruptError, BankError, SupportSetError
 from .images import SizeSpec, describe, load_mask, prepare_image, resize_mask
 from .support import SupportSet, iter_pairs, open_support, patch_soft_labels, sample_rare_first
 
-DEFAULT_IMAGE_SIZE = 448
+DEFAULT_IMAGE_SIZE = DEFAULT_INPUT_SIZE
 """Shorter side of support and query images, as in the Hummingbird protocol."""
 
 StorageDtype = Literal["float32", "float16"]
@@ -240,19 +241,71 @@ class MemoryBank:
             idx = np.where(idx < 0, 0, idx)
         return sims, idx
 
-    # --- persistence (see bank_io) --------------------------------------------------------
+    # --- persistence (files in bank_io) -------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the bank atomically to folder `path` (replacing an older bank there)."""
-        from .bank_io import save_bank
-
-        return save_bank(self, Path(path))
+        manifest = {
+            "contract": self.contract.model_dump(mode="json"),
+            "class_names": self.class_names,
+            "counts": {
+                "patches": len(self),
+                "images": self.num_images,
+                "class_mass": [round(float(v), 4) for v in self.soft_labels.astype(np.float64).sum(axis=0)],
+            },
+            "dtype": self.dtype,
+            "image_size": self.image_size,
+            "index": self.index_spec.model_dump(),
+        }
+        index = self.index if self.index_spec.kind != "flat" else None
+        return write_bank(Path(path), BankFiles(manifest, self.features, self.soft_labels, index))
 
     @classmethod
     def load(cls, path: str | Path, contract: ModelContract | None = None, verify: bool = True) -> MemoryBank:
         """Read a saved bank; with `contract`, refuse one built by a different model."""
-        from .bank_io import load_bank
-
-        return load_bank(Path(path), contract=contract, verify=verify)
+        path = Path(path)
+        manifest = read_manifest(path)  # cheap checks (format, version, contract) before reading arrays
+        try:
+            bank_contract = ModelContract.model_validate(manifest["contract"])
+            index_spec = IndexSpec.model_validate(manifest.get("index", {}))
+            class_names = manifest["class_names"]
+            dtype = manifest["dtype"]
+            image_size = manifest["image_size"]
+            num_images = int(manifest["counts"]["images"])
+        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise BankCorruptError(f"{path / MANIFEST} is malformed: {exc!r}") from None
+        if contract is not None and not contract.compatible_with(bank_contract):
+            raise BankContractError(
+                f"memory bank {str(path)!r} was built with {bank_contract!r}, which differs from the "
+                f"model in use {contract!r}; rebuild the bank with this model"
+            )
+        files = read_bank(path, verify)
+        features, soft = files.features, files.soft_labels
+        if dtype not in ("float32", "float16") or features.dtype != np.dtype(dtype) or soft.dtype != np.dtype(dtype):
+            raise BankCorruptError(f"{str(path)!r}: arrays are {features.dtype}/{soft.dtype}, manifest says {dtype!r}")
+        if (index_spec.kind != "flat") != (files.index is not None):
+            raise BankCorruptError(
+                f"{str(path)!r}: index kind {index_spec.kind!r} but index file present: {files.index is not None}"
+            )
+        if files.index is not None:
+            if files.index.ntotal != features.shape[0] or files.index.d != bank_contract.embed_dim:
+                raise BankCorruptError(
+                    f"{path / INDEX} holds {files.index.ntotal}x{files.index.d}, features {features.shape}"
+                )
+            index_spec.configure(files.index)
+        try:
+            return cls(
+                bank_contract,
+                features,
+                soft,
+                class_names,
+                image_size=tuple(image_size) if isinstance(image_size, list) else image_size,
+                index_spec=index_spec,
+                dtype=dtype,
+                num_images=num_images,
+                index=files.index,
+            )
+        except BankError as exc:
+            raise BankCorruptError(f"memory bank {str(path)!r} is inconsistent: {exc}") from None
 
 
 def _per_image_budget(support: SupportSet, memory_size: int | None, patches_per_image: int | None) -> int | None:

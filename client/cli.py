@@ -12,34 +12,15 @@ Every command that talks to a server takes --url / --protocol / --model / --size
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from neco.contract import DEFAULT_MODEL_NAME
+from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 
 from .bank import DEFAULT_IMAGE_SIZE
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _reports_errors(handler: Handler) -> Handler:
-    """Turn the client's typed errors into one stderr line and exit status 2 (no traceback)."""
-
-    @functools.wraps(handler)
-    def wrapper(args: argparse.Namespace) -> int:
-        from .errors import ClientError
-
-        try:
-            return handler(args)
-        except ClientError as exc:
-            print(f"neco {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapper
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -71,7 +52,6 @@ def _client(args: argparse.Namespace) -> Any:
     return NecoClient(args.url, protocol=args.protocol, model=args.model, size=size, timeout_s=args.timeout)
 
 
-@_reports_errors
 def _features(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -94,15 +74,11 @@ def _features(args: argparse.Namespace) -> int:
 
 
 def _class_names(path: Path | None) -> list[str] | None:
-    if path is None:
-        return None
-    names = json.loads(path.read_text())
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path} must hold a JSON list of class names")
-    return names
+    from neco.layout import read_class_names
+
+    return None if path is None else read_class_names(path)
 
 
-@_reports_errors
 def _bank_build(args: argparse.Namespace) -> int:
     from .bank import IndexSpec, MemoryBank
 
@@ -125,7 +101,6 @@ def _bank_build(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors
 def _bank_append(args: argparse.Namespace) -> int:
     from .bank import MemoryBank
 
@@ -144,7 +119,6 @@ def _bank_append(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors
 def _bank_info(args: argparse.Namespace) -> int:
     from .bank import MemoryBank
 
@@ -156,7 +130,6 @@ def _bank_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors
 def _segment(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -209,8 +182,8 @@ def register(subparsers: Any) -> None:
     seg.add_argument("--bank", required=True, help="saved bank folder, or a support folder (built on the fly)")
     seg.add_argument("--out", type=Path, required=True, help="mask PNG (pixel value = class index)")
     seg.add_argument("--overlay", type=Path, default=None, help="colour overlay PNG with legend")
-    seg.add_argument("--k", type=int, default=30, help="neighbours per patch")
-    seg.add_argument("--temperature", type=float, default=0.02, help="softmax temperature on similarities")
+    seg.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per patch")
+    seg.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature")
     _server_options(seg, size_help="resize policy N or HxW (default: the bank's own)")
     seg.set_defaults(handler=_segment)
 

@@ -9,9 +9,13 @@ handlers treat them sensibly.
 
 from __future__ import annotations
 
+from neco.errors import EXIT_USAGE, NecoError
 
-class ClientError(Exception):
-    """Base class of every error raised by `neco.client`."""
+
+class ClientError(NecoError):
+    """Base class of every error raised by `neco.client`; the CLI exits 2 for all of them."""
+
+    exit_code = EXIT_USAGE
 
 
 class ImageError(ClientError, ValueError):

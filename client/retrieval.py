@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from neco.contract import ModelContract
+from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 
 from .backend import FeatureBackend, batch_features
 from .bank import MemoryBank
@@ -29,9 +29,6 @@ from .bank_io import MANIFEST
 from .errors import BankContractError
 from .images import ImageLike, SizeSpec, prepare_image
 from .render import mask_to_image, overlay
-
-DEFAULT_K = 30
-DEFAULT_TEMPERATURE = 0.02
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ the layout `neco.scenes.write_scene_dataset` writes), or any iterable/dataset yi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,10 @@ from typing import Any
 import numpy as np
 
 from neco.contract import IGNORE_INDEX
+from neco.layout import find_class_names, image_mask_pairs
 
 from .errors import SupportSetError
 from .images import ImageLike
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-CLASSES_FILE = "classes.json"
 
 
 @dataclass(frozen=True)
@@ -35,32 +32,6 @@ class SupportSet:
     source: str
 
 
-def _read_class_names(folder: Path) -> list[str] | None:
-    for candidate in (folder / CLASSES_FILE, folder.parent / CLASSES_FILE):
-        if candidate.is_file():
-            try:
-                names = json.loads(candidate.read_text())
-            except json.JSONDecodeError as exc:
-                raise SupportSetError(f"{candidate} is not valid JSON: {exc}") from None
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise SupportSetError(f"{candidate} must hold a JSON list of class-name strings")
-            return names
-    return None
-
-
-def _folder_items(folder: Path) -> list[tuple[Path, Path]]:
-    images_dir, masks_dir = folder / "images", folder / "masks"
-    if not images_dir.is_dir() or not masks_dir.is_dir():
-        raise SupportSetError(f"support folder {str(folder)!r} must contain images/ and masks/")
-    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    pairs = []
-    for image in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        if image.stem not in masks:
-            raise SupportSetError(f"support image {str(image)!r} has no mask named {image.stem}.* in {masks_dir}")
-        pairs.append((image, masks[image.stem]))
-    return pairs
-
-
 def open_support(support: Any, class_names: Sequence[str] | None = None) -> SupportSet:
     """Normalise any accepted support-set form; explicit `class_names` win over discovered ones."""
     names = list(class_names) if class_names is not None else None
@@ -68,8 +39,9 @@ def open_support(support: Any, class_names: Sequence[str] | None = None) -> Supp
         folder = Path(support)
         if not folder.is_dir():
             raise SupportSetError(f"support folder {str(folder)!r} does not exist")
-        pairs = _folder_items(folder)
-        return SupportSet(pairs, len(pairs), names or _read_class_names(folder), f"folder {str(folder)!r}")
+        pairs = image_mask_pairs(folder, SupportSetError)
+        found = names or find_class_names([folder, folder.parent], SupportSetError)
+        return SupportSet(pairs, len(pairs), found, f"folder {str(folder)!r}")
     if not isinstance(support, Iterable):
         raise SupportSetError(f"a support set must be (image, mask) pairs or a folder, not {type(support).__name__}")
     if names is None:

@@ -16,17 +16,26 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from neco.contract import DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
-from neco.export.repository import contract_from_config
+from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
+from neco.errors import InputError
+from neco.signature import INPUT, InputLimits, check_images, output_shape
+from neco.triton_config import config_problems, contract_from_config
 
 from .bank import MemoryBank
-from .errors import ContractError, InferenceError, ModelNotFoundError, ModelNotReadyError, ServerUnavailableError
+from .errors import (
+    ContractError,
+    ImageError,
+    InferenceError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ServerUnavailableError,
+)
 from .images import ImageLike, PreparedImage, SizeSpec, prepare_image
 from .retrieval import SegmentationResult, is_saved_bank, segment
 
 Protocol = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "localhost:8001", "http": "localhost:8000"}
-DEFAULT_SIZE = 448
+DEFAULT_SIZE = DEFAULT_INPUT_SIZE
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class NecoClient:
         size: SizeSpec = DEFAULT_SIZE,
         batch_size: int = 8,
         timeout_s: float = 60.0,
+        limits: InputLimits | None = None,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
@@ -70,6 +80,7 @@ class NecoClient:
         self.model = model
         self.size = size
         self.timeout_s = timeout_s
+        self.limits = limits or InputLimits()
         self._client = self._connect()
         config = self._model_config()
         self.contract: ModelContract = self._read_contract(config)
@@ -149,14 +160,9 @@ class NecoClient:
             contract = contract_from_config(config)
         except ValueError as exc:
             raise ContractError(f"model {self.model!r} on {self.url!r}: contract not understood: {exc}") from None
-        declared = {t.name: t.data_type for t in [*config.input, *config.output]}
-        expected = {INPUT_IMAGES: mc.TYPE_UINT8, OUTPUT_FEATURES: mc.TYPE_FP32}
-        for name, dtype in expected.items():
-            if declared.get(name) != dtype:
-                raise ContractError(
-                    f"model {self.model!r} on {self.url!r} must declare {name!r} as "
-                    f"{mc.DataType.Name(dtype)}; it declares {[(n, mc.DataType.Name(d)) for n, d in declared.items()]}"
-                )
+        problems = config_problems(config, required=(INPUT_IMAGES, OUTPUT_FEATURES))
+        if problems:
+            raise ContractError(f"model {self.model!r} on {self.url!r}: " + "; ".join(problems))
         return contract
 
     # --- features -------------------------------------------------------------------------
@@ -165,7 +171,11 @@ class NecoClient:
             import tritonclient.grpc as triton
         else:
             import tritonclient.http as triton
-        request = triton.InferInput(INPUT_IMAGES, list(batch.shape), "UINT8")
+        try:
+            batch = check_images(batch, self.limits)
+        except InputError as exc:
+            raise ImageError(f"not sent to {self.url!r}: {exc}") from None
+        request = triton.InferInput(INPUT.name, list(batch.shape), INPUT.triton_dtype)
         request.set_data_from_numpy(batch)
         wanted = [triton.InferRequestedOutput(OUTPUT_FEATURES)]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
@@ -173,8 +183,7 @@ class NecoClient:
         features = result.as_numpy(OUTPUT_FEATURES)
         if features is None:
             raise InferenceError(f"model {self.model!r} on {self.url!r} returned no {OUTPUT_FEATURES!r} output")
-        patch = self.contract.patch_size
-        expected = (batch.shape[0], batch.shape[1] // patch, batch.shape[2] // patch, self.contract.embed_dim)
+        expected = output_shape(OUTPUT_FEATURES, *batch.shape[:3], self.contract.embed_dim)
         if features.shape != expected:
             raise ContractError(
                 f"model {self.model!r} on {self.url!r} returned {OUTPUT_FEATURES!r} of shape {features.shape} "

@@ -17,47 +17,40 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from neco.contract import DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, PATCH_SIZE, ModelContract
+from neco import signature
+from neco.contract import DEFAULT_MODEL_NAME, OUTPUT_FEATURES, ModelContract
+from neco.errors import InputError, NecoError
+from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME
 
 if TYPE_CHECKING:
-    from neco.client.backend import FeatureBackend
-    from neco.client.images import SizeSpec
+    from neco.client import FeatureBackend, SizeSpec
 
 BackendKind = Literal["triton", "onnx", "torch"]
 
 
-class BackendError(ValueError):
+class BackendError(NecoError, ValueError):
     """A backend cannot be built from the given arguments, or was fed unusable images."""
 
 
 def stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Validate the FeatureBackend input contract and stack to uint8 [B, H, W, 3]."""
-    if len(images) == 0:
-        raise BackendError("features() needs at least one image")
-    first = np.asarray(images[0])
-    for i, image in enumerate(images):
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise BackendError(f"image {i}: expected HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
-        if image.shape != first.shape:
-            raise BackendError(f"image {i} is {image.shape} but image 0 is {first.shape}; a batch must share one size")
-    h, w = first.shape[:2]
-    if h % PATCH_SIZE or w % PATCH_SIZE or h == 0 or w == 0:
-        raise BackendError(f"image size {h}x{w} is not a positive multiple of the patch size {PATCH_SIZE}")
-    return np.ascontiguousarray(np.stack([np.asarray(i) for i in images]))
+    """The core's batch check (`neco.signature.stack_images`), failing with `BackendError`."""
+    try:
+        return signature.stack_images(images, limits=None)
+    except InputError as exc:
+        raise BackendError(str(exc)) from None
 
 
 def _find_onnx(model: Path) -> tuple[Path, Path | None]:
     """Resolve a model.onnx file or a Triton model dir (`<dir>/config.pbtxt`, `<dir>/<v>/model.onnx`)."""
     if model.is_file():
-        model_dir = model.parent.parent if (model.parent.parent / "config.pbtxt").is_file() else None
+        model_dir = model.parent.parent if (model.parent.parent / CONFIG_FILENAME).is_file() else None
         return model, model_dir
     if model.is_dir():
         versions = sorted((p for p in model.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
         for version in reversed(versions):
-            if (version / "model.onnx").is_file():
-                return version / "model.onnx", model if (model / "config.pbtxt").is_file() else None
-        raise BackendError(f"no <version>/model.onnx under model directory {model}")
+            if (version / ONNX_FILENAME).is_file():
+                return version / ONNX_FILENAME, model if (model / CONFIG_FILENAME).is_file() else None
+        raise BackendError(f"no <version>/{ONNX_FILENAME} under model directory {model}")
     raise BackendError(f"ONNX model {model} does not exist")
 
 
@@ -78,53 +71,42 @@ class OnnxBackend:
     ) -> None:
         import onnxruntime as ort
 
+        from neco.triton_config import contract_from_config, read_model_config
+
         path, model_dir = _find_onnx(Path(model))
         if contract is None and model_dir is not None:
-            from neco.export.repository import contract_from_config, read_model_config
-
             contract = contract_from_config(read_model_config(model_dir))
         if contract is None and arch is not None:
             contract = ModelContract.for_arch(arch)
         if contract is None:
-            raise BackendError(f"{path} has no config.pbtxt beside it; pass the contract or --arch")
+            raise BackendError(f"{path} has no {CONFIG_FILENAME} beside it; pass the contract or --arch")
         self.contract = contract
         self.batch_size = batch_size
-        available = ort.get_available_providers()
-        chosen = (
-            list(providers)
-            if providers
-            else [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        )
+        try:
+            chosen = signature.choose_providers(providers, ort.get_available_providers())
+        except InputError as exc:
+            raise BackendError(str(exc)) from None
         self._session = ort.InferenceSession(str(path), providers=chosen)
-        names = {o.name for o in self._session.get_outputs()}
-        if OUTPUT_FEATURES not in names or INPUT_IMAGES not in {i.name for i in self._session.get_inputs()}:
-            raise BackendError(f"{path} lacks input {INPUT_IMAGES!r} or output {OUTPUT_FEATURES!r}; not a NeCo export")
+        problems = signature.signature_problems(
+            {i.name: i.type for i in self._session.get_inputs()}, {o.name: o.type for o in self._session.get_outputs()}
+        )
+        if problems:
+            raise BackendError(f"{path} is not a NeCo export: " + "; ".join(problems))
 
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
         batch = stack_images(images)
         parts = [
-            self._session.run([OUTPUT_FEATURES], {INPUT_IMAGES: batch[i : i + self.batch_size]})[0]
+            self._session.run([OUTPUT_FEATURES], {signature.INPUT.name: batch[i : i + self.batch_size]})[0]
             for i in range(0, len(batch), self.batch_size)
         ]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when available; asking for cuda without it is an error, not a fallback."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} requested but CUDA is not available")
-    return device
-
-
 class TorchBackend:
-    """`neco.training.backbone.patch_features` in-process; bf16 autocast on CUDA.
+    """`neco.model.DenseFeatureModel` in-process (the module the ONNX graph is exported from).
 
     Accepts anything `load_backbone` does (training artefact, timm name, DINOv2 .pth, NeCo
-    .ckpt) or an already-built model + contract, which is how training evaluates itself.
+    .ckpt) or an already-built model + contract; bf16 autocast on CUDA.
     """
 
     def __init__(
@@ -136,9 +118,7 @@ class TorchBackend:
         model: object | None = None,
         contract: ModelContract | None = None,
     ) -> None:
-        import torch
-
-        from neco.training.backbone import load_backbone
+        from neco.model import DenseFeatureModel, load_backbone, resolve_device
 
         if model is None:
             if source is None:
@@ -146,18 +126,18 @@ class TorchBackend:
             model, contract = load_backbone(source, arch)
         elif contract is None:
             raise BackendError("TorchBackend(model=...) also needs its contract")
-        self.device = resolve_device(device)
+        try:
+            self.device = str(resolve_device(device))
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
         self.contract = contract
         self.batch_size = batch_size
         self.model = model.to(self.device).eval()  # type: ignore[attr-defined]
-        self._mean = torch.tensor(contract.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(contract.std, device=self.device).view(1, 3, 1, 1)
+        self._dense = DenseFeatureModel(self.model, contract).to(self.device).eval()
 
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import torch
         import torch.nn.functional as F
-
-        from neco.training.backbone import patch_features
 
         batch = stack_images(images)
         out = []
@@ -166,10 +146,8 @@ class TorchBackend:
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")),
         ):
             for i in range(0, len(batch), self.batch_size):
-                x = torch.from_numpy(batch[i : i + self.batch_size]).to(self.device)
-                x = (x.permute(0, 3, 1, 2).float() / 255.0 - self._mean) / self._std
-                tokens, _ = patch_features(self.model, x)
-                out.append(F.normalize(tokens.float(), dim=-1).cpu().numpy())
+                _, raw, _ = self._dense(torch.from_numpy(batch[i : i + self.batch_size]).to(self.device))
+                out.append(F.normalize(raw.float(), dim=-1).cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
@@ -239,7 +217,7 @@ def iter_features(
     size: SizeSpec,
     *,
     batch_size: int = 8,
-    desc: str = "features",
+    desc: str = "extract",
     progress: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ((h, w, C) features, full-size mask) per pair, batching same-size inputs.
@@ -250,8 +228,7 @@ def iter_features(
     """
     from tqdm import tqdm
 
-    from neco.client.backend import batch_features
-    from neco.client.images import prepare_image
+    from neco.client import batch_features, prepare_image
 
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     for image, mask in tqdm(pairs, total=len(pairs), desc=desc, unit="img", disable=not progress):

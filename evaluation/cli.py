@@ -1,4 +1,4 @@
-"""`neco eval hummingbird|linear` and `neco demo` (torch-free at import: handlers import lazily).
+"""`neco eval hummingbird|linear` (torch-free at import: handlers import lazily).
 
 Every flag is a shortcut for a `key=value` override of the command's pydantic config, so a
 YAML file (`--config configs/eval_hummingbird.yaml`), flags and trailing overrides compose
@@ -81,15 +81,8 @@ def _linear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from neco.evaluation.demo import main as demo_main
-
-    argv = ["--config", args.config, *args.overrides] if args.config else list(args.overrides)
-    return demo_main(argv)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `neco eval ...` and `neco demo`."""
+    """Add `neco eval ...`."""
     evaluate = subparsers.add_parser("eval", help="evaluate dense features (Hummingbird, linear probe)")
     protocols = evaluate.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
 
@@ -102,8 +95,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_flags(lin, COMMON_FLAGS + LINEAR_FLAGS)
     _add_config(lin)
     lin.set_defaults(handler=_linear)
-
-    demo = subparsers.add_parser("demo", help="end-to-end demo: scenes -> NeCo -> ONNX -> Triton -> segment")
-    demo.add_argument("--config", default="configs/demo.yaml", help="demo YAML config")
-    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    demo.set_defaults(handler=_demo)

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE
 from neco.evaluation.backends import BackendConfig
 from neco.evaluation.datasets import DatasetKind
 
 if TYPE_CHECKING:
-    from neco.client.images import SizeSpec
+    from neco.client import SizeSpec
 
 
 class EvalConfig(BaseModel):
@@ -24,7 +25,9 @@ class EvalConfig(BaseModel):
     train_split: str = "train"
     val_split: str = "val"
     train_subset: int = Field(1, ge=1, description="use 1/N of the train split (protocol: 1, 8, ..., 128)")
-    input_size: int = Field(448, ge=14, description="encoder input side (rounded to a multiple of 14)")
+    input_size: int = Field(
+        DEFAULT_INPUT_SIZE, ge=PATCH_SIZE, description="encoder input side (rounded to a multiple of 14)"
+    )
     square: bool = Field(True, description="resize to input_size x input_size (protocol) or shorter side")
     seed: int = 0
     backend: BackendConfig = BackendConfig()

@@ -12,7 +12,6 @@ lazily (a missing or mis-sized file fails when that sample is read, naming the f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import Literal
 
 import numpy as np
 
-from neco.client.images import load_mask, load_rgb
+from neco.client import load_mask, load_rgb
 from neco.contract import IGNORE_INDEX
+from neco.layout import CLASSES_FILE, IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR, find_class_names
 
 DatasetKind = Literal["voc", "ade20k", "folder"]
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -211,8 +210,8 @@ def folder(root: str | Path, split: str | None = None, class_names: Sequence[str
     """
     root = Path(root)
     base = root / split if split is not None and (root / split).is_dir() else root
-    images = _require_dir(base / "images")
-    masks = _require_dir(base / "masks")
+    images = _require_dir(base / IMAGES_DIR)
+    masks = _require_dir(base / MASKS_DIR)
     if class_names is None:
         class_names = _read_class_names(base, root)
     samples = [
@@ -224,17 +223,10 @@ def folder(root: str | Path, split: str | None = None, class_names: Sequence[str
 
 
 def _read_class_names(*dirs: Path) -> list[str]:
-    for d in dirs:
-        path = d / "classes.json"
-        if path.is_file():
-            try:
-                names = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path} is not valid JSON: {exc}") from None
-            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-                raise DatasetError(f"{path} must hold a non-empty list of class-name strings")
-            return names
-    raise MissingDatasetFileError(f"missing classes.json in {' or '.join(str(d) for d in dict.fromkeys(dirs))}")
+    names = find_class_names(dirs, DatasetError)
+    if names is None:
+        raise MissingDatasetFileError(f"missing {CLASSES_FILE} in {' or '.join(str(d) for d in dict.fromkeys(dirs))}")
+    return names
 
 
 def load_dataset(

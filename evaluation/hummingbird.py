@@ -26,9 +26,7 @@ from neco.evaluation.datasets import load_dataset
 from neco.evaluation.metrics import ConfusionAccumulator, IoUResult
 
 if TYPE_CHECKING:
-    from neco.client.backend import FeatureBackend
-    from neco.client.bank import MemoryBank
-    from neco.client.images import SizeSpec
+    from neco.client import FeatureBackend, MemoryBank, SizeSpec
 
 
 class HummingbirdConfig(EvalConfig):
@@ -89,7 +87,7 @@ def build_bank(
     progress: bool = True,
 ) -> MemoryBank:
     """The client's MemoryBank over `augment_passes` passes; `memory_size` is split across them."""
-    from neco.client.bank import MemoryBank
+    from neco.client import MemoryBank
 
     per_pass = None if memory_size is None else max(1, memory_size // augment_passes)
     bank = MemoryBank.build(
@@ -130,7 +128,7 @@ def evaluate_bank(
     Same-size prepared queries share one backend call (`iter_features`); each image then
     goes through `segment_features`, which returns the mask at the image's own size.
     """
-    from neco.client.retrieval import check_contract, segment_features
+    from neco.client import check_contract, segment_features
 
     check_contract(backend.contract, bank)
     acc = ConfusionAccumulator(list(bank.class_names))

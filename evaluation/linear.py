@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
-from neco.client.images import SizeSpec
+from neco.client import SizeSpec
 from neco.contract import IGNORE_INDEX
-from neco.evaluation.backends import iter_features, resolve_device
+from neco.evaluation.backends import iter_features
 from neco.evaluation.config import EvalConfig
 from neco.evaluation.datasets import SegmentationDataset, load_dataset
 from neco.evaluation.metrics import ConfusionAccumulator, IoUResult
@@ -27,7 +27,7 @@ from neco.evaluation.metrics import ConfusionAccumulator, IoUResult
 if TYPE_CHECKING:
     import torch
 
-    from neco.client.backend import FeatureBackend
+    from neco.client import FeatureBackend
 
 
 class LinearConfig(EvalConfig):
@@ -122,7 +122,9 @@ def evaluate_head(
 def run_linear(cfg: LinearConfig, backend: FeatureBackend) -> dict[str, object]:
     """Extract features, train the head, score val; returns (and optionally writes) a JSON report."""
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    from neco.model import resolve_device
+
+    device = str(resolve_device(cfg.device))
     train_set = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split, subset=cfg.train_subset, seed=cfg.seed)
     val_set = load_dataset(cfg.dataset, cfg.data_root, cfg.val_split)
     train = extract_features(backend, train_set, cfg.size, f"features {train_set.split}", cfg.backend.batch_size)

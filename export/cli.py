@@ -17,7 +17,6 @@ from pathlib import Path
 
 from neco.config import ConfigError, apply_overrides, load_config, read_yaml
 from neco.export.config import ExportConfig
-from neco.export.errors import ExportError
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -81,11 +80,7 @@ def _load(args: argparse.Namespace, extra: list[str]) -> ExportConfig:
 def _export(cfg: ExportConfig) -> int:
     from neco.export.pipeline import REPORT_FILENAME, run_export
 
-    try:
-        model_dir = run_export(cfg)
-    except ExportError as exc:
-        print(f"neco export: error: {exc}", file=sys.stderr)
-        return 1
+    model_dir = run_export(cfg)
     report = json.loads((model_dir / REPORT_FILENAME).read_text())
     parities = {key: report[key] for key in ("parity_fp32", "parity_fp16", "parity_int8") if key in report}
     if (report.get("tensorrt") or {}).get("parity_vs_onnxruntime"):
@@ -130,7 +125,7 @@ def _run_trtexec(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from neco.export.repository import contract_from_config, read_model_config
+    from neco.triton_config import contract_from_config, read_model_config
 
     cfg = read_model_config(args.model_dir)
     contract = contract_from_config(cfg)
@@ -148,10 +143,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.check_engine:
         from neco.export.tensorrt import verify_repository_engine
 
-        try:
-            meta = verify_repository_engine(args.model_dir)
-        except ExportError as exc:
-            print(f"neco export inspect: error: {exc}", file=sys.stderr)
-            return 1
+        meta = verify_repository_engine(args.model_dir)
         print(f"engine matches this setup: {meta.gpu_name}, TensorRT {meta.tensorrt_version}", file=sys.stderr)
     return 0

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from neco.errors import NecoError
+from neco.triton_config import RepositoryError
 
-class ExportError(RuntimeError):
+__all__ = ["EngineMismatchError", "ExportError", "ParityError", "ProfileError", "RepositoryError"]
+
+
+class ExportError(NecoError, RuntimeError):
     """An export step failed; nothing was written to the repository."""
 
 
-class ProfileError(ValueError):
+class ProfileError(NecoError, ValueError):
     """An image size or TensorRT optimisation profile is not valid for a patch-14 ViT."""
-
-
-class RepositoryError(ValueError):
-    """The model repository cannot be written or read (not writable, exists, malformed)."""
 
 
 class ParityError(ExportError):

@@ -1,9 +1,9 @@
 """PyTorch -> ONNX: the served graph, with preprocessing and normalisation inside it.
 
-The wrapper takes what a client actually has (UINT8 RGB, channels last) and does the float
-conversion and mean/std normalisation in the graph, so no client can normalise differently
-from training. Dense features come from `neco.training.backbone.patch_features`, the single
-definition shared with training and the torch evaluation backend.
+The exported module is `neco.model.DenseFeatureModel`: it takes what a client actually has
+(UINT8 RGB, channels last) and does the float conversion and mean/std normalisation in the
+graph, so no client can normalise differently from training; its dense features are the
+single definition shared with training and the torch evaluation backend.
 
 Only the `dynamo=True` exporter is used: it keeps timm's antialiased bicubic position-embedding
 interpolation symbolic in H and W (one file serves every multiple-of-14 size), whereas the
@@ -19,44 +19,17 @@ from pathlib import Path
 
 import onnx
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from neco.contract import INPUT_IMAGES, OUTPUTS, PATCH_SIZE, ModelContract
+from neco.contract import PATCH_SIZE
 from neco.export.config import OnnxSettings
 from neco.export.errors import ExportError
-from neco.training.backbone import patch_features
+from neco.model import DenseFeatureModel
+from neco.signature import INPUT, OUTPUT_SPECS, check_images
 
 log = logging.getLogger(__name__)
 
 MAX_PROTOBUF_BYTES = 2**31 - 1
 """ONNX files are one protobuf; larger models (ViT-g in FP32) need external weight data."""
-
-
-class DenseFeatureModel(nn.Module):
-    """UINT8 [B, H, W, 3] images -> (L2-normalised features, raw features, CLS token).
-
-    Normalisation constants are buffers scaled by 255 so that `(x - mean) / std` on the raw
-    byte values equals the training-time `Normalize(mean, std)` after `ToTensor()`.
-    """
-
-    def __init__(self, backbone: nn.Module, contract: ModelContract) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.register_buffer("mean", torch.tensor(contract.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(contract.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        batch, height, width, _ = images.shape
-        rows, cols = height // PATCH_SIZE, width // PATCH_SIZE
-        # Channels-last -> channels-first through a patch-grid view: the same single transpose
-        # as a plain permute, but the Reshape fails at run time (in onnxruntime, TensorRT and
-        # eager) when H or W is not a multiple of 14, instead of silently cropping the border.
-        # The Cast comes first because TensorRT only accepts UINT8 tensors at a Cast.
-        tiles = images.to(torch.float32).reshape(batch, rows, PATCH_SIZE, cols, PATCH_SIZE, 3)
-        pixels = tiles.permute(0, 5, 1, 2, 3, 4).reshape(batch, 3, rows * PATCH_SIZE, cols * PATCH_SIZE)
-        grid, cls = patch_features(self.backbone, (pixels - self.mean) / self.std)
-        return F.normalize(grid, dim=-1), grid, cls
 
 
 def export_onnx(model: DenseFeatureModel, path: Path, settings: OnnxSettings) -> Path:
@@ -65,9 +38,10 @@ def export_onnx(model: DenseFeatureModel, path: Path, settings: OnnxSettings) ->
 
     model = model.eval()
     height, width = settings.example_size
-    example = torch.randint(0, 256, (settings.example_batch, height, width, 3), dtype=torch.uint8)
+    example_array = torch.randint(0, 256, (settings.example_batch, height, width, 3), dtype=torch.uint8).numpy()
+    example = torch.from_numpy(check_images(example_array, limits=None))
     dynamic_shapes = {
-        "images": {
+        INPUT.name: {
             0: Dim("batch", min=1),
             1: PATCH_SIZE * Dim("grid_h", min=1),
             2: PATCH_SIZE * Dim("grid_w", min=1),
@@ -84,8 +58,8 @@ def export_onnx(model: DenseFeatureModel, path: Path, settings: OnnxSettings) ->
                 (example,),
                 dynamo=True,
                 dynamic_shapes=dynamic_shapes,
-                input_names=[INPUT_IMAGES],
-                output_names=list(OUTPUTS),
+                input_names=[INPUT.name],
+                output_names=[spec.name for spec in OUTPUT_SPECS],
                 opset_version=settings.opset,
                 optimize=True,
                 verbose=False,
@@ -109,9 +83,10 @@ def check_onnx(path: Path) -> None:
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
-    if inputs != [INPUT_IMAGES] or outputs != list(OUTPUTS):
+    expected = [spec.name for spec in OUTPUT_SPECS]
+    if inputs != [INPUT.name] or outputs != expected:
         raise ExportError(
-            f"{path}: graph I/O {inputs} -> {outputs} differs from the contract {INPUT_IMAGES} -> {OUTPUTS}"
+            f"{path}: graph I/O {inputs} -> {outputs} differs from the contract {INPUT.name} -> {expected}"
         )
 
 

@@ -15,34 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
+from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES, PATCH_SIZE
 from neco.export.config import Size
 from neco.scenes import generate_scene
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 """UINT8 [B, H, W, 3] -> FP32 [B, h, w, C] normalised features."""
-
-
-def random_backbone(arch: str, seed: int = 0):
-    """A seeded random-init timm backbone whose transformer blocks actually matter.
-
-    timm initialises DINOv2's LayerScale gammas to 1e-5, so a fresh model's features are
-    just patch + position embeddings and any parity or quantisation check would pass
-    without testing the blocks. Trained DINOv2 gammas are O(0.1-1); drawing them from
-    U(0.2, 1) gives random weights on which parity and cosine numbers mean something.
-    """
-    import torch
-
-    from neco.training.backbone import create_backbone
-
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = create_backbone(arch).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".gamma"):
-                param.copy_(torch.empty_like(param).uniform_(0.2, 1.0, generator=generator))
-    return model
 
 
 def generated_images(batch: int, size: Size, seed: int) -> np.ndarray:
@@ -140,7 +118,7 @@ def compare(
     for index, (batch, size) in enumerate(shapes):
         images = generated_images(batch, size, seed + index)
         got, want = candidate(images), reference(images)
-        expected_shape = (batch, size[0] // 14, size[1] // 14)
+        expected_shape = (batch, size[0] // PATCH_SIZE, size[1] // PATCH_SIZE)
         if got.shape != want.shape or got.shape[:3] != expected_shape:
             raise ValueError(
                 f"{names[0]} returned {got.shape}, {names[1]} {want.shape}; expected {expected_shape}+(C,)"

@@ -21,12 +21,8 @@ from typing import Any
 from neco.contract import ModelContract
 from neco.export.config import ExportConfig
 from neco.export.errors import ParityError
-from neco.export.repository import (
-    ONNX_FILENAME,
-    build_model_config,
-    ensure_writable_repository,
-    write_model_directory,
-)
+from neco.export.repository import ensure_writable_repository, write_model_directory
+from neco.triton_config import ONNX_FILENAME, build_model_config
 
 REPORT_FILENAME = "export_report.json"
 
@@ -54,7 +50,7 @@ def preflight(cfg: ExportConfig) -> None:
 
 def run_export(cfg: ExportConfig, progress: Progress | None = None) -> Path:
     """Load `cfg.source` and export it; returns `<cfg.output>/<cfg.model_name>`."""
-    from neco.training.backbone import WeightsError, load_backbone
+    from neco.model import WeightsError, load_backbone
 
     progress = progress or stderr_progress()
     preflight(cfg)
@@ -77,8 +73,9 @@ def export_model(
     source: str = "<in-memory model>",
 ) -> Path:
     """Export an already-built timm backbone with its contract (what the fixtures use)."""
-    from neco.export.onnx_export import DenseFeatureModel, export_onnx, opset_of, simplify_onnx
+    from neco.export.onnx_export import export_onnx, opset_of, simplify_onnx
     from neco.export.parity import compare, ort_features, ort_session, shape_grid, torch_features
+    from neco.model import DenseFeatureModel
 
     progress = progress or stderr_progress()
     preflight(cfg)

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
 from neco.export.config import ExportConfig, Shape, TensorRTSettings, validate_profile
 from neco.export.errors import EngineMismatchError, ExportError, ParityError
-from neco.export.repository import PLAN_FILENAME
+from neco.triton_config import PLAN_FILENAME
 
 SIDECAR_SUFFIX = ".json"
 

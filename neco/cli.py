@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
+
+from neco.errors import run_reporting_errors
 
 # Stage modules that contribute sub-commands, in the order they appear in --help.
 STAGE_CLIS: tuple[str, ...] = (
@@ -19,6 +20,7 @@ STAGE_CLIS: tuple[str, ...] = (
     "neco.serving.cli",
     "neco.client.cli",
     "neco.evaluation.cli",
+    "neco.demo.cli",
 )
 
 
@@ -37,19 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse arguments and run the chosen handler; expected errors exit 2 with one message.
+    """Parse arguments and run the chosen handler; expected errors end in one message.
 
     Shared by `neco` and the stage-only entry points (`python -m neco.client`), so every
-    command reports bad input the same way.
+    command reports errors the same way: `neco.errors.exit_code` decides the status.
     """
-    from neco.config import ConfigError
-
     args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(f"{parser.prog} {args.command}", lambda: args.handler(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

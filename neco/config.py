@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from neco.errors import InputError
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration file or override is malformed or fails validation."""
 
 

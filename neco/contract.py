@@ -51,6 +51,9 @@ ARTEFACT_METADATA: str = "metadata.json"
 ARTEFACT_FORMAT_VERSION: int = 1
 """Training's export artefact: timm-named backbone weights + JSON metadata (a `ModelContract`)."""
 
+TRAINING_CHECKPOINT_KIND: str = "neco-training-checkpoint"
+"""Value of the `kind` entry that marks training checkpoints (written by training, read by `neco.model`)."""
+
 BANK_FORMAT_VERSION: int = 1
 """On-disk memory-bank format written by `neco.client`; readers refuse newer versions."""
 

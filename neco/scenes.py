@@ -9,11 +9,12 @@ real spatial structure to learn from. numpy only (Pillow only to write PNG files
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from neco.layout import IMAGES_DIR, MASKS_DIR, write_class_names
 
 SCENE_CLASSES: tuple[str, ...] = ("background", "disc", "box", "triangle", "ellipse", "diamond")
 """Class names by label; a dataset with `num_classes=k` uses the first k."""
@@ -122,12 +123,12 @@ def write_scene_dataset(
         if count < 0:
             raise ValueError(f"split {split!r} has a negative size {count}")
         rng = np.random.default_rng([seed, index])
-        image_dir, mask_dir = root / split / "images", root / split / "masks"
+        image_dir, mask_dir = root / split / IMAGES_DIR, root / split / MASKS_DIR
         image_dir.mkdir(parents=True, exist_ok=True)
         mask_dir.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             image, mask = generate_scene(rng, size=size, num_classes=num_classes)
             Image.fromarray(image).save(image_dir / f"{i:04d}.png")
             Image.fromarray(mask).save(mask_dir / f"{i:04d}.png")
-    (root / "classes.json").write_text(json.dumps(list(SCENE_CLASSES[:num_classes])))
+    write_class_names(root, SCENE_CLASSES[:num_classes])
     return root

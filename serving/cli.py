@@ -42,7 +42,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"model repository {str(cfg.repository)!r} does not exist; run `neco export` first")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from neco.serving.embedded import EmbeddedServer, ServingError
+    from neco.serving.embedded import EmbeddedServer
 
     def announce(server: EmbeddedServer) -> None:
         print(
@@ -51,11 +51,7 @@ def serve_command(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    try:
-        EmbeddedServer(cfg).serve_forever(on_ready=announce)
-    except ServingError as exc:
-        print(f"neco serve: error: {exc}", file=sys.stderr)
-        return 1
+    EmbeddedServer(cfg).serve_forever(on_ready=announce)
     return 0
 
 

@@ -40,18 +40,17 @@ from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
 from pytriton.utils.workspace import Workspace
 from tritonclient.grpc import model_config_pb2
 
-from neco.contract import INPUT_IMAGES, OUTPUTS, ModelContract
-from neco.export.repository import ONNX_FILENAME, contract_from_config, read_model_config
+from neco.contract import ModelContract
+from neco.errors import NecoError
 from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
 from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
+from neco.signature import SPECS
+from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, config_problems, contract_from_config, read_model_config
 
 LOGGER = logging.getLogger(__name__)
 
-_TRITON_TO_NUMPY = {model_config_pb2.TYPE_UINT8: np.uint8, model_config_pb2.TYPE_FP32: np.float32}
-_EXPECTED_DTYPES = {INPUT_IMAGES: model_config_pb2.TYPE_UINT8, **dict.fromkeys(OUTPUTS, model_config_pb2.TYPE_FP32)}
 
-
-class ServingError(RuntimeError):
+class ServingError(NecoError, RuntimeError):
     """The embedded server could not start, died, or is used before `start()`."""
 
 
@@ -98,14 +97,9 @@ def find_model_version(model_dir: Path, filename: str) -> int:
 
 def check_served_signature(config: model_config_pb2.ModelConfig) -> None:
     """The exported config must declare the contract's tensors, batched (dynamic batching needs it)."""
-    declared = {t.name: t.data_type for t in [*config.input, *config.output]}
-    extra = sorted(set(declared) - set(_EXPECTED_DTYPES))
-    if extra:
-        raise ModelLoadError(f"model config {config.name!r}: tensors {extra} are not part of the served contract")
-    for name, dtype in _EXPECTED_DTYPES.items():
-        if declared.get(name) != dtype:
-            want = model_config_pb2.DataType.Name(dtype)
-            raise ModelLoadError(f"model config {config.name!r}: tensor {name!r} must be {want}, got {declared}")
+    problems = config_problems(config)
+    if problems:
+        raise ModelLoadError(f"model config {config.name!r}: " + "; ".join(problems))
     if config.max_batch_size < 1:
         raise ModelLoadError(f"model config {config.name!r}: max_batch_size must be >= 1 for dynamic batching")
 
@@ -147,8 +141,10 @@ class EmbeddedServer:
         if self._triton is not None:
             raise ServingError("the embedded server is already running")
         model_dir = self.cfg.repository / self.cfg.model_name
-        if not (model_dir / "config.pbtxt").is_file():
-            raise FileNotFoundError(f"{model_dir}/config.pbtxt not found: is {self.cfg.repository} a model repository?")
+        if not (model_dir / CONFIG_FILENAME).is_file():
+            raise FileNotFoundError(
+                f"{model_dir}/{CONFIG_FILENAME} not found: is {self.cfg.repository} a model repository?"
+            )
         exported = read_model_config(model_dir)
         check_served_signature(exported)
         self.contract = contract_from_config(exported)
@@ -176,7 +172,7 @@ class EmbeddedServer:
                 config=self._model_config(exported),
                 strict=True,
             )
-            self._merge_parameters(workspace.model_store_path / self.cfg.model_name / "config.pbtxt", exported)
+            self._merge_parameters(workspace.model_store_path / self.cfg.model_name / CONFIG_FILENAME, exported)
         except BaseException:
             workspace.clean()  # nothing started yet, so Triton.stop() would not clean it
             raise
@@ -257,7 +253,7 @@ class EmbeddedServer:
 
     @staticmethod
     def _tensor(spec: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> Tensor:
-        return Tensor(name=spec.name, dtype=_TRITON_TO_NUMPY[spec.data_type], shape=tuple(spec.dims))
+        return Tensor(name=spec.name, dtype=np.dtype(SPECS[spec.name].dtype).type, shape=tuple(spec.dims))
 
     def _model_config(self, exported: model_config_pb2.ModelConfig) -> ModelConfig:
         """Batching and queue policy from config.pbtxt unless overridden; the queue is always bounded.

@@ -20,52 +20,33 @@ import onnxruntime as ort
 from pytriton.exceptions import PyTritonBadParameterError
 from pytriton.proxy.types import Request
 
-from neco.contract import INPUT_IMAGES, OUTPUTS, PATCH_SIZE
-from neco.serving.config import KNOWN_PROVIDERS
+from neco.contract import INPUT_IMAGES, OUTPUTS
+from neco.errors import InputError, NecoError
+from neco.signature import DEFAULT_LIMITS, InputLimits, check_images, choose_providers, signature_problems
 
 
-class MalformedRequestError(PyTritonBadParameterError, ValueError):
+class MalformedRequestError(PyTritonBadParameterError, InputError):
     """An inference request whose `images` tensor violates the served contract."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(NecoError, RuntimeError):
     """The ONNX file cannot be served: unreadable, or its tensors differ from the contract."""
 
 
 def resolve_providers(requested: Sequence[str] | None) -> list[str]:
-    """Pick onnxruntime providers: CUDA first when this onnxruntime build has it, else CPU.
-
-    An explicitly requested provider that the installed onnxruntime lacks is an error rather
-    than a silent CPU fallback, so a GPU deployment never quietly runs on CPU.
-    """
-    available = ort.get_available_providers()
-    if requested is None:
-        return [p for p in KNOWN_PROVIDERS if p in available]
-    missing = [p for p in requested if p not in available]
-    if missing:
-        raise ModelLoadError(f"onnxruntime providers {missing} are not available here (available: {available})")
-    return list(requested)
+    """onnxruntime providers by `neco.signature.choose_providers` (CUDA first when present, else CPU)."""
+    try:
+        return choose_providers(requested, ort.get_available_providers())
+    except InputError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
-def validate_images(images: Any) -> np.ndarray:
-    """Check one request's `images` tensor against the contract; return it unchanged."""
-    if not isinstance(images, np.ndarray):
-        raise MalformedRequestError(f"{INPUT_IMAGES}: expected a tensor, got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        raise MalformedRequestError(f"{INPUT_IMAGES}: dtype must be UINT8, got {images.dtype}")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise MalformedRequestError(
-            f"{INPUT_IMAGES}: shape must be [batch, height, width, 3] (RGB), got {list(images.shape)}"
-        )
-    batch, height, width, _ = images.shape
-    if batch == 0:
-        raise MalformedRequestError(f"{INPUT_IMAGES}: empty batch (batch dimension is 0)")
-    if height == 0 or width == 0 or height % PATCH_SIZE or width % PATCH_SIZE:
-        raise MalformedRequestError(
-            f"{INPUT_IMAGES}: height {height} and width {width} must be positive multiples of the "
-            f"patch size {PATCH_SIZE} (resize or pad on the client)"
-        )
-    return images
+def validate_images(images: Any, limits: InputLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Check one request's `images` tensor with the core's one validation (`check_images`)."""
+    try:
+        return check_images(images, limits)
+    except InputError as exc:
+        raise MalformedRequestError(str(exc)) from None
 
 
 class OnnxFeatureRunner:
@@ -87,11 +68,9 @@ class OnnxFeatureRunner:
     def _check_signature(self, onnx_path: Path) -> None:
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = {o.name: o.type for o in self.session.get_outputs()}
-        if inputs != {INPUT_IMAGES: "tensor(uint8)"}:
-            raise ModelLoadError(f"{onnx_path}: inputs {inputs} differ from the contract ({INPUT_IMAGES}: uint8)")
-        missing = [name for name in OUTPUTS if outputs.get(name) != "tensor(float)"]
-        if missing:
-            raise ModelLoadError(f"{onnx_path}: float32 outputs {missing} missing (graph outputs: {outputs})")
+        problems = signature_problems(inputs, outputs, vocabulary="ort")
+        if problems:
+            raise ModelLoadError(f"{onnx_path}: " + "; ".join(problems))
 
     def run(self, images: np.ndarray, outputs: Sequence[str] = OUTPUTS) -> dict[str, np.ndarray]:
         """The named outputs for one validated [B, H, W, 3] uint8 batch."""

@@ -7,20 +7,21 @@ renamed into place, so a crash mid-write never leaves a truncated "latest" check
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neco.training.backbone import TRAINING_CHECKPOINT_KIND
+from neco.atomic import atomic_write
+from neco.contract import TRAINING_CHECKPOINT_KIND
+from neco.errors import NecoError
 
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NecoError, ValueError):
     """A checkpoint is missing, unreadable or belongs to an incompatible run."""
 
 
@@ -32,11 +33,8 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     """Write `state` (+ kind/version/step) as step_XXXXXXXX.pt atomically; prune old ones."""
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    torch.save({"kind": TRAINING_CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "step": step, **state}, tmp)
-    with open(tmp, "rb") as handle:  # make the bytes durable before the rename publishes them
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    payload = {"kind": TRAINING_CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "step": step, **state}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path

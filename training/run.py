@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from neco.config import ConfigError
 from neco.contract import ModelContract
-from neco.training.backbone import save_artefact
+from neco.errors import run_reporting_errors
+from neco.model import resolve_device, save_artefact
 from neco.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from neco.training.config import TrainConfig, load_train_config
 from neco.training.data import ImageFolderSource, NeCoDataset, ResumableBatchSampler, SceneSource, make_loader
@@ -40,14 +40,6 @@ log = logging.getLogger("neco.training")
 
 ARTEFACT_DIR = "artefact"
 CHECKPOINT_DIR = "checkpoints"
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("runtime.device=cuda but CUDA is not available")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def build_dataset(cfg: TrainConfig) -> NeCoDataset:
@@ -194,11 +186,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
-        print(f"training/run.py: error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("training/run.py", lambda: run_from_args(args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from neco.training.backbone import create_backbone, freeze_all_but_last_blocks, load_backbone
+from neco.model import create_backbone, freeze_all_but_last_blocks, load_backbone
 from neco.training.config import TrainConfig
 from neco.training.distributed import DistInfo, all_gather_cat, gather_objects
 from neco.training.ema import ema_update, make_teacher, momentum_at

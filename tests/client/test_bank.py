@@ -185,12 +185,12 @@ def test_pickled_arrays_are_refused_even_with_a_matching_checksum(saved_bank: Pa
 def test_failed_save_leaves_the_old_bank_intact(saved_bank: Path, colour_backend, scenes_224, monkeypatch) -> None:
     before = (saved_bank / FEATURES).read_bytes()
     bigger = MemoryBank.build(colour_backend, scenes_224, class_names=CLASSES, image_size=224)
-    import neco.client.bank_io as bank_io
+    import neco.atomic
 
     def explode(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(bank_io, "_fsync", explode)
+    monkeypatch.setattr(neco.atomic, "fsync_path", explode)
     with pytest.raises(OSError, match="disk full"):
         bigger.save(saved_bank)
     assert (saved_bank / FEATURES).read_bytes() == before

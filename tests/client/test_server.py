@@ -43,7 +43,7 @@ def scenes() -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def test_contract_comes_from_the_served_config(client: NecoClient, model_repository_model_dir: Path) -> None:
-    from neco.export.repository import contract_from_config, read_model_config
+    from neco.triton_config import contract_from_config, read_model_config
 
     assert client.contract == contract_from_config(read_model_config(model_repository_model_dir))
     assert client.contract == ModelContract.for_arch("vit_small_patch14_reg4_dinov2")

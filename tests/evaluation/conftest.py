@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neco.contract import ModelContract
-from neco.training.backbone import create_backbone, save_artefact
+from neco.model import create_backbone, save_artefact
 
 ARCH = "vit_small_patch14_reg4_dinov2"
 

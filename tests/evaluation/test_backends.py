@@ -9,7 +9,7 @@ import torch
 from neco.client.backend import FeatureBackend, batch_features
 from neco.contract import IMAGENET_MEAN, IMAGENET_STD, ModelContract
 from neco.evaluation.backends import BackendError, TorchBackend, make_backend, stack_images
-from neco.training.backbone import create_backbone
+from neco.model import create_backbone
 
 ARCH = "vit_small_patch14_reg4_dinov2"
 

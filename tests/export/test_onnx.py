@@ -9,8 +9,8 @@ from torchvision.transforms.functional import normalize
 
 from neco.contract import IMAGENET_MEAN, IMAGENET_STD, INPUT_IMAGES, OUTPUTS, ModelContract
 from neco.export.parity import generated_images, mean_patch_cosine, ort_session
-from neco.export.repository import contract_from_config, read_model_config
-from neco.training.backbone import patch_features
+from neco.model import patch_features
+from neco.triton_config import contract_from_config, read_model_config
 
 # Three resolutions (two non-square) and batch sizes 1 and 3, all through the one exported file;
 # the PyTorch reference dominates the cost, so not every combination is run.
@@ -92,7 +92,8 @@ def test_opset_23_exports_one_attention_node_per_block_with_parity(export_source
     """`onnx.opset: 23` turns each block's scaled-dot-product attention into one `Attention`
     node (a few percent faster on onnxruntime CPU); the graph must still match PyTorch."""
     from neco.export.config import OnnxSettings
-    from neco.export.onnx_export import DenseFeatureModel, export_onnx
+    from neco.export.onnx_export import export_onnx
+    from neco.model import DenseFeatureModel
 
     contract = ModelContract.for_arch("vit_small_patch14_reg4_dinov2")
     path = export_onnx(

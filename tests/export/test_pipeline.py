@@ -10,8 +10,8 @@ from neco.contract import ModelContract
 from neco.export.config import ExportConfig
 from neco.export.errors import ParityError, RepositoryError
 from neco.export.pipeline import REPORT_FILENAME, export_model, run_export
-from neco.export.repository import contract_from_config, read_model_config
-from neco.training.backbone import WeightsError, save_artefact
+from neco.model import WeightsError, save_artefact
+from neco.triton_config import contract_from_config, read_model_config
 
 ARCH = "vit_small_patch14_reg4_dinov2"
 

@@ -9,13 +9,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUT_FEATURES_RAW, ModelContract
 from neco.export.config import TritonSettings
 from neco.export.errors import RepositoryError
-from neco.export.repository import (
+from neco.export.repository import write_model_directory
+from neco.triton_config import (
     CONFIG_FILENAME,
     build_model_config,
     config_to_text,
     contract_from_config,
     read_model_config,
-    write_model_directory,
 )
 
 CONTRACT = ModelContract.for_arch("vit_base_patch14_reg4_dinov2", training_hash="abc123")

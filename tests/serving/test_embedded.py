@@ -16,7 +16,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUTS, PATCH_SIZE
-from neco.export.repository import contract_from_config, read_model_config
+from neco.triton_config import contract_from_config, read_model_config
 
 from .conftest import random_images
 

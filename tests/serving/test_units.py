@@ -134,7 +134,7 @@ def copy_model_dir(source: Path, root: Path, edit=None) -> Path:
     """A repository with `source`'s config.pbtxt (optionally edited) and no model files yet."""
     from google.protobuf import text_format
 
-    from neco.export.repository import read_model_config
+    from neco.triton_config import read_model_config
 
     cfg = read_model_config(source)
     if edit is not None:

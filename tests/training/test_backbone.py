@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from neco.contract import ARTEFACT_METADATA, ARTEFACT_WEIGHTS, PATCH_SIZE, ModelContract
-from neco.training.backbone import (
+from neco.model import (
     ArchitectureMismatchError,
     WeightsError,
     create_backbone,

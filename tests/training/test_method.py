@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from neco.training.backbone import patch_features
+from neco.model import patch_features
 from neco.training.ema import ema_update, make_teacher, momentum_at
 from neco.training.head import ProjectionHead
 from neco.training.method import NeCoLoss, NeCoNet, attention_foreground, roi_grid, similarity

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from neco.contract import ARTEFACT_WEIGHTS
-from neco.training.backbone import load_backbone, patch_features
+from neco.model import load_backbone, patch_features
 from neco.training.checkpoint import list_checkpoints, load_checkpoint
 from neco.training.data import collate
 from neco.training.run import build_dataset, train

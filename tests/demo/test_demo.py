@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from neco.evaluation.demo import DemoConfig, main, run_demo
+from neco.demo.run import DemoConfig, main, run_demo
 
 REPO = Path(__file__).resolve().parents[2]
 REDUCED = {

@@ -1,13 +1,8 @@
-"""DINOv2 backbones: creation through timm, loading from every supported weight format, the
-project's export artefact, and the one definition of "dense features".
-
-Every other stage (export wrappers, the torch evaluation backend) reads features through
-`patch_features` so that "dense features" mean exactly one thing: the final-norm patch tokens of
-the timm VisionTransformer, laid out as a [B, h, w, C] grid.
+"""DINOv2 backbones: creation through timm and loading from every supported weight format.
 
 Supported sources for `load_backbone`:
 - this project's artefact directory (`backbone.safetensors` + `metadata.json`);
-- this project's training checkpoint (see `neco.training.checkpoint`);
+- this project's training checkpoint (`kind` = `neco.contract.TRAINING_CHECKPOINT_KIND`);
 - an official DINOv2 `.pth` state dict (torch-hub key naming, converted by timm's own filter);
 - a NeCo Lightning `.ckpt` (module prefixes stripped through `STRIP_PREFIXES`);
 - a timm model id (`vit_small_patch14_reg4_dinov2[.tag]`) read from the local HF cache, offline.
@@ -15,34 +10,22 @@ Supported sources for `load_backbone`:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
-from neco.contract import (
-    ARCHS,
-    ARTEFACT_FORMAT_VERSION,
-    ARTEFACT_METADATA,
-    ARTEFACT_WEIGHTS,
-    PATCH_SIZE,
-    ModelContract,
-    arch_spec,
-)
+from neco.contract import ARCHS, ARTEFACT_WEIGHTS, TRAINING_CHECKPOINT_KIND, ModelContract, arch_spec
+from neco.model.artefact import config_hash, read_artefact_contract
+from neco.model.errors import ArchitectureMismatchError, WeightsError
 
 log = logging.getLogger(__name__)
-
-TRAINING_CHECKPOINT_KIND = "neco-training-checkpoint"
-"""Value of the `kind` entry that marks this project's training checkpoints."""
 
 STRIP_PREFIXES: tuple[str, ...] = (
     "module.",
@@ -60,14 +43,6 @@ SKIP_PREFIXES: tuple[str, ...] = ("teacher.", "momentum_encoder.", "ema.")
 """Sub-trees that hold a second copy of the backbone; loading the student never reads them."""
 
 _DINOV2_ONLY_KEYS = ("mask_token", "register_tokens")
-
-
-class WeightsError(ValueError):
-    """A weight source cannot be loaded into the requested backbone."""
-
-
-class ArchitectureMismatchError(WeightsError):
-    """The weights were trained for another architecture (width, depth or registers)."""
 
 
 def create_backbone(arch: str, *, pretrained: bool = False, drop_path_rate: float = 0.0) -> VisionTransformer:
@@ -100,20 +75,6 @@ def _cached_pretrained_file(model_id: str) -> Path:
         f"pretrained weights for {model_id!r} ({cfg.hf_hub_id}) are not in the local Hugging Face "
         "cache; this project never downloads them: copy the cache in or pass a weight file"
     )
-
-
-def patch_features(model: VisionTransformer, images: Tensor) -> tuple[Tensor, Tensor]:
-    """Final-norm patch tokens as a [B, h, w, C] grid and the final-norm class token [B, C].
-
-    `images` are float, already normalised with the contract's mean/std, with H and W multiples
-    of the patch size. Prefix tokens (class + registers) are dropped from the grid.
-    """
-    batch, _, height, width = images.shape
-    if height % PATCH_SIZE or width % PATCH_SIZE:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {PATCH_SIZE}")
-    tokens = model.forward_features(images)
-    grid = tokens[:, model.num_prefix_tokens :].reshape(batch, height // PATCH_SIZE, width // PATCH_SIZE, -1)
-    return grid, tokens[:, 0]
 
 
 def freeze_all_but_last_blocks(model: VisionTransformer, k: int | None) -> None:
@@ -223,59 +184,6 @@ def load_state_into(model: VisionTransformer, raw: Mapping[str, Any], source: st
     if unexpected:
         log.warning("%s: ignoring %d non-backbone keys: %s", source, len(unexpected), ", ".join(unexpected[:8]))
     model.load_state_dict({k: state[k] for k in target}, strict=True)
-
-
-# --------------------------------------------------------------------------- artefact
-def config_hash(training_config: Mapping[str, Any]) -> str:
-    """Stable short hash of a training config (canonical JSON), recorded in the contract."""
-    canonical = json.dumps(training_config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def save_artefact(
-    model: VisionTransformer, contract: ModelContract, out_dir: str | Path, training_config: dict[str, Any]
-) -> Path:
-    """Write the export artefact (timm-named safetensors + metadata) atomically; return its dir."""
-    out_dir = Path(out_dir)
-    if model.embed_dim != contract.embed_dim or model.num_reg_tokens != contract.num_registers:
-        raise ArchitectureMismatchError(
-            f"model (dim {model.embed_dim}, {model.num_reg_tokens} registers) does not match "
-            f"contract (dim {contract.embed_dim}, {contract.num_registers} registers)"
-        )
-    digest = config_hash(training_config)
-    if contract.training_hash and contract.training_hash != digest:
-        raise ValueError(f"contract training_hash {contract.training_hash!r} != config hash {digest!r}")
-    contract = contract.model_copy(update={"training_hash": digest})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    metadata = {
-        "format_version": ARTEFACT_FORMAT_VERSION,
-        "contract": contract.model_dump(mode="json"),
-        "training_config": training_config,
-    }
-    tmp_weights = out_dir / f".{ARTEFACT_WEIGHTS}.tmp"
-    tmp_meta = out_dir / f".{ARTEFACT_METADATA}.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"arch": contract.arch})
-    tmp_meta.write_text(json.dumps(metadata, indent=2, default=str))
-    os.replace(tmp_weights, out_dir / ARTEFACT_WEIGHTS)
-    os.replace(tmp_meta, out_dir / ARTEFACT_METADATA)
-    return out_dir
-
-
-def read_artefact_contract(artefact_dir: str | Path) -> ModelContract:
-    """Validate an artefact's metadata and return its contract (no weights are read)."""
-    meta_path = Path(artefact_dir) / ARTEFACT_METADATA
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} does not exist; not a NeCo training artefact")
-    try:
-        meta = json.loads(meta_path.read_text())
-        version = int(meta["format_version"])
-        contract = ModelContract.model_validate(meta["contract"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{meta_path}: malformed artefact metadata ({exc})") from None
-    if version > ARTEFACT_FORMAT_VERSION:
-        raise WeightsError(f"{meta_path}: format_version {version} is newer than supported {ARTEFACT_FORMAT_VERSION}")
-    return contract
 
 
 # --------------------------------------------------------------------------- entry point

@@ -1,6 +1,6 @@
 """The end-to-end demo (`make demo`): every stage of the service, on generated scenes, in minutes.
 
-    python -m neco.evaluation.demo --config configs/demo.yaml [key=value ...]
+    python -m neco.demo --config configs/demo.yaml [key=value ...]      (also `neco demo`)
 
 1. generate a small scene dataset (train = support set, val = queries + scoring)
 2. post-pretrain with NeCo from the smoke config, starting from saved starting weights
@@ -10,22 +10,24 @@
 6. print both mIoUs side by side; write overlays, PCA feature pictures and summary.json
 
 The starting weights are written first and handed to training as `model.weights`, so "before"
-and "after" differ only by the NeCo run. Uses CUDA for training when present.
+and "after" differ only by the NeCo run. Uses CUDA for training when present. This is the one
+module that composes all stages; no stage imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from neco.contract import DEFAULT_MODEL_NAME
+from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE, PATCH_SIZE
+from neco.errors import run_reporting_errors
+from neco.layout import IMAGES_DIR
 
 START_MODEL_NAME = "neco_start"
 
@@ -35,7 +37,7 @@ class SceneSettings(BaseModel):
 
     train: int = Field(24, ge=1, description="support images (bank) and NeCo training images")
     val: int = Field(12, ge=1, description="scored query images")
-    size: int = Field(112, ge=14)
+    size: int = Field(112, ge=PATCH_SIZE)
     num_classes: int = Field(4, ge=2)
 
 
@@ -51,9 +53,14 @@ class DemoConfig(BaseModel):
     train_config: Path = Path("configs/train_smoke.yaml")
     train_overrides: list[str] = Field(default_factory=list, description="key=value overrides of the train config")
     device: str = Field("auto", description="auto | cpu | cuda (training; the server picks CUDA itself)")
-    input_size: int = Field(112, ge=14, description="square encoder input for bank and queries")
-    k: int = Field(30, ge=1)
-    beta: float = Field(0.02, gt=0)
+    input_size: int = Field(112, ge=PATCH_SIZE, description="square encoder input for bank and queries")
+    k: int = Field(DEFAULT_K, ge=1)
+    temperature: float = Field(
+        DEFAULT_TEMPERATURE,
+        gt=0,
+        validation_alias=AliasChoices("temperature", "beta"),
+        description="softmax temperature",
+    )
     memory_size: int | None = Field(None, ge=1)
     pictures: int = Field(4, ge=0, description="query images rendered as overlays and PCA pictures")
     export_parity: bool = Field(True, description="check each ONNX export against PyTorch")
@@ -78,7 +85,7 @@ def save_starting_weights(cfg: DemoConfig, out: Path) -> Path:
     import torch
 
     from neco.contract import ModelContract
-    from neco.training.backbone import create_backbone, save_artefact
+    from neco.model import create_backbone, save_artefact
 
     torch.manual_seed(cfg.seed)
     model = create_backbone(cfg.arch).eval()
@@ -129,11 +136,7 @@ def evaluate_served(
     cfg: DemoConfig, repository: Path, name: str, train, val, pictures: Path, stages: Stages
 ) -> dict[str, object]:
     """Serve one model, bank the support set through the client, segment and score the queries."""
-    from neco.client import retrieval
-    from neco.client.backend import batch_features
-    from neco.client.images import prepare_image
-    from neco.client.render import features_to_rgb
-    from neco.client.triton import NecoClient
+    from neco.client import NecoClient, batch_features, features_to_rgb, prepare_image, segment
     from neco.evaluation.hummingbird import build_bank, evaluate_bank
     from neco.serving import EmbeddedServer, ServeConfig
 
@@ -145,11 +148,11 @@ def evaluate_served(
         bank = build_bank(client, train, train.class_names, size, memory_size=cfg.memory_size, seed=cfg.seed)
         bank.save(cfg.output_dir / "banks" / name)
         stages.note(f"{bank!r}; segmenting {len(val)} val images")
-        result = evaluate_bank(client, bank, val, k=cfg.k, beta=cfg.beta)
+        result = evaluate_bank(client, bank, val, k=cfg.k, beta=cfg.temperature)
         pca = []
         for i in range(min(cfg.pictures, len(val))):
             image, _ = val[i]
-            seg = retrieval.segment(client, image, bank, k=cfg.k, temperature=cfg.beta)
+            seg = segment(client, image, bank, k=cfg.k, temperature=cfg.temperature)
             seg.overlay(image).save(pictures / f"query{i}_{name}_overlay.png")
             feats = batch_features(client, [prepare_image(image, size).array])[0]
             pca.append(np.asarray(features_to_rgb(feats, size=image.shape[:2])))
@@ -162,7 +165,7 @@ def evaluate_served(
 
 
 def write_ground_truth(val, count: int, pictures: Path) -> None:
-    from neco.client.render import overlay
+    from neco.client import overlay
 
     for i in range(min(count, len(val))):
         image, mask = val[i]
@@ -171,17 +174,15 @@ def write_ground_truth(val, count: int, pictures: Path) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict[str, object]:
     """All stages; returns (and writes to output_dir/summary.json) the side-by-side results."""
-    from neco.evaluation.backends import resolve_device
     from neco.evaluation.datasets import load_dataset
+    from neco.model import resolve_device
     from neco.scenes import write_scene_dataset
 
     stages = Stages(6)
     out = cfg.output_dir
     pictures = out / "pictures"
     pictures.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.startswith("cuda"):
-        device = "cuda"
+    device = resolve_device(cfg.device).type
 
     stages(
         f"generating {cfg.scenes.train}+{cfg.scenes.val} scenes ({cfg.scenes.size}px, {cfg.scenes.num_classes} classes)"
@@ -199,7 +200,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
     stages(f"NeCo post-pretraining on {device} ({cfg.train_config})")
     start = save_starting_weights(cfg, out / "start_artefact")
     stages.note(f"starting weights: {start}")
-    trained = post_pretrain(cfg, start, root / "train" / "images", device)
+    trained = post_pretrain(cfg, start, root / "train" / IMAGES_DIR, device)
     stages.note(f"post-pretrained weights: {trained}")
 
     stages("exporting both backbones to ONNX in one Triton model repository")
@@ -240,19 +241,18 @@ def _pct(value: object) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from neco.config import ConfigError, load_config
+    from neco.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m neco.evaluation.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m neco.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="demo YAML (configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(DemoConfig, args.config, args.overrides)
-        run_demo(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> int:
+        run_demo(load_config(DemoConfig, args.config, args.overrides))
+        return 0
+
+    return run_reporting_errors("demo", body)
 
 
 if __name__ == "__main__":

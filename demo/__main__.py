@@ -1,0 +1,5 @@
+"""`python -m neco.demo [--config configs/demo.yaml] [key=value ...]`."""
+
+from neco.demo.run import main
+
+raise SystemExit(main())

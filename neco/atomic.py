@@ -1,0 +1,108 @@
+"""The one way this project publishes a file or a folder: nothing half-written is ever visible.
+
+Everything is first written under a hidden temporary name in the destination's own folder
+(same file system, so the final `os.replace` is atomic), flushed to disk with `fsync`, renamed
+into place, and the parent folder is `fsync`ed so the rename itself survives a power loss.
+Used for checkpoints, training artefacts, Triton model directories and memory banks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder below `root` (children first), then `root` itself."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
+def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
+    """A unique hidden name next to `path` (same folder, so a rename onto `path` is atomic)."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write(path: Path, writer: Callable[[Path], object]) -> Path:
+    """Call `writer(tmp)` to produce the file, then fsync and rename it to `path`.
+
+    `writer` gets a temporary path in the same folder (np.save, safetensors, torch.save and
+    `Path.write_bytes` all fit); on any error the temporary file is removed and `path` keeps
+    its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        writer(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextmanager
+def staged_directory(target: Path, *, replace: bool) -> Iterator[Path]:
+    """Yield an empty hidden staging folder; on success it becomes `target` atomically.
+
+    An existing `target` is only replaced with `replace=True`: it is renamed aside first and
+    deleted after the new folder is in place, so readers see either the old or the new folder,
+    never a mix or nothing for longer than one rename. On any error the staging folder is
+    removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield staging
+        fsync_tree(staging)
+        publish_directory(staging, target, replace=replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def publish_directory(staging: Path, target: Path, *, replace: bool) -> None:
+    """Rename `staging` to `target`; an old `target` (only with `replace`) is moved aside, then deleted."""
+    if not target.exists():
+        os.replace(staging, target)
+        fsync_path(target.parent)
+        return
+    if not replace:
+        raise FileExistsError(f"{target} already exists")
+    retired = temporary_sibling(target, "old")
+    os.replace(target, retired)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(retired, target)
+        raise
+    fsync_path(target.parent)
+    shutil.rmtree(retired, ignore_errors=True)
