@@ -7,16 +7,21 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv clean bench
+.PHONY: demo test test-fast lint venv clean bench
 
 demo: $(STAMP)
 	$(PY) -m neco.demo --config configs/demo.yaml
 
-test: $(STAMP)
+# lint first (seconds), then the suite; the import rules are tests (tests/core/test_import_rules.py)
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 venv: $(STAMP)
 

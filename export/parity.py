@@ -18,6 +18,7 @@ import numpy as np
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES, PATCH_SIZE
 from neco.export.config import Size
 from neco.scenes import generate_scene
+from neco.signature import choose_providers
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 """UINT8 [B, H, W, 3] -> FP32 [B, h, w, C] normalised features."""
@@ -43,7 +44,9 @@ def ort_session(path: Path, providers: Sequence[str] | None = None, threads: int
         options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    # parity is measured on CPU unless providers are asked for explicitly (no CUDA preference)
+    chosen = choose_providers(providers, ort.get_available_providers(), preferred=())
+    return ort.InferenceSession(str(path), options, providers=chosen)
 
 
 def ort_features(session) -> FeatureFn:

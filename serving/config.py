@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neco.contract import DEFAULT_MODEL_NAME
+from neco.signature import InputLimits
 
 DEFAULT_MAX_QUEUE_SIZE: int = 64
 """Queue bound used when neither ServeConfig nor config.pbtxt sets one: the queue is never unbounded."""
@@ -53,6 +54,8 @@ class ServeConfig(BaseModel):
         default=None, description="onnxruntime providers; None = CUDA when available, else CPU"
     )
     intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
+
+    limits: InputLimits = Field(default_factory=InputLimits, description="largest side / pixels a request may hold")
 
     log_verbose: int = Field(default=0, ge=0)
 

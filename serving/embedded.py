@@ -150,7 +150,7 @@ class EmbeddedServer:
         self.contract = contract_from_config(exported)
         version = find_model_version(model_dir, ONNX_FILENAME)
         onnx_path = model_dir / str(version) / ONNX_FILENAME
-        runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
+        runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads, self.cfg.limits)
 
         ports = [self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port]
         free = iter(pick_free_ports(self.cfg.host, ports.count(0)))

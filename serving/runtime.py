@@ -52,7 +52,14 @@ def validate_images(images: Any, limits: InputLimits = DEFAULT_LIMITS) -> np.nda
 class OnnxFeatureRunner:
     """One onnxruntime session over the exported graph, callable by PyTriton with a request list."""
 
-    def __init__(self, onnx_path: Path, providers: Sequence[str] | None = None, intra_op_threads: int = 0):
+    def __init__(
+        self,
+        onnx_path: Path,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        limits: InputLimits = DEFAULT_LIMITS,
+    ):
+        self.limits = limits
         if not onnx_path.is_file():
             raise ModelLoadError(f"ONNX model {str(onnx_path)!r} does not exist")
         options = ort.SessionOptions()
@@ -85,7 +92,7 @@ class OnnxFeatureRunner:
         outputs some request asked for are computed and handed back, which saves copying
         unused patch grids through PyTriton's shared memory.
         """
-        images = [validate_images(request.data.get(INPUT_IMAGES)) for request in requests]
+        images = [validate_images(request.data.get(INPUT_IMAGES), self.limits) for request in requests]
         wanted = [[n for n in OUTPUTS if n in (r.requested_output_names or OUTPUTS)] for r in requests]
         responses: dict[int, dict[str, np.ndarray]] = {}
         groups: dict[tuple[int, int], list[int]] = {}
