@@ -3,6 +3,7 @@
 The builder's calls per TensorRT version are tested against fake modules in test_tensorrt_build.py.
 """
 
+import json
 import shlex
 
 import pytest
@@ -234,3 +235,60 @@ def test_engine_build_and_parity_against_onnxruntime(request, tmp_path, precisio
     load_engine(tmp_path / "engines" / engine_name(meta), meta)
     _, again = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path)
     assert again["reused"] is True
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_pipeline_parses_the_reduced_onnx_it_writes(
+    tmp_path, monkeypatch, export_source_model, model_repository_model_dir, precision
+):
+    """backend tensorrt + precision fp16/bf16: the engine step gets the reduced graph (LayerNorm in FP32).
+
+    The FP32 export is the fixture's (same weights) and the engine step is replaced by one that
+    records what it was handed; everything before it (parity, conversion) runs for real.
+    """
+    import shutil
+
+    import onnx
+
+    import neco.export.onnx_export as onnx_export
+    import neco.export.tensorrt as tensorrt
+    from neco.contract import ModelContract
+    from neco.export.pipeline import REPORT_FILENAME, export_model
+    from neco.export.repository import read_model_config
+
+    def export_onnx(model, path, settings):
+        shutil.copy(model_repository_model_dir / "1" / "model.onnx", path)
+        return path
+
+    handed = {}
+
+    def build_and_check_engine(onnx_path, reference_session, cfg, work):
+        model = onnx.load(str(onnx_path))
+        norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+        weights = {init.name: init.data_type for init in model.graph.initializer}
+        handed.update(precision=onnx_precision(onnx_path), ln_weight_types={weights[n.input[1]] for n in norms})
+        plan = work / "model.plan"
+        plan.write_bytes(b"plan")
+        return {plan.name: plan}, {"precision": cfg.precision, "engine_name": "fake.plan"}
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export_onnx)
+    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt, "build_and_check_engine", build_and_check_engine)
+    cfg = ExportConfig(
+        source="fixture",
+        output=tmp_path / "repo",
+        backend="tensorrt",
+        precision=precision,
+        onnx={"simplify": False},
+        parity={"sizes": [[56, 42]], "batch_sizes": [1]},
+    )
+    model_dir = export_model(
+        export_source_model, ModelContract.for_arch("vit_small_patch14_reg4_dinov2"), cfg, progress=lambda _m: None
+    )
+    assert handed == {"precision": precision, "ln_weight_types": {onnx.TensorProto.FLOAT}}
+    assert read_model_config(model_dir).parameters["precision"].string_value == precision
+    report = json.loads((model_dir / REPORT_FILENAME).read_text())
+    if precision == "fp16":
+        assert report["parity_fp16"]["min_mean_cosine"] >= 0.99
+    else:
+        assert "no BF16 kernels" in report["parity_bf16"]["skipped"]
