@@ -82,7 +82,7 @@ def reduced_precision_onnx(source: Path, destination: Path, precision: str, keep
 
 
 def onnx_precision(path: Path) -> str:
-    """ "fp32", "fp16" or "bf16": the reduced float type among the graph's weights, if any.
+    """The graph's precision: "fp16" or "bf16" if its weights hold that type, else "fp32".
 
     A strongly typed TensorRT build takes its precision from exactly this, so the engine's
     label is checked against it before parsing.
@@ -116,20 +116,20 @@ def _to_fp16(model: onnx.ModelProto, originals: dict[str, np.ndarray], keep_fp32
 
 def _fold_weight_casts(graph: onnx.GraphProto, originals: dict[str, np.ndarray]) -> None:
     """Cast(weight -> FLOAT) nodes become FP32 initializers holding the source's exact values."""
-    initializers = {init.name: init for init in graph.initializer}
-    folded = []
+    initializers = {init.name for init in graph.initializer}
+    nodes, folded = [], []
     for node in graph.node:
         to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if node.op_type == "Cast" and to == onnx.TensorProto.FLOAT and node.input[0] in originals:
-            source = originals[node.input[0]]
-            if source.dtype == np.float32 and node.input[0] in initializers:
-                graph.initializer.append(numpy_helper.from_array(source, node.output[0]))
-                folded.append(node)
-    for node in folded:
-        graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-    for init in [init for init in graph.initializer if init.name not in used]:
-        graph.initializer.remove(init)
+        weight = node.input[0] if node.op_type == "Cast" and node.input[0] in initializers else None
+        if to == onnx.TensorProto.FLOAT and weight in originals and originals[weight].dtype == np.float32:
+            folded.append(numpy_helper.from_array(originals[weight], node.output[0]))
+        else:
+            nodes.append(node)
+    used = {name for node in nodes for name in node.input} | {out.name for out in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept + folded)
 
 
 def _topological_sort(graph: onnx.GraphProto) -> None:
