@@ -1,7 +1,7 @@
 """neco.export stage: trained or stock DINOv2 -> ONNX / TensorRT -> Triton model repository.
 
-Importing this package stays torch-free (serving and the client import
-`neco.export.repository`); `run_export` loads the heavy pipeline on first use.
+Importing this package stays torch-free (config validation and `--help` need no torch);
+`run_export` loads the heavy pipeline on first use.
 """
 
 from typing import Any

@@ -1,8 +1,8 @@
 """`neco export ...` sub-commands (torch-free at import; heavy modules load in the handlers).
 
 - `neco export onnx`      weights -> Triton model dir with model.onnx (fp32/fp16/int8)
-- `neco export tensorrt`  weights -> Triton model dir with model.plan (needs tensorrt + GPU)
-- `neco export trtexec`   print (or run) the equivalent trtexec build for a container
+- `neco export tensorrt`  weights -> Triton model dir with a strongly typed model.plan (needs tensorrt + GPU)
+- `neco export trtexec`   print (or run) the equivalent trtexec build for a container's TensorRT
 - `neco export inspect`   parse a model dir's config.pbtxt and print its served contract
 """
 
@@ -17,6 +17,9 @@ from pathlib import Path
 
 from neco.config import ConfigError, apply_overrides, load_config, read_yaml
 from neco.export.config import ExportConfig
+from neco.export.errors import ExportError
+
+TENSORRT_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -41,18 +44,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("--precision", choices=["fp32", "fp16", "int8"])
     onnx.set_defaults(handler=_run_onnx)
 
-    trt = sub.add_parser("tensorrt", help="TensorRT plan (tensorrt backend); needs tensorrt and a GPU")
+    trt = sub.add_parser("tensorrt", help="strongly typed TensorRT plan (tensorrt backend); needs tensorrt and a GPU")
     _add_common(trt)
+    trt.add_argument("--precision", choices=TENSORRT_PRECISIONS, help="which ONNX the engine is parsed from")
     trt.set_defaults(handler=_run_tensorrt)
 
-    trtexec = sub.add_parser("trtexec", help="print (or --run) the trtexec build of an exported model.onnx")
-    trtexec.add_argument("--config", type=Path, help="YAML ExportConfig whose `tensorrt` section is used")
-    trtexec.add_argument("--onnx", type=Path, required=True, help="path to model.onnx")
+    trtexec = sub.add_parser("trtexec", help="print (or --run) the strongly typed trtexec build of an exported ONNX")
+    trtexec.add_argument("--config", type=Path, help="YAML ExportConfig: its `tensorrt` section and `precision`")
+    trtexec.add_argument("--onnx", type=Path, required=True, help="the FP32 model.onnx (or one already in --precision)")
     trtexec.add_argument("--engine", type=Path, required=True, help="where to save the engine (e.g. .../1/model.plan)")
+    trtexec.add_argument("--precision", choices=TENSORRT_PRECISIONS, help="engine precision (default: config, fp32)")
+    trtexec.add_argument(
+        "--tensorrt-version",
+        help="TensorRT of the image that builds AND serves the plan, e.g. 10.3 (default: the installed tensorrt)",
+    )
+    trtexec.add_argument(
+        "--reduced-onnx", type=Path, help="where the FP16/BF16 ONNX is written (default: beside --onnx)"
+    )
     trtexec.add_argument("--trtexec", default="trtexec", help="trtexec executable")
     trtexec.add_argument("--run", action="store_true", help="run it instead of printing it")
     trtexec.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="tensorrt-section overrides, e.g. fp16=false"
+        "overrides", nargs="*", metavar="key=value", help="tensorrt-section overrides, e.g. workspace_gib=8"
     )
     trtexec.set_defaults(handler=_run_trtexec)
 
@@ -100,28 +112,59 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
 
 def _run_tensorrt(args: argparse.Namespace) -> int:
-    return _export(_load(args, ["backend=tensorrt"]))
+    extra = [f"precision={args.precision}"] if args.precision else []
+    return _export(_load(args, extra + ["backend=tensorrt"]))
 
 
 def _run_trtexec(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from neco.export.config import TensorRTSettings
-    from neco.export.tensorrt import trtexec_command
+    from neco.export.tensorrt_build import trtexec_command
 
-    # Only the config's `tensorrt` section matters here; overrides are relative to it.
-    section = read_yaml(args.config).get("tensorrt", {}) if args.config else {}
+    # Only the config's `tensorrt` section and `precision` matter here; overrides are relative to the section.
+    config = read_yaml(args.config) if args.config else {}
     try:
-        settings = TensorRTSettings.model_validate(apply_overrides(section, args.overrides))
+        settings = TensorRTSettings.model_validate(apply_overrides(config.get("tensorrt", {}), args.overrides))
     except ValidationError as exc:
         raise ConfigError(f"invalid tensorrt settings: {exc}") from None
+    precision = args.precision or config.get("precision", "fp32")
+    if precision not in TENSORRT_PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: TensorRT engines are built as one of {TENSORRT_PRECISIONS}")
     if not args.onnx.is_file():
         raise FileNotFoundError(f"ONNX file {args.onnx} does not exist")
-    command = trtexec_command(args.onnx, args.engine, settings, args.trtexec)
+    version = args.tensorrt_version or _installed_tensorrt_version()
+    onnx_path = _onnx_in_precision(args.onnx, precision, args.reduced_onnx)
+    command = trtexec_command(onnx_path, args.engine, settings, version, args.trtexec)
     if not args.run:
         print(shlex.join(command))
         return 0
     return subprocess.run(command, check=False).returncode
+
+
+def _installed_tensorrt_version() -> str:
+    try:
+        import tensorrt
+    except ImportError:
+        raise ExportError(
+            "no tensorrt package here: pass --tensorrt-version, the TensorRT of the image that builds and "
+            "serves the plan (docs/tensorrt.md lists which Triton image ships which)"
+        ) from None
+    return tensorrt.__version__
+
+
+def _onnx_in_precision(onnx_path: Path, precision: str, destination: Path | None) -> Path:
+    """`onnx_path` if it already holds `precision`; else its FP16/BF16 graph, written to `destination`."""
+    from neco.export.precision import TENSORRT_FP32_OPS, onnx_precision, reduced_precision_onnx
+
+    found = onnx_precision(onnx_path)
+    if found == precision:
+        return onnx_path
+    if found != "fp32":
+        raise ExportError(f"{onnx_path} holds {found} weights: pass the FP32 export to build a {precision} engine")
+    destination = destination or onnx_path.with_name(f"{onnx_path.stem}_{precision}.onnx")
+    print(f"writing the {precision} ONNX the engine is parsed from: {destination}", file=sys.stderr)
+    return reduced_precision_onnx(onnx_path, destination, precision, TENSORRT_FP32_OPS)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

@@ -19,7 +19,9 @@ from neco.export.errors import ProfileError
 Size = tuple[int, int]
 """(height, width) in pixels; both multiples of the patch size."""
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+"""Served precision. onnxruntime: fp32, fp16, int8. TensorRT: fp32, fp16, bf16, taken from the
+ONNX the engine is parsed from (strongly typed builds; see neco.export.tensorrt_build)."""
 
 
 def check_size(size: Size, what: str) -> Size:
@@ -130,16 +132,28 @@ def validate_profile(minimum: Shape, optimum: Shape, maximum: Shape) -> None:
 
 
 class TensorRTSettings(_Section):
-    """Engine build options (used only when `backend` is "tensorrt")."""
+    """Engine build options (used only when `backend` is "tensorrt").
+
+    There is no precision switch here: engines are strongly typed, so the top-level
+    `precision` picks which ONNX (FP32, or the FP16/BF16 graph the export writes) is parsed.
+    """
 
     min_shape: Shape = (1, 224, 224)
     opt_shape: Shape = (4, 448, 448)
     max_shape: Shape = (8, 896, 896)
-    fp16: bool = True
-    bf16: bool = False
     workspace_gib: float = Field(default=4.0, gt=0)
     timing_cache: Optional[Path] = Field(default=None, description="reused across builds to cut build time")
     engine_cache_dir: Optional[Path] = Field(default=None, description="keep named engines here as well")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_precision_flags(cls, data: object) -> object:
+        if isinstance(data, dict) and {"fp16", "bf16"} & data.keys():
+            raise ValueError(
+                "tensorrt.fp16/bf16 are gone (TensorRT 11 has no precision flags; engines are strongly typed): "
+                "set the top-level `precision: fp16` or `precision: bf16` instead"
+            )
+        return data
 
     @model_validator(mode="after")
     def _profile(self) -> TensorRTSettings:
@@ -180,10 +194,15 @@ class ExportConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExportConfig:
+        if self.backend == "onnxruntime" and self.precision == "bf16":
+            raise ValueError(
+                "precision bf16 is for backend tensorrt; onnxruntime has no BF16 kernels for this graph (use fp16)"
+            )
         if self.backend == "tensorrt":
-            if self.precision != "fp32":
+            if self.precision == "int8":
                 raise ValueError(
-                    f"backend tensorrt builds from the FP32 ONNX; set tensorrt.fp16/bf16 instead of precision {self.precision}"
+                    "backend tensorrt builds strongly typed fp32/fp16/bf16 engines (INT8 would need explicit Q/DQ "
+                    "quantisation): set precision fp32, fp16 or bf16 instead of precision int8"
                 )
             if self.tensorrt.max_shape[0] < self.triton.max_batch_size:
                 raise ProfileError(

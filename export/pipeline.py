@@ -3,9 +3,9 @@
 Steps, each reported on stderr: load weights; export FP32 ONNX (dynamo, dynamic B/H/W);
 optionally simplify with onnxslim; check FP32 parity against PyTorch at every configured
 shape; convert to the served precision and measure its cosine parity against FP32; build a
-TensorRT engine when asked; write config.pbtxt + model + `export_report.json` atomically.
-All work happens in a temporary directory, so a failure at any step leaves the repository as
-it was.
+strongly typed TensorRT engine from that graph when asked; write config.pbtxt + model +
+`export_report.json` atomically. All work happens in a temporary directory, so a failure at
+any step leaves the repository as it was.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def export_model(
         if cfg.backend == "tensorrt":
             from neco.export.tensorrt import build_and_check_engine
 
-            progress("building TensorRT engine")
-            files, trt_report = build_and_check_engine(fp32, fp32_session, cfg, work)
+            progress(f"building a strongly typed TensorRT engine from {served.name}")
+            files, trt_report = build_and_check_engine(served, fp32_session, cfg, work)
             report["tensorrt"] = trt_report
             extra_parameters = {"precision": trt_report["precision"], "tensorrt_engine": trt_report["engine_name"]}
 
@@ -142,20 +142,32 @@ def export_model(
 def _served_onnx(
     fp32: Path, fp32_session: Any, cfg: ExportConfig, work: Path, report: dict, progress: Progress
 ) -> Path:
-    """Convert to the served precision and measure cosine parity against the FP32 graph."""
+    """Convert to the served precision and measure its cosine parity against the FP32 graph.
+
+    For backend tensorrt this is the graph the engine is parsed from (strongly typed builds
+    take their precision from it), with `TENSORRT_FP32_OPS` kept in FP32.
+    """
     from neco.export.parity import compare, ort_features, ort_session, shape_grid
-    from neco.export.precision import convert_fp16, convert_int8
+    from neco.export.precision import TENSORRT_FP32_OPS, convert_int8, reduced_precision_onnx
 
     if cfg.precision == "fp32":
         return fp32
-    if cfg.precision == "fp16":
-        progress("converting to FP16 (FP32 I/O)")
-        converted, limit = convert_fp16(fp32, work / "model_fp16.onnx"), cfg.parity.min_cosine_fp16
-    else:
+    if cfg.precision == "int8":
         progress(f"quantising to INT8 ({cfg.quantization.mode})")
         converted = convert_int8(fp32, work / "model_int8.onnx", cfg.quantization, cfg.parity.seed)
         limit = cfg.parity.min_cosine_int8
+    else:
+        keep = TENSORRT_FP32_OPS if cfg.backend == "tensorrt" else ()
+        kept = f", {'/'.join(keep)} in FP32" if keep else ""
+        progress(f"converting to {cfg.precision.upper()} (FP32 I/O{kept})")
+        converted = reduced_precision_onnx(fp32, work / f"model_{cfg.precision}.onnx", cfg.precision, keep)
+        limit = cfg.parity.min_cosine_fp16
     if not cfg.parity.enabled:
+        return converted
+    if cfg.precision == "bf16":
+        reason = "onnxruntime has no BF16 kernels for this graph; the engine's parity vs FP32 is the check"
+        report["parity_bf16"] = {"skipped": reason}
+        progress(f"  BF16 ONNX parity skipped: {reason}")
         return converted
     grid = shape_grid(cfg.parity.sizes, cfg.parity.batch_sizes)
     parity = compare(

@@ -5,17 +5,15 @@ for shapes inside its optimisation profile. The engine file name therefore encod
 (plus precision) and a JSON sidecar records them; `load_engine` refuses a file whose sidecar
 does not match the running GPU/TensorRT or the requested profile.
 
-Two build paths:
-- `build_engine` with the `tensorrt` Python API (Builder, OnnxParser, optimisation profile,
-  FP16/BF16 flags, persistent timing cache);
-- `trtexec_command` for the container path (the same settings as trtexec flags), printed or
-  run by `neco export trtexec`.
-Parity (`check_engine_parity`) runs the engine on CUDA through torch-allocated buffers and
-compares with onnxruntime on the same images.
+Engines are strongly typed, built by `neco.export.tensorrt_build` (the Python builder, or the
+trtexec command for a container); the precision is that of the ONNX parsed, which the export
+stage writes for fp16/bf16. Parity (`check_engine_parity`) runs the engine on CUDA through
+torch-allocated buffers and compares with onnxruntime FP32 on the same images.
 
 Neither `tensorrt` nor a GPU exists on the development machines: this path is written against
-the TensorRT 10 API and its tests skip there with that reason; only the pure-Python parts
-(naming, metadata checks, profiles, trtexec command) are exercised without a GPU.
+the TensorRT 10 and 11 Python APIs; the engine build and parity tests skip there with that
+reason, while naming, metadata checks, profiles, the trtexec command and the builder's calls
+(against fake TensorRT 10 and 11 modules) are tested everywhere.
 """
 
 from __future__ import annotations
@@ -29,8 +27,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
-from neco.export.config import ExportConfig, Shape, TensorRTSettings, validate_profile
+from neco.export.config import ExportConfig, Shape, TensorRTSettings
 from neco.export.errors import EngineMismatchError, ExportError, ParityError
+from neco.export.tensorrt_build import build_engine, strongly_typed_opt_in
 from neco.triton_config import PLAN_FILENAME
 
 SIDECAR_SUFFIX = ".json"
@@ -68,14 +67,8 @@ def engine_name(meta: EngineMetadata) -> str:
     )
 
 
-def engine_precision(settings: TensorRTSettings) -> str:
-    """Name of the enabled reduced-precision set ("fp32" when none)."""
-    enabled = [name for name, on in (("fp16", settings.fp16), ("bf16", settings.bf16)) if on]
-    return "+".join(enabled) or "fp32"
-
-
-def expected_metadata(model_name: str, settings: TensorRTSettings, device: int = 0) -> EngineMetadata:
-    """The metadata an engine built here, now, with `settings` would carry (needs tensorrt + CUDA)."""
+def expected_metadata(model_name: str, settings: TensorRTSettings, precision: str, device: int = 0) -> EngineMetadata:
+    """The metadata an engine built here, now, from a `precision` ONNX would carry (needs tensorrt + CUDA)."""
     import tensorrt as trt
     import torch
 
@@ -90,7 +83,7 @@ def expected_metadata(model_name: str, settings: TensorRTSettings, device: int =
         min_shape=settings.min_shape,
         opt_shape=settings.opt_shape,
         max_shape=settings.max_shape,
-        precision=engine_precision(settings),
+        precision=precision,
     )
 
 
@@ -129,76 +122,6 @@ def write_sidecar(engine_path: Path, meta: EngineMetadata) -> Path:
     return sidecar
 
 
-def _input_shape(shape: Shape) -> tuple[int, int, int, int]:
-    batch, height, width = shape
-    return (batch, height, width, 3)
-
-
-def trtexec_command(
-    onnx_path: Path, engine_path: Path, settings: TensorRTSettings, trtexec: str = "trtexec"
-) -> list[str]:
-    """The equivalent trtexec invocation (TensorRT 10 flags) for container builds."""
-    validate_profile(settings.min_shape, settings.opt_shape, settings.max_shape)
-
-    def shapes(shape: Shape) -> str:
-        return f"{INPUT_IMAGES}:" + "x".join(str(v) for v in _input_shape(shape))
-
-    command = [
-        trtexec,
-        f"--onnx={onnx_path}",
-        f"--saveEngine={engine_path}",
-        f"--minShapes={shapes(settings.min_shape)}",
-        f"--optShapes={shapes(settings.opt_shape)}",
-        f"--maxShapes={shapes(settings.max_shape)}",
-        f"--memPoolSize=workspace:{int(settings.workspace_gib * 1024)}",
-        "--skipInference",
-    ]
-    command += ["--fp16"] if settings.fp16 else []
-    command += ["--bf16"] if settings.bf16 else []
-    if settings.timing_cache is not None:
-        command.append(f"--timingCacheFile={settings.timing_cache}")
-    return command
-
-
-def build_engine(onnx_path: Path, engine_path: Path, meta: EngineMetadata, settings: TensorRTSettings) -> Path:
-    """Parse the ONNX, set one optimisation profile and precision flags, build and serialize."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * 2**30))
-    if settings.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if settings.bf16:
-        config.set_flag(trt.BuilderFlag.BF16)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(
-        INPUT_IMAGES,
-        _input_shape(settings.min_shape),
-        _input_shape(settings.opt_shape),
-        _input_shape(settings.max_shape),
-    )
-    config.add_optimization_profile(profile)
-    cache_path = settings.timing_cache
-    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    engine_path.write_bytes(memoryview(serialized))
-    write_sidecar(engine_path, meta)
-    return engine_path
-
-
 def load_engine(engine_path: Path, expected: EngineMetadata):
     """Deserialize an engine after `verify_engine`; never loads a mismatched engine."""
     import tensorrt as trt
@@ -219,6 +142,7 @@ def engine_features(engine) -> Any:
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16}
 
     def run(images):
         stream = torch.cuda.current_stream()
@@ -227,7 +151,9 @@ def engine_features(engine) -> Any:
         context.set_tensor_address(INPUT_IMAGES, source.data_ptr())
         buffers = {}
         for name in outputs:
-            dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.DataType.HALF else torch.float32
+            dtype = dtypes.get(engine.get_tensor_dtype(name))
+            if dtype is None:
+                raise ExportError(f"engine output {name} has type {engine.get_tensor_dtype(name)}, not FP32/FP16/BF16")
             buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
             context.set_tensor_address(name, buffers[name].data_ptr())
         if not context.execute_async_v3(stream.cuda_stream):
@@ -272,11 +198,12 @@ def check_engine_parity(
 def require_tensorrt() -> None:
     """Fail fast (before minutes of export work) where engines cannot be built."""
     try:
-        import tensorrt  # noqa: F401  (availability check; the API is used in build_engine)
+        import tensorrt
     except ImportError as exc:
         raise ExportError(
             "backend tensorrt needs the `tensorrt` Python package (pip install neco-dense[tensorrt])"
         ) from exc
+    strongly_typed_opt_in(tensorrt.__version__)  # refuses versions this code is not written for
     import torch
 
     if not torch.cuda.is_available():
@@ -293,14 +220,15 @@ def build_and_check_engine(
     """
     require_tensorrt()
     settings = cfg.tensorrt
-    meta = expected_metadata(cfg.model_name, settings)
+    meta = expected_metadata(cfg.model_name, settings, cfg.precision)
     engine_path = Path(settings.engine_cache_dir or work) / engine_name(meta)
     try:
         verify_engine(engine_path, meta)
         reused = True
     except EngineMismatchError:
         engine_path.parent.mkdir(parents=True, exist_ok=True)
-        build_engine(onnx_path, engine_path, meta, settings)
+        build_engine(onnx_path, engine_path, settings, meta.precision)
+        write_sidecar(engine_path, meta)
         reused = False
     parity = None
     if cfg.parity.enabled:
@@ -323,6 +251,8 @@ def build_and_check_engine(
         "reused": reused,
         "parity_vs_onnxruntime": parity,
         "precision": meta.precision,
+        "onnx_parsed": onnx_path.name,
+        "strongly_typed": True,
     }
     return {PLAN_FILENAME: plan, sidecar.name: sidecar}, report
 
@@ -331,14 +261,8 @@ def verify_repository_engine(model_dir: Path, version: int = 1, device: int = 0)
     """Check that `<model_dir>/<version>/model.plan` was built for this GPU and TensorRT."""
     plan = Path(model_dir) / str(version) / PLAN_FILENAME
     found = read_sidecar(plan)
-    settings = TensorRTSettings(
-        min_shape=found.min_shape,
-        opt_shape=found.opt_shape,
-        max_shape=found.max_shape,
-        fp16="fp16" in found.precision,
-        bf16="bf16" in found.precision,
-    )
-    expected = expected_metadata(found.model_name, settings, device)
+    settings = TensorRTSettings(min_shape=found.min_shape, opt_shape=found.opt_shape, max_shape=found.max_shape)
+    expected = expected_metadata(found.model_name, settings, found.precision, device)
     verify_engine(plan, expected, check_name=False)
     return expected
 
