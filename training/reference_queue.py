@@ -2,7 +2,8 @@
 
 One queue per global crop. Every step pushes `per_image` random teacher patches of every image
 of the global batch (all ranks' pushes are gathered first, so every rank holds the same queue).
-Until a queue is full, references are a shuffled draw of patches from the current batch.
+Every (teacher global crop, student view) pair gets its own draw of references; until a queue
+is full they are drawn from the current batch's teacher patches instead of the queue.
 """
 
 from __future__ import annotations
@@ -39,17 +40,27 @@ class ReferenceQueue:
         self.pointer[queue] = (self.pointer[queue] + len(embeddings)) % self.length
         self.count[queue] = min(self.length, self.count[queue] + len(embeddings))
 
-    def references(self, queue: int, batch_patches: Tensor, per_image: int) -> Tensor:
-        """[B, per_image, dim] references for each image: from the queue once it is full,
-        otherwise drawn at random (global torch RNG, checkpointed) from all of `batch_patches`
-        [B, N, dim], so an image's references mostly come from other images."""
-        batch = batch_patches.shape[0]
+    def references(self, queue: int, batch_patches: Tensor, per_image: int, draws: int = 1) -> Tensor:
+        """`draws` independent reference sets [draws, B, per_image, dim], one per crop pair.
+
+        From the queue once it is full, otherwise from all of `batch_patches` [B, N, dim] (so
+        an image's references mostly come from other images). The reference implementation
+        reads its queue from the first step, zero rows included; drawing from the batch until
+        the queue is full avoids those zero references (the project's one deliberate
+        difference). Each set is drawn without replacement, like the reference's `randperm`,
+        when the pool is large enough (global torch RNG, checkpointed).
+        """
+        batch, dim = batch_patches.shape[0], batch_patches.shape[-1]
         if self.full(queue):
-            idx = torch.randint(0, self.length, (batch, per_image), device=self.buffer.device)
-            return self.buffer[queue][idx].to(batch_patches.dtype)
-        pool = batch_patches.detach().reshape(-1, batch_patches.shape[-1])
-        idx = torch.randint(0, len(pool), (batch, per_image), device=pool.device)
-        return pool[idx]
+            pool = self.buffer[queue]
+        else:
+            pool = batch_patches.detach().reshape(-1, dim)
+        needed = batch * per_image
+        if len(pool) >= needed:
+            idx = torch.rand(draws, len(pool), device=pool.device).argsort(-1)[:, :needed]
+        else:
+            idx = torch.randint(0, len(pool), (draws, needed), device=pool.device)
+        return pool[idx].reshape(draws, batch, per_image, dim).to(batch_patches.dtype)
 
     @torch.no_grad()
     def push_from(self, queue: int, batch_patches: Tensor, per_image: int, gather: Callable[[Tensor], Tensor]) -> None:

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from neco.contract import PATCH_SIZE
+from neco.training.config import CropSection
 from neco.training.method import roi_grid
-from neco.training.views import MultiCropViews, ViewSpec, box_in_view, intersection, sample_layout
+from neco.training.views import MultiCropViews, box_in_view, intersection, sample_layout
 
 H, W = 180, 240
 
@@ -22,12 +23,12 @@ def coordinate_image() -> torch.Tensor:
     return torch.stack([xs, ys, torch.zeros_like(xs)]).to(torch.uint8)
 
 
-SPEC = ViewSpec(global_size=112, local_size=56, num_local=3, jitter_strength=0.0, blur_strength=0.0)
+SPEC = CropSection(global_size=112, local_size=56, num_local=3, flip_p=0.5, jitter_strength=0.0, blur_strength=0.0)
 
 
 def test_layout_overlaps_every_compared_pair() -> None:
     gen = torch.Generator().manual_seed(0)
-    spec = ViewSpec(global_size=112, local_size=56, num_local=6, min_intersection=0.05)
+    spec = CropSection(global_size=112, local_size=56, num_local=6, min_intersection=0.05)
     for _ in range(200):
         boxes = sample_layout(gen, H, W, spec)
         assert len(boxes) == 8
@@ -65,7 +66,7 @@ def test_aligned_grids_look_at_the_same_source_pixels(seed: int) -> None:
                 (v, out["boxes"][g, v, 1], out["flips"][v]),
             ):
                 image = crops[view][None] * 255.0  # coordinates back in source pixels
-                pixel = roi_grid(image, box[None], flip[None], spatial_scale=1.0)[0, :, :2]
+                pixel = roi_grid(image, box[None], flip[None], cell_size=1.0)[0, :, :2]
                 patches = F.avg_pool2d(image, PATCH_SIZE)
                 grids.append((pixel, roi_grid(patches, box[None], flip[None])[0, :, :2]))
             (pixel_t, patch_t), (pixel_s, patch_s) = grids
@@ -79,7 +80,7 @@ def test_aligned_grids_look_at_the_same_source_pixels(seed: int) -> None:
 
 
 def test_views_are_deterministic_per_seed_and_do_not_touch_global_rng() -> None:
-    views = MultiCropViews(ViewSpec(global_size=56, local_size=28, num_local=2))
+    views = MultiCropViews(CropSection(global_size=56, local_size=28, num_local=2))
     image = coordinate_image()
     state = torch.get_rng_state()
     a, b, c = views(image, 5), views(image, 5), views(image, 6)
@@ -91,8 +92,8 @@ def test_views_are_deterministic_per_seed_and_do_not_touch_global_rng() -> None:
 
 def test_invalid_specs() -> None:
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        ViewSpec(global_size=100)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        ViewSpec(local_size=7)
+        CropSection(global_size=100)
+    with pytest.raises(ValueError, match="smaller than one 14-px patch"):
+        CropSection(local_size=7)
     with pytest.raises(ValueError, match="local_scale"):
-        ViewSpec(local_scale=(0.3, 0.2))
+        CropSection(local_scale=(0.3, 0.2))
