@@ -17,6 +17,10 @@ from neco.config import load_config
 from neco.contract import ARCHS, PATCH_SIZE, arch_spec
 
 
+MIN_MASK_CELLS = 4
+"""Smallest patch-map side the fg/bg mask's 7-tap reflect-padded blur accepts."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -193,6 +197,11 @@ class TrainConfig(_Section):
     def _cross(self) -> TrainConfig:
         if self.crops.global_size < self.crops.local_size:
             raise ValueError(f"crops.global_size {self.crops.global_size} < crops.local_size {self.crops.local_size}")
+        if self.method.mask_mode != "all" and self.crops.global_size < MIN_MASK_CELLS * PATCH_SIZE:
+            raise ValueError(
+                f"method.mask_mode={self.method.mask_mode!r} needs crops.global_size >= {MIN_MASK_CELLS * PATCH_SIZE} px:"
+                f" the mask's 7-tap blur needs {MIN_MASK_CELLS}+ patches per side"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -87,6 +87,11 @@ class NeCoNet(nn.Module):
         return projected.transpose(1, 2).reshape(x.shape[0], -1, h, w), attention
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Half-precision tensors as float32; float32/float64 as they are (the tests run in float64 too)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 @torch.no_grad()
 def cls_attention(block: nn.Module, x: Tensor, prefix: int) -> Tensor:
     """[B, N] softmax attention of the class token to each patch in `block`, mean over heads."""
@@ -113,11 +118,11 @@ def foreground_mask(attention: Tensor, threshold: float, connectivity: Connectiv
             f"foreground masks need patch maps larger than {MASK_BLUR_KERNEL // 2} per side "
             f"(the blur's reflect padding), got {h}x{w}; use larger global crops or mask_mode='all'"
         )
-    blurred = TF.gaussian_blur(attention.float()[:, None], [MASK_BLUR_KERNEL] * 2, [MASK_BLUR_SIGMA] * 2)
+    blurred = TF.gaussian_blur(at_least_fp32(attention)[:, None], [MASK_BLUR_KERNEL] * 2, [MASK_BLUR_SIGMA] * 2)
     values, order = blurred.flatten(1).sort(dim=-1)
     cumulative = (values / values.sum(-1, keepdim=True)).cumsum(-1)
     keep = torch.zeros_like(cumulative, dtype=torch.bool).scatter(-1, order, cumulative > 1 - threshold)
-    return remove_small_components(keep.reshape(batch, h, w), connectivity).float()
+    return remove_small_components(keep.reshape(batch, h, w), connectivity).to(blurred.dtype)
 
 
 def remove_small_components(masks: Tensor, connectivity: Connectivity = 8) -> Tensor:
@@ -142,10 +147,11 @@ def roi_grid(maps: Tensor, boxes: Tensor, flips: Tensor, size: int = 7, cell_siz
     full `size` x `size` map returns it exactly. Grids of mirrored crops are mirrored back so
     that cell i means the same image region in every view.
     """
-    # fp32 throughout: bf16 box coordinates would be off by pixels at 224-px crops.
-    cells = boxes.to(device=maps.device, dtype=torch.float32) / cell_size
-    rois = torch.cat([torch.arange(len(cells), device=maps.device, dtype=torch.float32)[:, None], cells], 1)
-    grid = roi_align(maps.float(), rois, output_size=size, spatial_scale=1.0, aligned=True)
+    # fp32 or better throughout: bf16 box coordinates would be off by pixels at 224-px crops.
+    maps = at_least_fp32(maps)
+    cells = boxes.to(device=maps.device, dtype=maps.dtype) / cell_size
+    rois = torch.cat([torch.arange(len(cells), device=maps.device, dtype=maps.dtype)[:, None], cells], 1)
+    grid = roi_align(maps, rois, output_size=size, spatial_scale=1.0, aligned=True)
     grid = torch.where(flips.to(maps.device)[:, None, None, None], grid.flip(-1), grid)
     return grid.flatten(2).transpose(1, 2)
 
@@ -196,7 +202,8 @@ class NeCoLoss(nn.Module):
 
     def _order(self, sorter: SoftSorter, patches: Tensor, references: Tensor) -> Tensor:
         with torch.autocast(patches.device.type, enabled=False):  # sorting needs fp32 margins
-            sims = similarity(patches.float(), references.float(), self.similarity)
+            patches = at_least_fp32(patches)
+            sims = similarity(patches, references.to(patches.dtype), self.similarity)
             return sorter(sims)[1]
 
     def forward(
@@ -252,4 +259,4 @@ class NeCoLoss(nn.Module):
         aligned = [
             roi_grid(masks[g][:, None], boxes[:, g, v, 0], flips[:, g], self.grid_size)[..., 0] for g, v in pairs
         ]
-        return (torch.stack(aligned) >= 1.0).float()
+        return (torch.stack(aligned) >= 1.0).to(aligned[0].dtype)

@@ -51,6 +51,10 @@ def test_recipe_values(tmp_path: Path) -> None:
         (["method.distribution=uniform"], "distribution"),
         (["method.mask_mode=object"], "method.mask_mode"),
         (["crops.global_size=28", "crops.local_size=42"], "global_size 28 < crops.local_size 42"),
+        (["method.mask_mode=bg"], "needs crops.global_size >= 56 px"),
+        (["method.mask_connectivity=6"], "method.mask_connectivity"),
+        (["method.reference_draw=batch"], "method.reference_draw"),
+        (["crops.ratio=[2.0, 1.0]"], "crops.ratio"),
     ],
 )
 def test_config_errors(overrides: list[str], message: str) -> None:
