@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, f
 from neco.config import load_config
 from neco.contract import ARCHS, PATCH_SIZE, arch_spec
 
-
 MIN_MASK_CELLS = 4
 """Smallest patch-map side the fg/bg mask's 7-tap reflect-padded blur accepts."""
 
