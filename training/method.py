@@ -213,17 +213,17 @@ class NeCoLoss(nn.Module):
         boxes: Tensor,
         flips: Tensor,
         references: Tensor,
-        teacher_attention: list[Tensor] | None = None,
+        teacher_masks: list[Tensor] | None = None,
     ) -> Tensor:
         """The NeCo loss of one batch.
 
         `student_maps[v]` [B, D, h_v, w_v]; `teacher_maps[g]` [B, D, h, w] (no grad);
         `boxes` [B, G, V, 2, 4] (box in g, box in v); `flips` [B, V];
         `references` [pairs, B, R, D], one set per pair in `crop_pairs(G, V)` order;
-        `teacher_attention[g]` [B, h, w] class-token attention, required for 'fg' and 'bg'.
+        `teacher_masks[g]` [B, h, w] from `patch_masks`, required for 'fg' and 'bg'.
         """
-        if self.mask_mode != "all" and teacher_attention is None:
-            raise ValueError(f"mask_mode={self.mask_mode!r} needs the teacher's class-token attention maps")
+        if self.mask_mode != "all" and teacher_masks is None:
+            raise ValueError(f"mask_mode={self.mask_mode!r} needs the teacher's patch masks (patch_masks)")
         pairs = crop_pairs(len(teacher_maps), len(student_maps))
         if references.shape[0] != len(pairs):
             raise ValueError(f"references hold {references.shape[0]} sets, expected one per pair ({len(pairs)})")
@@ -239,7 +239,7 @@ class NeCoLoss(nn.Module):
         pred = self._order(self.student_sorter, s, refs)
         per_cell = -(target * pred.clamp_min(self.eps).log()).sum(-1).mean(-1)  # [pairs * B, P]
         per_pair = per_cell.reshape(len(pairs), -1, per_cell.shape[-1])
-        weights = self._cell_weights(pairs, boxes, flips, teacher_attention)
+        weights = self._cell_weights(pairs, boxes, flips, teacher_masks)
         if weights is None:
             pair_losses = per_pair.mean((1, 2))
         else:
@@ -247,15 +247,24 @@ class NeCoLoss(nn.Module):
         return pair_losses.sum() / (len(student_maps) - 1) / len(teacher_maps)
 
     @torch.no_grad()
-    def _cell_weights(
-        self, pairs: list[tuple[int, int]], boxes: Tensor, flips: Tensor, attention: list[Tensor] | None
-    ) -> Tensor | None:
-        """[pairs, B, P] 0/1 weights: cells whose aligned teacher mask is entirely 1."""
+    def patch_masks(self, attention: list[Tensor] | None) -> list[Tensor] | None:
+        """Per global crop, the 0/1 [B, h, w] patches the mask mode keeps (None for 'all').
+
+        'bg' inverts the foreground before anything is aligned, as the reference does; the
+        trainer also restricts the reference patches to these masks.
+        """
         if self.mask_mode == "all" or attention is None:
             return None
         masks = [foreground_mask(a, self.mask_threshold, self.mask_connectivity) for a in attention]
-        if self.mask_mode == "bg":
-            masks = [1.0 - m for m in masks]  # inverted before alignment, as the reference does
+        return [1.0 - m for m in masks] if self.mask_mode == "bg" else masks
+
+    @torch.no_grad()
+    def _cell_weights(
+        self, pairs: list[tuple[int, int]], boxes: Tensor, flips: Tensor, masks: list[Tensor] | None
+    ) -> Tensor | None:
+        """[pairs, B, P] 0/1 weights: cells whose aligned teacher mask is entirely 1."""
+        if self.mask_mode == "all" or masks is None:
+            return None
         aligned = [
             roi_grid(masks[g][:, None], boxes[:, g, v, 0], flips[:, g], self.grid_size)[..., 0] for g, v in pairs
         ]

@@ -138,31 +138,33 @@ class Trainer:
         teacher_views = list(teacher_maps.float().chunk(2))
         student_views = list(student_out[0].chunk(2)) + (list(student_out[1].chunk(num_local)) if num_local else [])
         teacher_patches = [t.flatten(2).transpose(1, 2) for t in teacher_views]  # [B, hw, D]
-        references = self._references(teacher_patches, len(student_views))
+        masks = self.loss_fn.patch_masks(None if attention is None else list(attention.chunk(2)))
+        patch_masks = [None, None] if masks is None else [m.flatten(1) for m in masks]  # [B, hw]
+        references = self._references(teacher_patches, patch_masks, len(student_views))
         with self._phase("sorter"), self._autocast():
-            loss = self.loss_fn(
-                student_views,
-                teacher_views,
-                boxes,
-                flips,
-                references,
-                None if attention is None else list(attention.chunk(2)),
-            )
+            loss = self.loss_fn(student_views, teacher_views, boxes, flips, references, masks)
         with self._phase("backward"):
             (loss * scale).backward()
         for g in range(2):
             self.queue.push_from(
-                g, teacher_patches[g], method.queue_push_per_image, lambda t: all_gather_cat(t, self.dist)
+                g,
+                teacher_patches[g],
+                method.queue_push_per_image,
+                lambda t: all_gather_cat(t, self.dist),
+                patch_masks[g],
             )
         return loss.detach()
 
-    def _references(self, teacher_patches: list[Tensor], num_views: int) -> Tensor:
-        """[pairs, B, R, D] references in `crop_pairs` order: fresh per pair, or shared per global crop."""
+    def _references(self, teacher_patches: list[Tensor], masks: list[Tensor | None], num_views: int) -> Tensor:
+        """[pairs, B, R, D] references in `crop_pairs` order: fresh per pair, or shared per global crop.
+
+        In the fg/bg modes they are drawn among the masked patches only (as the reference's
+        queue holds only those)."""
         method, per_global = self.cfg.method, num_views - 1
         fresh = method.reference_draw == "pair"
         sets = []
         for g, patches in enumerate(teacher_patches):
-            drawn = self.queue.references(g, patches, method.num_references, per_global if fresh else 1)
+            drawn = self.queue.references(g, patches, method.num_references, per_global if fresh else 1, masks[g])
             sets.append(drawn if fresh else drawn.expand(per_global, -1, -1, -1))
         return torch.cat(sets)
 

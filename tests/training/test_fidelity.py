@@ -198,7 +198,8 @@ def _losses_and_gradients(
         mask_threshold=0.6,
         mask_connectivity=CONNECTIVITY,
     )
-    ours = loss_fn(data["student"], data["teacher"], data["boxes"], data["flips"], data["refs"], data["attn"])
+    masks = loss_fn.patch_masks(data["attn"])
+    ours = loss_fn(data["student"], data["teacher"], data["boxes"], data["flips"], data["refs"], masks)
     our_grads = torch.autograd.grad(ours, data["student"])
     assert sum(int(g.abs().sum() > 0) for g in our_grads) >= len(our_grads) - (mask_mode != "all")
     refs = {pair: data["refs"][i] for i, pair in enumerate(pairs)}

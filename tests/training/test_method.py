@@ -145,7 +145,7 @@ def test_loss_gradients_reach_only_the_student(mask_mode: str) -> None:
     loss_fn = NeCoLoss(SoftSorter(steepness=100.0), SoftSorter(steepness=100.0), grid_size=3, mask_mode=mask_mode)  # type: ignore[arg-type]
     s_maps, t_maps, boxes, flips, refs, attention = _loss_inputs(student, teacher)
     refs.requires_grad_(True)
-    loss = loss_fn(s_maps, t_maps, boxes, flips, refs, attention)
+    loss = loss_fn(s_maps, t_maps, boxes, flips, refs, loss_fn.patch_masks(attention))
     assert loss.ndim == 0 and math.isfinite(loss.detach().item()) and loss.detach().item() > 0
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -172,7 +172,7 @@ def test_loss_is_cross_entropy_of_permutations() -> None:
     torch.testing.assert_close(loss, torch.stack(expected).mean())
     with pytest.raises(ValueError, match="one per pair"):
         loss_fn(maps, maps, boxes, flips, refs[:1])
-    with pytest.raises(ValueError, match="attention"):
+    with pytest.raises(ValueError, match="patch masks"):
         NeCoLoss(sorter, sorter, grid_size=2, mask_mode="fg")(maps, maps, boxes, flips, refs)
 
 
@@ -214,3 +214,16 @@ def test_queue_fifo_full_and_state() -> None:
         ReferenceQueue(2, 4, 2).load_state_dict(queue.state_dict())
     queue.push_from(1, torch.randn(3, 4, 2), 2, gather=lambda t: torch.cat([t, t]))
     assert queue.count[1] == 5  # 3 images x 2 patches x 2 "ranks" = 12, capped at the length
+
+
+def test_queue_masked_draws_and_pushes_use_only_masked_patches() -> None:
+    queue = ReferenceQueue(1, 8, 1)
+    patches = torch.arange(12.0).reshape(2, 6, 1)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 1] = mask[1, 4] = True  # patches 1.0 and 10.0
+    drawn = queue.references(0, patches, 3, draws=2, mask=mask)
+    assert drawn.shape == (2, 2, 3, 1) and set(drawn.flatten().tolist()) <= {1.0, 10.0}
+    queue.push_from(0, patches, 2, gather=lambda t: t, mask=mask)
+    assert queue.count == [4] and set(queue.buffer[0, :4, 0].tolist()) <= {1.0, 10.0}
+    empty = torch.zeros(2, 6, dtype=torch.bool)  # nothing masked: every patch is a candidate
+    assert queue.references(0, patches, 3, mask=empty).shape == (1, 2, 3, 1)
