@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, f
 from neco.config import load_config
 from neco.contract import ARCHS, PATCH_SIZE, arch_spec
 
+MIN_MASK_CELLS = 4
+"""Smallest patch-map side the fg/bg mask's 7-tap reflect-padded blur accepts."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -80,13 +83,16 @@ class DataSection(_Section):
 
 
 class CropSection(_Section):
+    """Crop geometry and augmentation strengths; the single source of the views' defaults."""
+
     global_size: int = 224
     local_size: int = 98
     num_local: int = Field(4, ge=0)
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
     min_intersection: float = Field(0.01, ge=0.0, lt=1.0)
-    flip_p: float = Field(0.5, ge=0.0, le=1.0)
+    flip_p: float = Field(0.0, ge=0.0, le=1.0, description="mirror probability per crop; the reference never flips")
     jitter_strength: float = Field(1.0, ge=0.0)
     blur_strength: float = Field(1.0, ge=0.0)
 
@@ -102,6 +108,13 @@ class CropSection(_Section):
             raise ValueError(f"{info.field_name}={value} must satisfy 0 < low <= high <= 1")
         return value
 
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"ratio={value} must satisfy 0 < low <= high")
+        return value
+
 
 class MethodSection(_Section):
     grid_size: PositiveInt = 7
@@ -114,8 +127,12 @@ class MethodSection(_Section):
     teacher_steepness: PositiveFloat = 100.0
     art_lambda: float = Field(0.25, ge=0.0, le=0.5)
     distribution: str = "cauchy"
+    reference_draw: Literal["pair", "global_crop"] = Field(
+        "pair", description="a fresh reference set per (global crop, view) pair (the reference), or one per global crop"
+    )
     mask_mode: Literal["all", "fg", "bg"] = "all"
     attention_threshold: float = Field(0.6, gt=0.0, le=1.0)
+    mask_connectivity: Literal[4, 8] = Field(8, description="neighbourhood of the mask's small-component removal")
     teacher_momentum: float = Field(0.9995, ge=0.0, le=1.0)
     teacher_momentum_end: float = Field(1.0, ge=0.0, le=1.0)
 
@@ -179,6 +196,11 @@ class TrainConfig(_Section):
     def _cross(self) -> TrainConfig:
         if self.crops.global_size < self.crops.local_size:
             raise ValueError(f"crops.global_size {self.crops.global_size} < crops.local_size {self.crops.local_size}")
+        if self.method.mask_mode != "all" and self.crops.global_size < MIN_MASK_CELLS * PATCH_SIZE:
+            raise ValueError(
+                f"method.mask_mode={self.method.mask_mode!r} needs crops.global_size >= {MIN_MASK_CELLS * PATCH_SIZE} px:"
+                f" the mask's 7-tap blur needs {MIN_MASK_CELLS}+ patches per side"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,17 +2,21 @@
 
 For each teacher global crop g and every other student view v, both patch-feature maps are
 ROI-aligned over the pair's overlap to a 7x7 grid, so cell i of both grids looks at the same
-image region. Each cell's similarities to a shared set of reference patches are soft-sorted;
-the student's soft permutation matrix is trained to match the teacher's (cross-entropy, the
-teacher being a fixed target).
+image region. Each cell's similarities to the pair's reference patches are soft-sorted; the
+student's soft permutation matrix is trained to match the teacher's (cross-entropy, the
+teacher being a fixed target). Every step that changes the loss or its gradients follows the
+public reference implementation; docs/training.md lists them and the tests that check them.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from scipy import ndimage
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -24,6 +28,12 @@ from neco.training.sorting import SoftSorter
 
 Similarity = Literal["cosine", "euclidean"]
 MaskMode = Literal["all", "fg", "bg"]
+Connectivity = Literal[4, 8]
+
+MASK_BLUR_KERNEL = 7
+MASK_BLUR_SIGMA = 0.6
+SMALL_COMPONENT = 2
+"""Foreground components of at most this many patches are removed."""
 
 
 class NeCoNet(nn.Module):
@@ -59,11 +69,11 @@ class NeCoNet(nn.Module):
         """
         return [self.encode(images)[0] for images in groups]
 
-    def encode(self, images: Tensor, attention_mask_threshold: float | None = None) -> tuple[Tensor, Tensor | None]:
-        """Projected map [B, D, h, w] and, if a threshold is given, a foreground mask [B, h, w].
+    def encode(self, images: Tensor, with_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Projected map [B, D, h, w] and, if asked, the class token's attention map [B, h, w].
 
-        The mask keeps the patches holding the top `threshold` share of the class token's
-        last-layer attention (mean over heads), the DINO recipe for salient regions.
+        The attention is the last block's class-token row over the patches, averaged over
+        heads: the input of `foreground_mask` for the loss's 'fg'/'bg' modes.
         """
         bb = self.backbone
         x, prefix, h, w = self._embed(images)
@@ -71,56 +81,105 @@ class NeCoNet(nn.Module):
         blocks = list(bb.blocks)
         for block in blocks[:-1]:
             x = block(x)
-        mask = None
-        if attention_mask_threshold is not None:
-            mask = attention_foreground(blocks[-1], x, prefix, attention_mask_threshold).reshape(-1, h, w)
+        attention = cls_attention(blocks[-1], x, prefix).reshape(-1, h, w) if with_attention else None
         x = bb.norm(blocks[-1](x))
         projected = self.head(x[:, prefix:])
-        return projected.transpose(1, 2).reshape(x.shape[0], -1, h, w), mask
+        return projected.transpose(1, 2).reshape(x.shape[0], -1, h, w), attention
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Half-precision tensors as float32; float32/float64 as they are (the tests run in float64 too)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 @torch.no_grad()
-def attention_foreground(block: nn.Module, x: Tensor, prefix: int, threshold: float) -> Tensor:
-    """Boolean [B, N] mask of patches carrying the top `threshold` of class-token attention."""
+def cls_attention(block: nn.Module, x: Tensor, prefix: int) -> Tensor:
+    """[B, N] softmax attention of the class token to each patch in `block`, mean over heads."""
     attn = block.attn
     batch, tokens, dim = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads)
     q, k = attn.q_norm(qkv[:, :, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
-    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, prefix:].mean(1)
-    values, order = weights.float().sort(dim=-1, descending=True)
-    cumulative = values.cumsum(-1) / values.sum(-1, keepdim=True)
-    keep_sorted = cumulative - values / values.sum(-1, keepdim=True) < threshold  # include the crossing patch
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, prefix:]
+    return weights.float().mean(1)
 
 
-def roi_grid(
-    maps: Tensor, boxes: Tensor, flips: Tensor, size: int = 7, spatial_scale: float = 1.0 / PATCH_SIZE
-) -> Tensor:
+@torch.no_grad()
+def foreground_mask(attention: Tensor, threshold: float, connectivity: Connectivity = 8) -> Tensor:
+    """Binary float [B, h, w] foreground of class-token attention maps [B, h, w] (the reference's recipe).
+
+    Gaussian blur (kernel 7, sigma 0.6, torchvision's reflect padding), then the patches holding
+    the top `threshold` share of the blurred mass (ascending cumulative mass above
+    1 - threshold, as DINO's visualisation does), then connected components of at most
+    `SMALL_COMPONENT` patches are dropped: isolated specks are attention noise, not objects.
+    """
+    batch, h, w = attention.shape
+    if min(h, w) <= MASK_BLUR_KERNEL // 2:
+        raise ValueError(
+            f"foreground masks need patch maps larger than {MASK_BLUR_KERNEL // 2} per side "
+            f"(the blur's reflect padding), got {h}x{w}; use larger global crops or mask_mode='all'"
+        )
+    blurred = TF.gaussian_blur(at_least_fp32(attention)[:, None], [MASK_BLUR_KERNEL] * 2, [MASK_BLUR_SIGMA] * 2)
+    values, order = blurred.flatten(1).sort(dim=-1)
+    cumulative = (values / values.sum(-1, keepdim=True)).cumsum(-1)
+    keep = torch.zeros_like(cumulative, dtype=torch.bool).scatter(-1, order, cumulative > 1 - threshold)
+    return remove_small_components(keep.reshape(batch, h, w), connectivity).to(blurred.dtype)
+
+
+def remove_small_components(masks: Tensor, connectivity: Connectivity = 8) -> Tensor:
+    """Boolean [B, h, w] masks without their connected components of <= `SMALL_COMPONENT` cells."""
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    plane = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = plane  # one labelling call for the batch; images never connect to each other
+    labels, _ = ndimage.label(masks.cpu().numpy(), structure=structure)
+    sizes = np.bincount(labels.ravel())
+    small = sizes <= SMALL_COMPONENT
+    small[0] = True  # background stays background
+    return torch.from_numpy(~small[labels]).to(masks.device)
+
+
+def roi_grid(maps: Tensor, boxes: Tensor, flips: Tensor, size: int = 7, cell_size: float = PATCH_SIZE) -> Tensor:
     """ROI-align `maps` [B, D, h, w] over pixel boxes [B, 4] to [B, size*size, D].
 
-    Boxes are in the crop's pixel coordinates; a patch map has one cell per 14-px patch, hence
-    the default `spatial_scale=1/14`, and `aligned=True` puts sample points at true pixel centres. Grids of
-    mirrored crops are mirrored back so that cell i means the same image region in every view.
+    The reference's call: boxes divided by the patch size (`cell_size` pixels per map cell),
+    `spatial_scale=1`, the default adaptive `sampling_ratio` and `aligned=True`, so aligning a
+    full `size` x `size` map returns it exactly. Grids of mirrored crops are mirrored back so
+    that cell i means the same image region in every view.
     """
-    # fp32 throughout: bf16 box coordinates would be off by pixels at 224-px crops.
-    boxes = boxes.to(device=maps.device, dtype=torch.float32)
-    rois = torch.cat([torch.arange(len(boxes), device=maps.device, dtype=torch.float32)[:, None], boxes], 1)
-    grid = roi_align(maps.float(), rois, output_size=size, spatial_scale=spatial_scale, sampling_ratio=2, aligned=True)
+    # fp32 or better throughout: bf16 box coordinates would be off by pixels at 224-px crops.
+    maps = at_least_fp32(maps)
+    cells = boxes.to(device=maps.device, dtype=maps.dtype) / cell_size
+    rois = torch.cat([torch.arange(len(cells), device=maps.device, dtype=maps.dtype)[:, None], cells], 1)
+    grid = roi_align(maps, rois, output_size=size, spatial_scale=1.0, aligned=True)
     grid = torch.where(flips.to(maps.device)[:, None, None, None], grid.flip(-1), grid)
     return grid.flatten(2).transpose(1, 2)
 
 
 def similarity(patches: Tensor, references: Tensor, kind: Similarity) -> Tensor:
-    """[B, P, D] x [B, R, D] -> [B, P, R]: cosine similarity or negative euclidean distance."""
+    """[B, P, D] x [B, R, D] -> [B, P, R]: cosine similarity, or euclidean distance (sorted as is)."""
     if kind == "cosine":
         return F.normalize(patches, dim=-1) @ F.normalize(references, dim=-1).transpose(1, 2)
     if kind == "euclidean":
-        return -torch.cdist(patches, references)
+        return torch.cdist(patches, references)
     raise ValueError(f"unknown similarity {kind!r}; use 'cosine' or 'euclidean'")
 
 
+def crop_pairs(num_globals: int, num_views: int) -> list[tuple[int, int]]:
+    """The compared (teacher global crop g, student view v != g) pairs, in the loss's order."""
+    return [(g, v) for g in range(num_globals) for v in range(num_views) if v != g]
+
+
 class NeCoLoss(nn.Module):
-    """Cross-entropy between teacher and student soft permutations, averaged over crop pairs."""
+    """Cross-entropy between teacher and student soft permutations, averaged over crop pairs.
+
+    Per pair (teacher global crop g, student view v): both maps are ROI-aligned over the pair's
+    overlap, every cell's similarities to the pair's references are soft-sorted, and the loss
+    is -mean over cells of sum_j q_j log p_j (q: teacher, no grad; p: student). Per global
+    crop the pair losses are summed and divided by (views - 1); the result is the mean over
+    global crops. Mask modes 'fg'/'bg' average only over cells inside the teacher's
+    (inverted, for 'bg') foreground mask; a pair without such cells contributes 0.
+    """
 
     def __init__(
         self,
@@ -130,15 +189,21 @@ class NeCoLoss(nn.Module):
         similarity: Similarity = "cosine",
         grid_size: int = 7,
         mask_mode: MaskMode = "all",
+        mask_threshold: float = 0.6,
+        mask_connectivity: Connectivity = 8,
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
+        if mask_mode not in ("all", "fg", "bg"):
+            raise ValueError(f"unknown mask_mode {mask_mode!r}; use 'all', 'fg' or 'bg'")
         self.student_sorter, self.teacher_sorter = student_sorter, teacher_sorter
         self.similarity, self.grid_size, self.mask_mode, self.eps = similarity, grid_size, mask_mode, eps
+        self.mask_threshold, self.mask_connectivity = mask_threshold, mask_connectivity
 
     def _order(self, sorter: SoftSorter, patches: Tensor, references: Tensor) -> Tensor:
         with torch.autocast(patches.device.type, enabled=False):  # sorting needs fp32 margins
-            sims = similarity(patches.float(), references.float(), self.similarity)
+            patches = at_least_fp32(patches)
+            sims = similarity(patches, references.to(patches.dtype), self.similarity)
             return sorter(sims)[1]
 
     def forward(
@@ -147,41 +212,60 @@ class NeCoLoss(nn.Module):
         teacher_maps: list[Tensor],
         boxes: Tensor,
         flips: Tensor,
-        references: list[Tensor],
-        teacher_fg: list[Tensor] | None = None,
+        references: Tensor,
+        teacher_masks: list[Tensor] | None = None,
     ) -> Tensor:
-        """Mean loss over all (teacher global g, student view v != g) pairs.
+        """The NeCo loss of one batch.
 
         `student_maps[v]` [B, D, h_v, w_v]; `teacher_maps[g]` [B, D, h, w] (no grad);
-        `boxes` [B, 2, V, 2, 4]; `flips` [B, V]; `references[g]` [B, R, D];
-        `teacher_fg[g]` [B, h, w] foreground masks, required for mask modes 'fg' and 'bg'.
+        `boxes` [B, G, V, 2, 4] (box in g, box in v); `flips` [B, V];
+        `references` [pairs, B, R, D], one set per pair in `crop_pairs(G, V)` order;
+        `teacher_masks[g]` [B, h, w] from `patch_masks`, required for 'fg' and 'bg'.
         """
-        if self.mask_mode != "all" and teacher_fg is None:
-            raise ValueError(f"mask_mode={self.mask_mode!r} needs teacher foreground masks")
-        pairs = [(g, v) for g in range(len(teacher_maps)) for v in range(len(student_maps)) if v != g]
+        if self.mask_mode != "all" and teacher_masks is None:
+            raise ValueError(f"mask_mode={self.mask_mode!r} needs the teacher's patch masks (patch_masks)")
+        pairs = crop_pairs(len(teacher_maps), len(student_maps))
+        if references.shape[0] != len(pairs):
+            raise ValueError(f"references hold {references.shape[0]} sets, expected one per pair ({len(pairs)})")
+        refs = references.detach().flatten(0, 1)  # [pairs * B, R, D]
         # All pairs go through the sorter in one call each for teacher and student: the
         # sorting network is launch-bound at these sizes, so batching is what makes it cheap.
         with torch.no_grad():
             t = torch.cat(
                 [roi_grid(teacher_maps[g].detach(), boxes[:, g, v, 0], flips[:, g], self.grid_size) for g, v in pairs]
             )
-            refs = torch.cat([references[g].detach() for g, _ in pairs])
             target = self._order(self.teacher_sorter, t, refs)
         s = torch.cat([roi_grid(student_maps[v], boxes[:, g, v, 1], flips[:, v], self.grid_size) for g, v in pairs])
         pred = self._order(self.student_sorter, s, refs)
-        per_patch = -(target * pred.clamp_min(self.eps).log()).sum(-1).mean(-1)  # [pairs * B, P]
-        per_pair = per_patch.reshape(len(pairs), -1, per_patch.shape[-1])
-        losses = [self._reduce(per_pair[i], g, v, boxes, flips, teacher_fg) for i, (g, v) in enumerate(pairs)]
-        return torch.stack(losses).mean()
+        per_cell = -(target * pred.clamp_min(self.eps).log()).sum(-1).mean(-1)  # [pairs * B, P]
+        per_pair = per_cell.reshape(len(pairs), -1, per_cell.shape[-1])
+        weights = self._cell_weights(pairs, boxes, flips, teacher_masks)
+        if weights is None:
+            pair_losses = per_pair.mean((1, 2))
+        else:
+            pair_losses = (per_pair * weights).sum((1, 2)) / weights.sum((1, 2)).clamp_min(1.0)
+        return pair_losses.sum() / (len(student_maps) - 1) / len(teacher_maps)
 
-    def _reduce(
-        self, per_patch: Tensor, g: int, v: int, boxes: Tensor, flips: Tensor, fg: list[Tensor] | None
-    ) -> Tensor:
-        if self.mask_mode == "all" or fg is None:
-            return per_patch.mean()
-        with torch.no_grad():
-            soft = roi_grid(fg[g][:, None].float(), boxes[:, g, v, 0], flips[:, g], self.grid_size)[..., 0]
-            weight = (soft > 0.5).float()
-            if self.mask_mode == "bg":
-                weight = 1.0 - weight
-        return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+    @torch.no_grad()
+    def patch_masks(self, attention: list[Tensor] | None) -> list[Tensor] | None:
+        """Per global crop, the 0/1 [B, h, w] patches the mask mode keeps (None for 'all').
+
+        'bg' inverts the foreground before anything is aligned, as the reference does; the
+        trainer also restricts the reference patches to these masks.
+        """
+        if self.mask_mode == "all" or attention is None:
+            return None
+        masks = [foreground_mask(a, self.mask_threshold, self.mask_connectivity) for a in attention]
+        return [1.0 - m for m in masks] if self.mask_mode == "bg" else masks
+
+    @torch.no_grad()
+    def _cell_weights(
+        self, pairs: list[tuple[int, int]], boxes: Tensor, flips: Tensor, masks: list[Tensor] | None
+    ) -> Tensor | None:
+        """[pairs, B, P] 0/1 weights: cells whose aligned teacher mask is entirely 1."""
+        if self.mask_mode == "all" or masks is None:
+            return None
+        aligned = [
+            roi_grid(masks[g][:, None], boxes[:, g, v, 0], flips[:, g], self.grid_size)[..., 0] for g, v in pairs
+        ]
+        return (torch.stack(aligned) >= 1.0).to(aligned[0].dtype)

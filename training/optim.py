@@ -12,36 +12,32 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from neco.training.config import OptimSection
+
 NO_DECAY_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token")
 """Learned tokens and embeddings: decaying them towards zero only hurts (DINO convention)."""
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Optimiser hyper-parameters over `total_steps` optimiser steps."""
+    """The optimiser section's hyper-parameters laid out over `total_steps` optimiser steps."""
 
     total_steps: int
-    backbone_lr: float = 1e-5
-    head_lr: float = 1e-4
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.5
+    optim: OptimSection
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up to 1, then cosine to `min_lr_ratio` at `total_steps`."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+        warmup, floor = self.optim.warmup_steps, self.optim.min_lr_ratio
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(self.total_steps - warmup, 1), 1.0)
+        return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
 
     def weight_decay_at(self, step: int) -> float:
         """Cosine from `weight_decay` to `weight_decay_end`."""
+        start, end = self.optim.weight_decay, self.optim.weight_decay_end
         progress = min(step / max(self.total_steps, 1), 1.0)
-        return (
-            self.weight_decay_end + (self.weight_decay - self.weight_decay_end) * (1 + math.cos(math.pi * progress)) / 2
-        )
+        return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -51,7 +47,8 @@ def _decays(name: str, param: nn.Parameter) -> bool:
 def param_groups(backbone: nn.Module, head: nn.Module, schedule: Schedule) -> list[dict]:
     """Four groups: {backbone, head} x {decay, no decay}; frozen parameters are left out."""
     groups = []
-    for part, module, lr in (("backbone", backbone, schedule.backbone_lr), ("head", head, schedule.head_lr)):
+    o = schedule.optim
+    for part, module, lr in (("backbone", backbone, o.backbone_lr), ("head", head, o.head_lr)):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         for decay in (True, False):
             params = [p for n, p in named if _decays(n, p) == decay]
@@ -63,7 +60,7 @@ def param_groups(backbone: nn.Module, head: nn.Module, schedule: Schedule) -> li
                         "base_lr": lr,
                         "lr": lr,
                         "apply_decay": decay,
-                        "weight_decay": schedule.weight_decay if decay else 0.0,
+                        "weight_decay": o.weight_decay if decay else 0.0,
                     }
                 )
     if not groups:
@@ -81,4 +78,4 @@ def apply_schedule(optimizer: torch.optim.Optimizer, schedule: Schedule, step: i
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
         group["weight_decay"] = decay if group["apply_decay"] else 0.0
-    return schedule.head_lr * factor
+    return schedule.optim.head_lr * factor

@@ -2,7 +2,8 @@
 
 One queue per global crop. Every step pushes `per_image` random teacher patches of every image
 of the global batch (all ranks' pushes are gathered first, so every rank holds the same queue).
-Until a queue is full, references are a shuffled draw of patches from the current batch.
+Every (teacher global crop, student view) pair gets its own draw of references; until a queue
+is full they are drawn from the current batch's teacher patches instead of the queue.
 """
 
 from __future__ import annotations
@@ -39,25 +40,45 @@ class ReferenceQueue:
         self.pointer[queue] = (self.pointer[queue] + len(embeddings)) % self.length
         self.count[queue] = min(self.length, self.count[queue] + len(embeddings))
 
-    def references(self, queue: int, batch_patches: Tensor, per_image: int) -> Tensor:
-        """[B, per_image, dim] references for each image: from the queue once it is full,
-        otherwise drawn at random (global torch RNG, checkpointed) from all of `batch_patches`
-        [B, N, dim], so an image's references mostly come from other images."""
-        batch = batch_patches.shape[0]
-        if self.full(queue):
-            idx = torch.randint(0, self.length, (batch, per_image), device=self.buffer.device)
-            return self.buffer[queue][idx].to(batch_patches.dtype)
-        pool = batch_patches.detach().reshape(-1, batch_patches.shape[-1])
-        idx = torch.randint(0, len(pool), (batch, per_image), device=pool.device)
-        return pool[idx]
+    def references(
+        self, queue: int, batch_patches: Tensor, per_image: int, draws: int = 1, mask: Tensor | None = None
+    ) -> Tensor:
+        """`draws` independent reference sets [draws, B, per_image, dim], one per crop pair.
+
+        From the queue once it is full, otherwise from the patches of all of `batch_patches`
+        [B, N, dim] (only those where `mask` [B, N] is set, in the fg/bg modes), so an image's
+        references mostly come from other images. The reference implementation reads its queue
+        from the first step, zero rows included; drawing from the batch until the queue is full
+        avoids those zero references (the project's one deliberate difference). Each set is
+        drawn without replacement, like the reference's `randperm`, when the pool is large
+        enough (global torch RNG, checkpointed).
+        """
+        batch, dim = batch_patches.shape[0], batch_patches.shape[-1]
+        pool = self.buffer[queue] if self.full(queue) else _masked_rows(batch_patches.detach(), mask)
+        return _draw(pool, draws, batch * per_image).reshape(draws, batch, per_image, dim).to(batch_patches.dtype)
 
     @torch.no_grad()
-    def push_from(self, queue: int, batch_patches: Tensor, per_image: int, gather: Callable[[Tensor], Tensor]) -> None:
-        """Push `per_image` random patches of each image in [B, N, dim], gathered over ranks."""
-        batch, num, _ = batch_patches.shape
-        idx = torch.rand(batch, num, device=batch_patches.device).argsort(-1)[:, :per_image]
-        picked = torch.gather(batch_patches.detach(), 1, idx[..., None].expand(-1, -1, batch_patches.shape[-1]))
-        self.push(queue, gather(picked.reshape(-1, picked.shape[-1]).float()))
+    def push_from(
+        self,
+        queue: int,
+        batch_patches: Tensor,
+        per_image: int,
+        gather: Callable[[Tensor], Tensor],
+        mask: Tensor | None = None,
+    ) -> None:
+        """Push B x `per_image` random patches of [B, N, dim], gathered over ranks.
+
+        Without a mask, `per_image` of each image; with a [B, N] mask (fg/bg modes), drawn from
+        the batch's masked patches, as the reference queues only the patches its loss uses.
+        Every rank pushes the same count, which the gather needs.
+        """
+        batch, num, dim = batch_patches.shape
+        if mask is None:
+            idx = torch.rand(batch, num, device=batch_patches.device).argsort(-1)[:, :per_image]
+            picked = torch.gather(batch_patches.detach(), 1, idx[..., None].expand(-1, -1, dim)).reshape(-1, dim)
+        else:
+            picked = _draw(_masked_rows(batch_patches.detach(), mask), 1, batch * per_image)[0]
+        self.push(queue, gather(picked.float()))
 
     def state_dict(self) -> dict[str, object]:
         return {"buffer": self.buffer.cpu(), "pointer": list(self.pointer), "count": list(self.count)}
@@ -70,3 +91,21 @@ class ReferenceQueue:
         self.buffer.copy_(buffer)
         self.pointer = [int(p) for p in state["pointer"]]  # type: ignore[union-attr]
         self.count = [int(c) for c in state["count"]]  # type: ignore[union-attr]
+
+
+def _masked_rows(patches: Tensor, mask: Tensor | None) -> Tensor:
+    """[B, N, dim] -> [M, dim]: the rows where `mask` [B, N] is set (all rows if none is)."""
+    rows = patches.reshape(-1, patches.shape[-1])
+    if mask is None:
+        return rows
+    keep = mask.reshape(-1).bool()
+    return rows[keep] if bool(keep.any()) else rows
+
+
+def _draw(pool: Tensor, draws: int, needed: int) -> Tensor:
+    """[draws, needed, dim] rows of `pool`: without replacement where it holds enough rows."""
+    if len(pool) >= needed:
+        idx = torch.rand(draws, len(pool), device=pool.device).argsort(-1)[:, :needed]
+    else:
+        idx = torch.randint(0, len(pool), (draws, needed), device=pool.device)
+    return pool[idx]

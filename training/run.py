@@ -32,7 +32,7 @@ from neco.training.data import ImageFolderSource, NeCoDataset, ResumableBatchSam
 from neco.training.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
 from neco.training.run_args import add_train_arguments
 from neco.training.trainer import Trainer
-from neco.training.views import MultiCropViews, ViewSpec
+from neco.training.views import MultiCropViews
 
 __all__ = ["TrainConfig", "train", "main"]
 
@@ -43,25 +43,13 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def build_dataset(cfg: TrainConfig) -> NeCoDataset:
-    c = cfg.crops
-    spec = ViewSpec(
-        c.global_size,
-        c.local_size,
-        c.num_local,
-        c.global_scale,
-        c.local_scale,
-        min_intersection=c.min_intersection,
-        flip_p=c.flip_p,
-        jitter_strength=c.jitter_strength,
-        blur_strength=c.blur_strength,
-    )
     d = cfg.data
     if d.kind == "folder":
         assert d.root is not None
         source: ImageFolderSource | SceneSource = ImageFolderSource(d.root)
     else:
         source = SceneSource(d.scenes_count, d.scenes_size, d.scenes_classes, cfg.seed)
-    return NeCoDataset(source, MultiCropViews(spec))
+    return NeCoDataset(source, MultiCropViews(cfg.crops))
 
 
 def _resume_state(cfg: TrainConfig, resume: bool | str | Path) -> dict | None:

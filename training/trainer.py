@@ -91,12 +91,12 @@ class Trainer:
             similarity=method.similarity,
             grid_size=method.grid_size,
             mask_mode=method.mask_mode,
+            mask_threshold=method.attention_threshold,
+            mask_connectivity=method.mask_connectivity,
         )
         self.queue = ReferenceQueue(2, method.queue_length, cfg.model.head_out_dim, device)
         o = cfg.optim
-        self.schedule = Schedule(
-            total_steps, o.backbone_lr, o.head_lr, o.warmup_steps, o.min_lr_ratio, o.weight_decay, o.weight_decay_end
-        )
+        self.schedule = Schedule(total_steps, o)
         self.optimizer = build_optimizer(
             self.model.backbone, self.model.head, self.schedule, fused=device.type == "cuda"
         )
@@ -130,27 +130,43 @@ class Trainer:
         num_local = batch["local"].shape[1]
         memory = torch.channels_last if self.cfg.runtime.channels_last else torch.contiguous_format
         images_g, images_l = images_g.contiguous(memory_format=memory), images_l.contiguous(memory_format=memory)
-        threshold = method.attention_threshold if method.mask_mode != "all" else None
         with self._phase("forward"), self._autocast():
             with torch.no_grad():
-                teacher_maps, fg = self.teacher_forward(images_g, threshold)
+                teacher_maps, attention = self.teacher_forward(images_g, method.mask_mode != "all")
             groups = (images_g, images_l) if num_local else (images_g,)
             student_out = self.student(*groups)
         teacher_views = list(teacher_maps.float().chunk(2))
         student_views = list(student_out[0].chunk(2)) + (list(student_out[1].chunk(num_local)) if num_local else [])
         teacher_patches = [t.flatten(2).transpose(1, 2) for t in teacher_views]  # [B, hw, D]
-        references = [self.queue.references(g, teacher_patches[g], method.num_references) for g in range(2)]
+        masks = self.loss_fn.patch_masks(None if attention is None else list(attention.chunk(2)))
+        patch_masks = [None, None] if masks is None else [m.flatten(1) for m in masks]  # [B, hw]
+        references = self._references(teacher_patches, patch_masks, len(student_views))
         with self._phase("sorter"), self._autocast():
-            loss = self.loss_fn(
-                student_views, teacher_views, boxes, flips, references, None if fg is None else list(fg.chunk(2))
-            )
+            loss = self.loss_fn(student_views, teacher_views, boxes, flips, references, masks)
         with self._phase("backward"):
             (loss * scale).backward()
         for g in range(2):
             self.queue.push_from(
-                g, teacher_patches[g], method.queue_push_per_image, lambda t: all_gather_cat(t, self.dist)
+                g,
+                teacher_patches[g],
+                method.queue_push_per_image,
+                lambda t: all_gather_cat(t, self.dist),
+                patch_masks[g],
             )
         return loss.detach()
+
+    def _references(self, teacher_patches: list[Tensor], masks: list[Tensor | None], num_views: int) -> Tensor:
+        """[pairs, B, R, D] references in `crop_pairs` order: fresh per pair, or shared per global crop.
+
+        In the fg/bg modes they are drawn among the masked patches only (as the reference's
+        queue holds only those)."""
+        method, per_global = self.cfg.method, num_views - 1
+        fresh = method.reference_draw == "pair"
+        sets = []
+        for g, patches in enumerate(teacher_patches):
+            drawn = self.queue.references(g, patches, method.num_references, per_global if fresh else 1, masks[g])
+            sets.append(drawn if fresh else drawn.expand(per_global, -1, -1, -1))
+        return torch.cat(sets)
 
     def train_step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         """One optimiser step over `len(batches)` accumulated micro-batches."""

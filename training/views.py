@@ -6,7 +6,8 @@ image area. For every pair the overlap is returned as a box in each crop's own p
 coordinates (continuous XYXY, pixel i spans [i, i+1)), after resize and horizontal flip; the
 box is carried through torchvision v2's geometric functionals so that resize and flip maths is
 torchvision's, not ours. `flips` tells the matcher which crops are mirrored: an ROI grid taken
-from a mirrored crop must be mirrored back before cells can be compared.
+from a mirrored crop must be mirrored back before cells can be compared. The reference never
+mirrors its crops, so `CropSection.flip_p` (the geometry's only source of defaults) is 0.
 
 All randomness comes from a seed passed per sample, so a sample is a pure function of
 (image, seed): resuming a run reproduces its data stream exactly, whatever the worker count.
@@ -15,7 +16,6 @@ All randomness comes from a seed passed per sample, so a sample is a pure functi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2 as T
@@ -23,43 +23,15 @@ import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision import tv_tensors
 
-from neco.contract import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+from neco.contract import IMAGENET_MEAN, IMAGENET_STD
+from neco.training.config import CropSection
 
 Box = tuple[int, int, int, int]
 """Integer crop box in source-image pixels: (left, top, right, bottom), right/bottom exclusive."""
 
 
-@dataclass(frozen=True)
-class ViewSpec:
-    """Crop geometry and augmentation strengths (the NeCo recipe's defaults)."""
-
-    global_size: int = 224
-    local_size: int = 98
-    num_local: int = 4
-    global_scale: tuple[float, float] = (0.25, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.25)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    min_intersection: float = 0.01
-    flip_p: float = 0.5
-    jitter_strength: float = 1.0
-    blur_strength: float = 1.0
-    max_tries: int = 50
-
-    def __post_init__(self) -> None:
-        for name in ("global_size", "local_size"):
-            size = getattr(self, name)
-            if size < PATCH_SIZE or size % PATCH_SIZE:
-                raise ValueError(f"{name}={size} must be a positive multiple of the patch size {PATCH_SIZE}")
-        for name in ("global_scale", "local_scale"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high <= 1:
-                raise ValueError(f"{name}={getattr(self, name)} must satisfy 0 < low <= high <= 1")
-        if not 0 <= self.min_intersection < 1:
-            raise ValueError(f"min_intersection={self.min_intersection} must be in [0, 1)")
-
-    @property
-    def num_views(self) -> int:
-        return 2 + self.num_local
+MAX_TRIES = 50
+"""Re-draws of a crop before falling back to a construction that satisfies the overlap."""
 
 
 def _rand(gen: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
@@ -94,7 +66,7 @@ def _area(box: Box | None) -> int:
     return 0 if box is None else (box[2] - box[0]) * (box[3] - box[1])
 
 
-def sample_layout(gen: torch.Generator, height: int, width: int, spec: ViewSpec) -> list[Box]:
+def sample_layout(gen: torch.Generator, height: int, width: int, spec: CropSection) -> list[Box]:
     """Crop boxes for [global0, global1, local0, ...] such that every compared pair overlaps.
 
     Globals are re-drawn until they overlap enough; each local until it overlaps both globals.
@@ -102,7 +74,7 @@ def sample_layout(gen: torch.Generator, height: int, width: int, spec: ViewSpec)
     constraint by construction, so sampling always terminates.
     """
     need = spec.min_intersection * height * width
-    for _ in range(spec.max_tries):
+    for _ in range(MAX_TRIES):
         globals_ = [sample_crop(gen, height, width, spec.global_scale, spec.ratio) for _ in range(2)]
         common = intersection(*globals_)
         if _area(common) >= max(need, 1):
@@ -113,7 +85,7 @@ def sample_layout(gen: torch.Generator, height: int, width: int, spec: ViewSpec)
     assert common is not None
     boxes = list(globals_)
     for _ in range(spec.num_local):
-        for _ in range(spec.max_tries):
+        for _ in range(MAX_TRIES):
             box = sample_crop(gen, height, width, spec.local_scale, spec.ratio)
             if all(_area(intersection(box, g)) >= max(need, 1) for g in globals_):
                 break
@@ -165,7 +137,7 @@ class MultiCropViews:
     the second global), scaled by `jitter_strength` / `blur_strength`.
     """
 
-    def __init__(self, spec: ViewSpec, normalise: bool = True) -> None:
+    def __init__(self, spec: CropSection, normalise: bool = True) -> None:
         self.spec = spec
         j = spec.jitter_strength
         jitter = T.Compose(

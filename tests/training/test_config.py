@@ -25,6 +25,14 @@ def test_recipe_values(tmp_path: Path) -> None:
     assert (cfg.method.queue_length, cfg.method.student_steepness, cfg.method.teacher_momentum) == (8192, 100.0, 0.9995)
     assert (cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.backbone_lr, cfg.optim.head_lr) == (64, 25, 1e-5, 1e-4)
     assert cfg.total_steps(118_287) == 25 * 118_287 // 64
+    assert (cfg.crops.global_scale, cfg.crops.local_scale, cfg.crops.min_intersection) == (
+        (0.25, 1.0),
+        (0.05, 0.25),
+        0.01,
+    )
+    assert (cfg.crops.flip_p, cfg.method.reference_draw, cfg.method.queue_push_per_image) == (0.0, "pair", 10)
+    assert (cfg.model.head_layers, cfg.model.head_hidden_dim, cfg.model.head_out_dim) == (3, 2048, 256)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.5, None)
     assert (
         load_train_config(CONFIGS / "train_vits14_reg_coco518.yaml", [f"data.root={tmp_path}"]).crops.global_size == 518
     )
@@ -51,6 +59,10 @@ def test_recipe_values(tmp_path: Path) -> None:
         (["method.distribution=uniform"], "distribution"),
         (["method.mask_mode=object"], "method.mask_mode"),
         (["crops.global_size=28", "crops.local_size=42"], "global_size 28 < crops.local_size 42"),
+        (["method.mask_mode=bg", "crops.global_size=42"], "needs crops.global_size >= 56 px"),
+        (["method.mask_connectivity=6"], "method.mask_connectivity"),
+        (["method.reference_draw=batch"], "method.reference_draw"),
+        (["crops.ratio=[2.0, 1.0]"], "crops.ratio"),
     ],
 )
 def test_config_errors(overrides: list[str], message: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from neco.training.config import CropSection
 from neco.training.data import (
     DataError,
     ImageFolderSource,
@@ -19,9 +20,9 @@ from neco.training.data import (
     collate,
     make_loader,
 )
-from neco.training.views import MultiCropViews, ViewSpec
+from neco.training.views import MultiCropViews
 
-VIEWS = MultiCropViews(ViewSpec(global_size=42, local_size=28, num_local=2))
+VIEWS = MultiCropViews(CropSection(global_size=42, local_size=28, num_local=2))
 
 
 def _write_folder(root: Path) -> None:

@@ -160,12 +160,19 @@ def test_smoke_config_runs_from_the_command_line(tmp_path: Path) -> None:
 
 
 def test_recipe_variants_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fg masks, dropped registers, last-block-only training, euclidean + odd-even sorting."""
+    """fg masks, dropped registers, last-block-only training, euclidean + odd-even sorting,
+    flips, one reference set per global crop."""
     use_tiny_backbone(monkeypatch)
     cfg = tiny_config(
         tmp_path,
         model={"keep_registers": False, "train_last_blocks": 1},
-        method={"mask_mode": "fg", "similarity": "euclidean", "sort_network": "odd_even"},
+        crops={"global_size": 56, "flip_p": 0.5},  # masks need maps of at least 4x4 patches
+        method={
+            "mask_mode": "fg",
+            "similarity": "euclidean",
+            "sort_network": "odd_even",
+            "reference_draw": "global_crop",
+        },
     )
     dataset = build_dataset(cfg)
     trainer = Trainer(cfg, 4, torch.device("cpu"))

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from neco.contract import PATCH_SIZE
+from neco.training.config import CropSection
 from neco.training.method import roi_grid
-from neco.training.views import MultiCropViews, ViewSpec, box_in_view, intersection, sample_layout
+from neco.training.views import MultiCropViews, box_in_view, intersection, sample_layout
 
 H, W = 180, 240
 
@@ -22,12 +23,12 @@ def coordinate_image() -> torch.Tensor:
     return torch.stack([xs, ys, torch.zeros_like(xs)]).to(torch.uint8)
 
 
-SPEC = ViewSpec(global_size=112, local_size=56, num_local=3, jitter_strength=0.0, blur_strength=0.0)
+SPEC = CropSection(global_size=112, local_size=56, num_local=3, flip_p=0.5, jitter_strength=0.0, blur_strength=0.0)
 
 
 def test_layout_overlaps_every_compared_pair() -> None:
     gen = torch.Generator().manual_seed(0)
-    spec = ViewSpec(global_size=112, local_size=56, num_local=6, min_intersection=0.05)
+    spec = CropSection(global_size=112, local_size=56, num_local=6, min_intersection=0.05)
     for _ in range(200):
         boxes = sample_layout(gen, H, W, spec)
         assert len(boxes) == 8
@@ -65,7 +66,7 @@ def test_aligned_grids_look_at_the_same_source_pixels(seed: int) -> None:
                 (v, out["boxes"][g, v, 1], out["flips"][v]),
             ):
                 image = crops[view][None] * 255.0  # coordinates back in source pixels
-                pixel = roi_grid(image, box[None], flip[None], spatial_scale=1.0)[0, :, :2]
+                pixel = roi_grid(image, box[None], flip[None], cell_size=1.0)[0, :, :2]
                 patches = F.avg_pool2d(image, PATCH_SIZE)
                 grids.append((pixel, roi_grid(patches, box[None], flip[None])[0, :, :2]))
             (pixel_t, patch_t), (pixel_s, patch_s) = grids
@@ -78,8 +79,49 @@ def test_aligned_grids_look_at_the_same_source_pixels(seed: int) -> None:
             assert pixel_t[:, 0].max() - pixel_t[:, 0].min() > 4.0
 
 
+def _interior_cells(box: torch.Tensor, size: int, flipped: bool, grid: int = 7) -> torch.Tensor:
+    """[grid*grid] cells whose ROI bin keeps half a patch from the crop's border (no clamped samples)."""
+    x0, y0, x1, y1 = box.tolist()
+    edges = torch.arange(grid + 1) / grid
+    ex, ey = x0 + (x1 - x0) * edges, y0 + (y1 - y0) * edges
+    half = PATCH_SIZE / 2
+    ok_x, ok_y = (ex[:-1] >= half) & (ex[1:] <= size - half), (ey[:-1] >= half) & (ey[1:] <= size - half)
+    cells = ok_y[:, None] & ok_x[None, :]
+    return (cells.flip(-1) if flipped else cells).flatten()
+
+
+def test_patch_cells_of_both_crops_see_the_same_source_coordinates() -> None:
+    """Patch maps that hold each patch's mean source (x, y): away from crop borders, bilinear
+    ROI cells of teacher and student agree to a fraction of a pixel, flips included."""
+    views = MultiCropViews(SPEC, normalise=False)
+    sizes = [SPEC.global_size] * 2 + [SPEC.local_size] * SPEC.num_local
+    worst, interior, cells, flipped = 0.0, 0, 0, 0
+    for seed in range(6):
+        out = views(coordinate_image(), seed=seed)
+        flipped += int(out["flips"].sum())
+        crops = list(out["global"]) + list(out["local"])
+        for g in range(2):
+            for v in range(len(crops)):
+                if v == g:
+                    continue
+                grids, masks = [], []
+                for view, box, flip in (
+                    (g, out["boxes"][g, v, 0], out["flips"][g]),
+                    (v, out["boxes"][g, v, 1], out["flips"][v]),
+                ):
+                    patches = F.avg_pool2d(crops[view][None] * 255.0, PATCH_SIZE)  # [1, 3, h, w] coordinates
+                    grids.append(roi_grid(patches, box[None], flip[None])[0, :, :2])
+                    masks.append(_interior_cells(box, sizes[view], bool(flip)))
+                both = masks[0] & masks[1]
+                interior, cells = interior + int(both.sum()), cells + both.numel()
+                if both.any():
+                    worst = max(worst, float((grids[0] - grids[1])[both].abs().max()))
+    assert flipped > 0 and interior > 0.2 * cells
+    assert worst < 0.5  # source pixels
+
+
 def test_views_are_deterministic_per_seed_and_do_not_touch_global_rng() -> None:
-    views = MultiCropViews(ViewSpec(global_size=56, local_size=28, num_local=2))
+    views = MultiCropViews(CropSection(global_size=56, local_size=28, num_local=2))
     image = coordinate_image()
     state = torch.get_rng_state()
     a, b, c = views(image, 5), views(image, 5), views(image, 6)
@@ -91,8 +133,8 @@ def test_views_are_deterministic_per_seed_and_do_not_touch_global_rng() -> None:
 
 def test_invalid_specs() -> None:
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        ViewSpec(global_size=100)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        ViewSpec(local_size=7)
+        CropSection(global_size=100)
+    with pytest.raises(ValueError, match="smaller than one 14-px patch"):
+        CropSection(local_size=7)
     with pytest.raises(ValueError, match="local_scale"):
-        ViewSpec(local_scale=(0.3, 0.2))
+        CropSection(local_scale=(0.3, 0.2))
