@@ -1,4 +1,4 @@
-"""Config fields shared by `neco eval hummingbird` and `neco eval linear` (one definition)."""
+"""Config fields shared by every `neco eval` command (one definition), and the backend they build."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from neco.evaluation.backends import BackendConfig
+from neco.contract import DEFAULT_INPUT_SIZE
+from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.datasets import DatasetKind
 
 if TYPE_CHECKING:
+    from neco.client.backend import FeatureBackend
     from neco.client.images import SizeSpec
 
 
@@ -24,9 +26,14 @@ class EvalConfig(BaseModel):
     train_split: str = "train"
     val_split: str = "val"
     train_subset: int = Field(1, ge=1, description="use 1/N of the train split (protocol: 1, 8, ..., 128)")
-    input_size: int = Field(448, ge=14, description="encoder input side (rounded to a multiple of 14)")
+    input_size: int = Field(DEFAULT_INPUT_SIZE, ge=14, description="encoder input side (rounded to a multiple of 14)")
     square: bool = Field(True, description="resize to input_size x input_size (protocol) or shorter side")
     seed: int = 0
+    hbird_eval_std_typo: bool = Field(
+        False,
+        description="normalise with open-hummingbird-eval's typo'd ImageNet std (blue 0.255, not 0.225) for "
+        "bit-exact reproduction of its numbers; torch backend only",
+    )
     backend: BackendConfig = BackendConfig()
     out: Path | None = None
 
@@ -34,3 +41,23 @@ class EvalConfig(BaseModel):
     def size(self) -> SizeSpec:
         """The client's resize-policy argument for this config."""
         return (self.input_size, self.input_size) if self.square else self.input_size
+
+    def build_backend(self) -> FeatureBackend:
+        """The configured backend; with `hbird_eval_std_typo` a torch backend with that std."""
+        if not self.hbird_eval_std_typo:
+            return self.backend.build()
+        if self.backend.kind != "torch":
+            raise BackendError(
+                "hbird_eval_std_typo needs --backend torch: exported and served graphs normalise inside "
+                "with the correct ImageNet std"
+            )
+        from neco.evaluation.backends import TorchBackend
+        from neco.evaluation.protocols import HBIRD_EVAL_STD_TYPO
+        from neco.training.backbone import load_backbone
+
+        source = self.backend.model if self.backend.model is not None else self.backend.arch
+        if source is None:
+            raise BackendError("--backend torch needs --model (artefact/checkpoint) or --arch")
+        model, contract = load_backbone(source, self.backend.arch)
+        typo = contract.model_copy(update={"std": HBIRD_EVAL_STD_TYPO})
+        return TorchBackend(model=model, contract=typo, device=self.backend.device, batch_size=self.backend.batch_size)
