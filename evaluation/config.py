@@ -43,21 +43,26 @@ class EvalConfig(BaseModel):
         return (self.input_size, self.input_size) if self.square else self.input_size
 
     def build_backend(self) -> FeatureBackend:
-        """The configured backend; with `hbird_eval_std_typo` a torch backend with that std."""
-        if not self.hbird_eval_std_typo:
-            return self.backend.build()
-        if self.backend.kind != "torch":
-            raise BackendError(
-                "hbird_eval_std_typo needs --backend torch: exported and served graphs normalise inside "
-                "with the correct ImageNet std"
-            )
-        from neco.evaluation.backends import TorchBackend
-        from neco.evaluation.protocols import HBIRD_EVAL_STD_TYPO
-        from neco.training.backbone import load_backbone
+        """The configured backend (see `build_backend`)."""
+        return build_backend(self.backend, self.hbird_eval_std_typo)
 
-        source = self.backend.model if self.backend.model is not None else self.backend.arch
-        if source is None:
-            raise BackendError("--backend torch needs --model (artefact/checkpoint) or --arch")
-        model, contract = load_backbone(source, self.backend.arch)
-        typo = contract.model_copy(update={"std": HBIRD_EVAL_STD_TYPO})
-        return TorchBackend(model=model, contract=typo, device=self.backend.device, batch_size=self.backend.batch_size)
+
+def build_backend(backend: BackendConfig, hbird_eval_std_typo: bool = False) -> FeatureBackend:
+    """`backend.build()`, or with `hbird_eval_std_typo` a torch backend normalising with that std."""
+    if not hbird_eval_std_typo:
+        return backend.build()
+    if backend.kind != "torch":
+        raise BackendError(
+            "hbird_eval_std_typo needs --backend torch: exported and served graphs normalise inside "
+            "with the correct ImageNet std"
+        )
+    from neco.evaluation.backends import TorchBackend
+    from neco.evaluation.protocols import HBIRD_EVAL_STD_TYPO
+    from neco.training.backbone import load_backbone
+
+    source = backend.model if backend.model is not None else backend.arch
+    if source is None:
+        raise BackendError("--backend torch needs --model (artefact/checkpoint) or --arch")
+    model, contract = load_backbone(source, backend.arch)
+    typo = contract.model_copy(update={"std": HBIRD_EVAL_STD_TYPO})
+    return TorchBackend(model=model, contract=typo, device=backend.device, batch_size=backend.batch_size)

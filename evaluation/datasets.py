@@ -1,4 +1,5 @@
-"""Segmentation datasets for evaluation: Pascal VOC 2012, ADE20k and a generic folder layout.
+"""Segmentation datasets for evaluation: Pascal VOC 2012, ADE20k, a generic folder layout, and
+(in `datasets_extra`) COCO-Stuff-27 and Cityscapes.
 
 A dataset is a read-only sequence of `(image, mask)` pairs — image HxWx3 uint8 RGB, mask HxW
 uint8 with `IGNORE_INDEX` for unlabelled pixels — plus `class_names`. That is exactly the
@@ -23,7 +24,7 @@ import numpy as np
 from neco.client.images import load_mask, load_rgb
 from neco.contract import IGNORE_INDEX
 
-DatasetKind = Literal["voc", "ade20k", "folder"]
+DatasetKind = Literal["voc", "ade20k", "coco-stuff", "cityscapes", "folder"]
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -247,6 +248,10 @@ def load_dataset(
         dataset = ade20k(root, split)
     elif kind == "folder":
         dataset = folder(root, split)
+    elif kind in ("coco-stuff", "cityscapes"):
+        from neco.evaluation.datasets_extra import cityscapes, coco_stuff27
+
+        dataset = coco_stuff27(root, split) if kind == "coco-stuff" else cityscapes(root, split)
     else:
-        raise DatasetError(f"unknown dataset kind {kind!r}; use voc, ade20k or folder")
+        raise DatasetError(f"unknown dataset kind {kind!r}; use voc, ade20k, coco-stuff, cityscapes or folder")
     return dataset.subset(subset, seed)
