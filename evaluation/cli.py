@@ -63,7 +63,7 @@ COMMON_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
 )
 BACKEND_FLAGS = COMMON_FLAGS[8:]
 SEGMENTATION_FLAGS = COMMON_FLAGS + (
-    ("--hbird-eval-std-typo", "hbird_eval_std_typo", _flag, "true: open-hummingbird-eval's typo'd std (torch only)"),
+    ("--hbird-eval-std-typo", "hbird_eval_std_typo", _flag, "open-hummingbird-eval's typo'd std 0.255 (torch only)"),
 )
 HUMMINGBIRD_FLAGS = (
     ("--protocol", "protocol", _protocol, "hbird-eval | strict | both (see above)"),
@@ -84,7 +84,7 @@ KEYPOINT_FLAGS = (
     ("--split", "split", str, "trn | val | test"),
     ("--input-size", "input_size", int, "square input side (multiple of 14)"),
     ("--max-pairs", "max_pairs", int, "score only the first N pairs"),
-    ("--soft-argmax", "soft_argmax", _flag, "true: refine matches by a windowed soft-argmax"),
+    ("--soft-argmax", "soft_argmax", _flag, "refine matches by a windowed soft-argmax"),
     ("--out", "out", str, "write the JSON report here"),
 ) + BACKEND_FLAGS
 REPORT_FLAGS = (
@@ -108,7 +108,12 @@ LINEAR_FLAGS = (
 
 def _add_flags(parser: argparse.ArgumentParser, flags: tuple[tuple[str, str, Callable[[str], Any], str], ...]) -> None:
     for flag, key, kind, text in flags:
-        parser.add_argument(flag, dest=key, type=kind, default=None, help=text, metavar=key.split(".")[-1].upper())
+        if kind is _flag:  # `--soft-argmax` alone means true; `--soft-argmax false` still works
+            parser.add_argument(
+                flag, dest=key, type=kind, nargs="?", const=True, default=None, help=text, metavar="BOOL"
+            )
+        else:
+            parser.add_argument(flag, dest=key, type=kind, default=None, help=text, metavar=key.split(".")[-1].upper())
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +188,7 @@ HUMMINGBIRD_HELP = """Protocols (--protocol; docs/evaluation.md says which paper
               memory pass augmented (random-resized crop 0.5-2.0 + colour jitter); predicted labels
               Hungarian-matched to classes; mIoU over ALL classes (absent class = 0). Comparable with
               NeCo's and DIP's dense-NN columns and open-hummingbird-eval. Normalisation uses the
-              correct ImageNet std; --hbird-eval-std-typo true reproduces that code's 0.255 blue std.
+              correct ImageNet std; --hbird-eval-std-typo reproduces that code's 0.255 blue std.
   strict      this project's scoring, the default for folder: masks scored at their own size, ignore
               pixels excluded from memory labels, no label matching, classes absent from prediction
               and target left out of the mean. It measures what `neco segment` gives applications.

@@ -114,6 +114,6 @@ def test_cli(random_artefact: Path, tmp_path: Path) -> None:
     _spair_tree(tmp_path)
     out = tmp_path / "kp.json"
     args = ["eval", "keypoints", "--data-root", str(tmp_path), "--model", str(random_artefact), "--device", "cpu"]
-    assert main([*args, "--input-size", "56", "--soft-argmax", "true", "--out", str(out)]) == 0
+    assert main([*args, "--input-size", "56", "--soft-argmax", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert 0.0 <= report["pck@0.1"]["mean"] <= 1.0 and report["keypoints"] == 6

@@ -24,16 +24,30 @@ from neco.evaluation.protocols import (
 PATCH, GRID, DIM, CLASSES = 4, 4, 8, 4
 
 
-def _reference_miou(bank, queries, num_classes: int, k: int, temperature: float) -> float:
-    """Loops and brute force: 255 -> 0 one-hot means, exact k-NN, torch bilinear, best permutation."""
+def _reference_miou(bank, queries, num_classes: int, k: int, temperature: float, budget: int | None = None) -> float:
+    """Loops and brute force: 255 -> 0 one-hot means, exact k-NN, torch bilinear, best permutation.
+
+    With `budget`, each image keeps the patches of smallest score: sum over the patch's classes of the
+    number of the image's patches holding the class, times U(0, 1) drawn image after image (seed 0).
+    """
     feats, labels = [], []
+    rng = np.random.default_rng(0)
     for f, mask in bank:
         mask = np.where(mask == 255, 0, mask)
+        image_feats, image_labels = [], []
         for r in range(GRID):
             for c in range(GRID):
-                feats.append(f[r, c])
+                image_feats.append(f[r, c])
                 pix = mask[r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH].ravel()
-                labels.append([np.mean(pix == cls) for cls in range(num_classes)])
+                image_labels.append([np.mean(pix == cls) for cls in range(num_classes)])
+        if budget is not None:
+            holding = [sum(1 for lab in image_labels if lab[cls] > 0) for cls in range(num_classes)]
+            score = [sum(holding[cls] for cls in range(num_classes) if lab[cls] > 0) for lab in image_labels]
+            score = np.array(score, dtype=np.float64) * rng.random(len(score))  # every patch here is labelled
+            keep = sorted(range(len(score)), key=lambda i: (score[i], i))[:budget]
+            image_feats, image_labels = [image_feats[i] for i in keep], [image_labels[i] for i in keep]
+        feats += image_feats
+        labels += image_labels
     feats, labels = np.array(feats, dtype=np.float64), np.array(labels)
     confusion = np.zeros((num_classes, num_classes))
     for f, mask in queries:
@@ -95,6 +109,14 @@ def test_hbird_eval_matches_independent_computation(swap: bool) -> None:
     assert result.iou.miou > 0.5  # the features carry the classes; matching undoes the renaming
     if swap:
         assert not np.array_equal(result.iou.mapping, np.arange(CLASSES))
+
+
+def test_bounded_memory_matches_independent_computation() -> None:
+    bank, queries = _problem(1, swap=False)
+    result = hbird_eval(bank, queries, [f"c{i}" for i in range(CLASSES)], k=3, temperature=0.05, memory_per_image=6)
+    assert result.bank_patches == 3 * 6
+    expected = _reference_miou(bank, queries, CLASSES, k=3, temperature=0.05, budget=6)
+    assert abs(result.iou.miou - expected) <= 1e-6
 
 
 def test_memory_labels_ignore_is_class_zero() -> None:
