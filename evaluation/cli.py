@@ -92,6 +92,8 @@ REPORT_FLAGS = (
     ("--protocol", "protocol", _protocol, "hummingbird protocol(s): hbird-eval | strict | both"),
     ("--clusters", "clusters", _ints, "overclustering K values (default 500)"),
     ("--input-size", "input_size", int, "encoder input side"),
+    ("--train-split", "train_split", str, "memory / head split (e.g. trainaug for VOC)"),
+    ("--val-split", "val_split", str, "scored split"),
     ("--train-subset", "train_subset", int, "use 1/N of the train split"),
     ("--val-subset", "val_subset", int, "use 1/N of the val split"),
     ("--memory-size", "memory_size", int, "Hummingbird memory bound in patches"),

@@ -232,7 +232,8 @@ def run_hbird_eval(
         memory_per_image=per_image,
         seed=cfg.seed,
     )
-    print(f"hummingbird[hbird-eval]: memory of {result.bank_patches} patches, mIoU {100 * result.iou.miou:.1f}")
+    print(f"hummingbird[hbird-eval]: memory of {result.bank_patches} patches")
+    print(result.iou.table())
     return {**result.iou.to_dict(), "bank_patches": result.bank_patches, "input_size": size}
 
 

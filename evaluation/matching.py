@@ -89,6 +89,14 @@ class MatchedIoU:
     def miou(self) -> float:
         return float(self.per_class.mean())
 
+    def table(self) -> str:
+        """Plain-text per-class IoU table (every class counts in the mean)."""
+        width = max([len(n) for n in self.class_names] + [5])
+        lines = [f"{'class':<{width}}  IoU"] + [
+            f"{name:<{width}}  {100 * v:5.1f}" for name, v in zip(self.class_names, self.per_class)
+        ]
+        return "\n".join([*lines, f"{'mIoU':<{width}}  {100 * self.miou:5.1f}  ({self.matching} matching)"])
+
     def to_dict(self) -> dict[str, object]:
         return {
             "miou": self.miou,

@@ -57,6 +57,8 @@ class ReportConfig(BaseModel):
     protocol: Literal["hbird-eval", "strict", "both"] = "both"
     clusters: list[int] = Field([max(DEFAULT_CLUSTERS)], min_length=1, description="overclustering K values")
     input_size: int = Field(DEFAULT_INPUT_SIZE, ge=14)
+    train_split: str = Field("train", description="memory / head split of every segmentation dataset")
+    val_split: str = "val"
     train_subset: int = Field(1, ge=1)
     val_subset: int = Field(1, ge=1)
     k: int = Field(DEFAULT_K, ge=1)
@@ -97,6 +99,8 @@ def _segmentation(cfg: ReportConfig, backend: object, kind: str, root: str) -> d
     common = dict(
         dataset=kind,
         data_root=root,
+        train_split=cfg.train_split,
+        val_split=cfg.val_split,
         input_size=cfg.input_size,
         seed=cfg.seed,
         hbird_eval_std_typo=cfg.hbird_eval_std_typo,
