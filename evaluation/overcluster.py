@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from neco.contract import IGNORE_INDEX
 from neco.evaluation.augment import SquareViews
@@ -36,7 +36,7 @@ DEFAULT_CLUSTERS: tuple[int, ...] = (100, 300, 500)
 class OverclusterConfig(EvalConfig):
     """Settings of `neco eval overcluster` (the val split only is used)."""
 
-    clusters: list[int] = Field(list(DEFAULT_CLUSTERS), min_length=1, description="K values (many-to-one)")
+    clusters: list[PositiveInt] = Field(list(DEFAULT_CLUSTERS), min_length=1, description="K values (many-to-one)")
     hungarian: bool = Field(True, description="also K = number of classes with Hungarian matching")
     niter: int = Field(20, ge=1, description="k-means iterations")
     val_subset: int = Field(1, ge=1, description="use 1/N of the val split (quick checks only)")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, DEFAULT_TEMPERATURE
 from neco.evaluation.backends import BackendConfig, BackendError
@@ -55,7 +55,7 @@ class ReportConfig(BaseModel):
     )
     evaluations: list[Evaluation] = ["overcluster", "hummingbird", "linear", "keypoints"]
     protocol: Literal["hbird-eval", "strict", "both"] = "both"
-    clusters: list[int] = Field([max(DEFAULT_CLUSTERS)], min_length=1, description="overclustering K values")
+    clusters: list[PositiveInt] = Field([max(DEFAULT_CLUSTERS)], min_length=1, description="overclustering K values")
     input_size: int = Field(DEFAULT_INPUT_SIZE, ge=14)
     train_split: str = Field("train", description="memory / head split of every segmentation dataset")
     val_split: str = "val"

@@ -56,6 +56,11 @@ def test_patches_matching_and_pck_by_hand() -> None:
     bbox = (0, 0, 100, 60)
     np.testing.assert_array_equal(pck_correct(predicted, truth, bbox, 0.1), [True, True, True])
     np.testing.assert_array_equal(pck_correct(predicted, truth, bbox, 0.05), [True, True, False])
+    # A copy shown twice as large (same grid, 224 px): predictions scale with the image.
+    np.testing.assert_allclose(match_keypoints(source, source, kps[:2], (112, 112), (224, 224)), [[14, 14], [70, 98]])
+    # A mirrored copy: patch (0, 0) is found in column 7, whose centre is exactly the mirrored keypoint.
+    mirrored = match_keypoints(source, source[:, ::-1], kps[:2], (112, 112), (112, 112))
+    np.testing.assert_allclose(mirrored, [[112 - 7, 7], [112 - 35, 49]])
     acc = PCKAccumulator()
     acc.update("cat", predicted, truth, bbox)
     acc.update("dog", predicted[:1], truth[:1] + [20, 0], bbox)  # 20 px off: wrong at both
