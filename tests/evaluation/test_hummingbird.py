@@ -85,15 +85,33 @@ def _ade_tree(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         _write(base / "annotations" / sub / f"ADE_{sub}_{i:08d}.png", (mask + 1).astype(np.uint8))
 
 
-@pytest.mark.parametrize("layout", ["voc", "ade20k", "folder"])
+def _coco_tree(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    fine = np.array([71, 77, 51, 61], dtype=np.uint8)  # stuffthingmaps ids of coarse classes 0..3
+    for i, (image, mask) in enumerate(pairs):
+        sub = "train2017" if i < 4 else "val2017"
+        _write(root / "images" / sub / f"{i:012d}.jpg", image)
+        _write(root / "annotations" / sub / f"{i:012d}.png", fine[mask])
+
+
+def _cityscapes_tree(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    ids = np.array([7, 8, 11, 12], dtype=np.uint8)  # labelIds of train ids 0..3
+    for i, (image, mask) in enumerate(pairs):
+        split = "train" if i < 4 else "val"
+        _write(root / "leftImg8bit" / split / "ulm" / f"ulm_{i:06d}_000019_leftImg8bit.png", image)
+        _write(root / "gtFine" / split / "ulm" / f"ulm_{i:06d}_000019_gtFine_labelIds.png", ids[mask])
+
+
+TREES = {"voc": _voc_tree, "ade20k": _ade_tree, "coco-stuff": _coco_tree, "cityscapes": _cityscapes_tree}
+CLASS_COUNTS = {"voc": 21, "ade20k": 150, "coco-stuff": 27, "cityscapes": 19, "folder": 4}
+
+
+@pytest.mark.parametrize("layout", [*TREES, "folder"])
 def test_cli_on_every_layout(
     layout: str, random_artefact: Path, scene_pairs: list, scene_dataset: Path, tmp_path: Path, capsys
 ) -> None:
     root = tmp_path / layout
-    if layout == "voc":
-        _voc_tree(root, scene_pairs)
-    elif layout == "ade20k":
-        _ade_tree(root, scene_pairs)
+    if layout in TREES:
+        TREES[layout](root, scene_pairs)
     else:
         root = scene_dataset
     out = tmp_path / "report.json"
@@ -121,7 +139,7 @@ def test_cli_on_every_layout(
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
     assert 0.0 <= report["miou"] <= 1.0 and report["config"]["k"] == 10
-    assert len(report["per_class_iou"]) == {"voc": 21, "ade20k": 150, "folder": 4}[layout]
+    assert len(report["per_class_iou"]) == CLASS_COUNTS[layout]
     # The published protocol is the default for the paper layouts, the strict one for folders.
     assert report["protocol"] == ("strict" if layout == "folder" else "hbird-eval")
     assert list(report["results"]) == [report["protocol"]]
