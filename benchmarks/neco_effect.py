@@ -147,7 +147,7 @@ def write_report(
     """Rewritten after every variant, so a long run that is cut short keeps what it measured."""
     report = {
         "benchmark": "neco_effect",
-        "metric": "Hummingbird mIoU on generated scenes (k=30, beta=0.02)",
+        "metric": "Hummingbird mIoU on generated scenes (k=30, temperature=0.02)",
         "machine": machine_info(device),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "starting_weights": args.weights or f"random init (seed {args.seed})",

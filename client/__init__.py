@@ -20,9 +20,16 @@ from .errors import (
     ServerUnavailableError,
     SupportSetError,
 )
-from .images import ImageLike, PreparedImage, SizeSpec, load_mask, load_rgb, prepare_image
+from .images import ImageLike, PreparedImage, SizeSpec, load_mask, load_rgb, prepare_image, resize_mask
 from .render import features_to_rgb, overlay, palette
-from .retrieval import SegmentationResult, check_contract, segment, segment_features, transfer_labels
+from .retrieval import (
+    SegmentationResult,
+    check_contract,
+    segment,
+    segment_features,
+    transfer_labels,
+    upsample_bilinear,
+)
 from .triton import DenseFeatures, NecoClient
 
 __all__ = [
@@ -55,7 +62,9 @@ __all__ = [
     "overlay",
     "palette",
     "prepare_image",
+    "resize_mask",
     "segment",
     "segment_features",
     "transfer_labels",
+    "upsample_bilinear",
 ]

@@ -148,7 +148,7 @@ def evaluate_served(
         bank = build_bank(client, train, train.class_names, size, memory_size=cfg.memory_size, seed=cfg.seed)
         bank.save(cfg.output_dir / "banks" / name)
         stages.note(f"{bank!r}; segmenting {len(val)} val images")
-        result = evaluate_bank(client, bank, val, k=cfg.k, beta=cfg.temperature)
+        result = evaluate_bank(client, bank, val, k=cfg.k, temperature=cfg.temperature)
         pca = []
         for i in range(min(cfg.pictures, len(val))):
             image, _ = val[i]

@@ -1,4 +1,4 @@
-"""`neco eval hummingbird|linear` (torch-free at import: handlers import lazily).
+"""`neco eval hummingbird|linear|overcluster|keypoints|all` (torch-free at import: handlers import lazily).
 
 Every flag is a shortcut for a `key=value` override of the command's pydantic config, so a
 YAML file (`--config configs/eval_hummingbird.yaml`), flags and trailing overrides compose
@@ -12,9 +12,39 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE
+
+PROTOCOL_CHOICES = ("hbird-eval", "strict", "both")
+
+
+def _protocol(value: str) -> str:
+    if value in ("grpc", "http"):
+        raise argparse.ArgumentTypeError(f"{value!r} is a Triton transport: use --transport {value}")
+    if value not in PROTOCOL_CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown protocol {value!r}; use one of {', '.join(PROTOCOL_CHOICES)}")
+    return value
+
+
+def _flag(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() in ("true", "1", "yes")
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _words(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
 # (flag, config key, argparse type, help); every default is None = "not given".
 COMMON_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--dataset", "dataset", str, "voc | ade20k | folder"),
+    ("--dataset", "dataset", str, "voc | ade20k | coco-stuff | cityscapes | folder"),
     ("--data-root", "data_root", str, "dataset root directory"),
     ("--train-split", "train_split", str, "split the bank / head is built from"),
     ("--val-split", "val_split", str, "split that is scored"),
@@ -25,19 +55,51 @@ COMMON_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--backend", "backend.kind", str, "triton | onnx | torch"),
     ("--model", "backend.model", str, "onnx: model.onnx / model dir; torch: artefact or checkpoint"),
     ("--url", "backend.url", str, "triton: server URL"),
-    ("--protocol", "backend.protocol", str, "triton: grpc | http"),
+    ("--transport", "backend.protocol", str, "triton: grpc | http"),
     ("--model-name", "backend.model_name", str, "triton: model name"),
     ("--arch", "backend.arch", str, "timm architecture (torch: stock weights; onnx without config.pbtxt)"),
     ("--device", "backend.device", str, "torch: auto | cpu | cuda"),
     ("--batch-size", "backend.batch_size", int, "images per backend call"),
 )
-HUMMINGBIRD_FLAGS = (
-    ("--val-subset", "val_subset", int, "use 1/N of the val split"),
-    ("--k", "k", int, "nearest neighbours (protocol: 30)"),
-    ("--beta", "beta", float, "softmax temperature (protocol: 0.02)"),
-    ("--memory-size", "memory_size", int, "bank size bound in patches"),
-    ("--augment-passes", "augment_passes", int, "passes over the train split (extra ones augmented)"),
+BACKEND_FLAGS = COMMON_FLAGS[8:]
+SEGMENTATION_FLAGS = COMMON_FLAGS + (
+    ("--hbird-eval-std-typo", "hbird_eval_std_typo", _flag, "open-hummingbird-eval's typo'd std 0.255 (torch only)"),
 )
+HUMMINGBIRD_FLAGS = (
+    ("--protocol", "protocol", _protocol, "hbird-eval | strict | both (see above)"),
+    ("--val-subset", "val_subset", int, "use 1/N of the val split"),
+    ("--k", "k", int, f"nearest neighbours (protocol: {DEFAULT_K})"),
+    ("--temperature", "temperature", float, f"softmax temperature (protocol: {DEFAULT_TEMPERATURE})"),
+    ("--beta", "beta", float, "deprecated alias of --temperature"),
+    ("--memory-size", "memory_size", int, "memory bound in patches (over all passes)"),
+    ("--augment-passes", "augment_passes", int, "memory passes over the train split"),
+)
+OVERCLUSTER_FLAGS = (
+    ("--clusters", "clusters", _ints, "comma-separated K values (default 100,300,500)"),
+    ("--val-subset", "val_subset", int, "use 1/N of the val split"),
+    ("--niter", "niter", int, "k-means iterations"),
+)
+KEYPOINT_FLAGS = (
+    ("--data-root", "data_root", str, "SPair-71k root (holds JPEGImages/ and PairAnnotation/)"),
+    ("--split", "split", str, "trn | val | test"),
+    ("--input-size", "input_size", int, "square input side (multiple of 14)"),
+    ("--max-pairs", "max_pairs", int, "score only the first N pairs"),
+    ("--soft-argmax", "soft_argmax", _flag, "refine matches by a windowed soft-argmax"),
+    ("--out", "out", str, "write the JSON report here"),
+) + BACKEND_FLAGS
+REPORT_FLAGS = (
+    ("--evaluations", "evaluations", _words, "comma-separated: overcluster,hummingbird,linear,keypoints"),
+    ("--protocol", "protocol", _protocol, "hummingbird protocol(s): hbird-eval | strict | both"),
+    ("--clusters", "clusters", _ints, "overclustering K values (default 500)"),
+    ("--input-size", "input_size", int, "encoder input side"),
+    ("--train-split", "train_split", str, "memory / head split (e.g. trainaug for VOC)"),
+    ("--val-split", "val_split", str, "scored split"),
+    ("--train-subset", "train_subset", int, "use 1/N of the train split"),
+    ("--val-subset", "val_subset", int, "use 1/N of the val split"),
+    ("--memory-size", "memory_size", int, "Hummingbird memory bound in patches"),
+    ("--epochs", "epochs", int, "linear head epochs"),
+    ("--out", "out", str, "output path without suffix: writes <out>.json and <out>.md"),
+) + tuple(f for f in BACKEND_FLAGS if f[0] != "--model")
 LINEAR_FLAGS = (
     ("--epochs", "epochs", int, "head training epochs"),
     ("--lr", "lr", float, "head learning rate"),
@@ -48,7 +110,12 @@ LINEAR_FLAGS = (
 
 def _add_flags(parser: argparse.ArgumentParser, flags: tuple[tuple[str, str, Callable[[str], Any], str], ...]) -> None:
     for flag, key, kind, text in flags:
-        parser.add_argument(flag, dest=key, type=kind, default=None, help=text, metavar=key.split(".")[-1].upper())
+        if kind is _flag:  # `--soft-argmax` alone means true; `--soft-argmax false` still works
+            parser.add_argument(
+                flag, dest=key, type=kind, nargs="?", const=True, default=None, help=text, metavar="BOOL"
+            )
+        else:
+            parser.add_argument(flag, dest=key, type=kind, default=None, help=text, metavar=key.split(".")[-1].upper())
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +133,7 @@ def _hummingbird(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.hummingbird import HummingbirdConfig, run_hummingbird
 
-    flags = COMMON_FLAGS + HUMMINGBIRD_FLAGS
+    flags = SEGMENTATION_FLAGS + HUMMINGBIRD_FLAGS
     cfg = load_config(HummingbirdConfig, args.config, _overrides(args, flags))
     run_hummingbird(cfg)
     return 0
@@ -76,22 +143,112 @@ def _linear(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.linear import LinearConfig, run_linear
 
-    cfg = load_config(LinearConfig, args.config, _overrides(args, COMMON_FLAGS + LINEAR_FLAGS))
-    run_linear(cfg, cfg.backend.build())
+    cfg = load_config(LinearConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + LINEAR_FLAGS))
+    run_linear(cfg, cfg.build_backend())
     return 0
+
+
+def _overcluster(args: argparse.Namespace) -> int:
+    from neco.config import load_config
+    from neco.evaluation.overcluster import OverclusterConfig, run_overcluster
+
+    cfg = load_config(OverclusterConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS))
+    run_overcluster(cfg)
+    return 0
+
+
+def _keypoints(args: argparse.Namespace) -> int:
+    from neco.config import load_config
+    from neco.evaluation.keypoints import KeypointConfig, run_keypoints
+
+    run_keypoints(load_config(KeypointConfig, args.config, _overrides(args, KEYPOINT_FLAGS)))
+    return 0
+
+
+def _all(args: argparse.Namespace) -> int:
+    from neco.config import load_config
+    from neco.evaluation.report import ReportConfig, run_report
+
+    lists = [
+        f"{key}={json.dumps(value)}" for key, value in (("models", args.models), ("datasets", args.datasets)) if value
+    ]
+    run_report(load_config(ReportConfig, args.config, lists + _overrides(args, REPORT_FLAGS)))
+    return 0
+
+
+HUMMINGBIRD_HELP = """Protocols (--protocol; docs/evaluation.md says which paper each is comparable with):
+  hbird-eval  open-hummingbird-eval v2.0.0 scoring, the default for voc/ade20k/coco-stuff/cityscapes:
+              images and masks resized to input_size x input_size (masks nearest) and scored there;
+              memory labels with 255 -> class 0; bounded memory keeps rare-class patches first; every
+              memory pass augmented (random-resized crop 0.5-2.0 + colour jitter); predicted labels
+              Hungarian-matched to classes; mIoU over ALL classes (absent class = 0). Comparable with
+              NeCo's and DIP's dense-NN columns and open-hummingbird-eval. Normalisation uses the
+              correct ImageNet std; --hbird-eval-std-typo reproduces that code's 0.255 blue std.
+  strict      this project's scoring, the default for folder: masks scored at their own size, ignore
+              pixels excluded from memory labels, no label matching, classes absent from prediction
+              and target left out of the mean. It measures what `neco segment` gives applications.
+  both        run both; the JSON's top level is hbird-eval, `results` holds each protocol."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `neco eval ...`."""
-    evaluate = subparsers.add_parser("eval", help="evaluate dense features (Hummingbird, linear probe)")
-    protocols = evaluate.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    evaluate = subparsers.add_parser("eval", help="evaluate dense features (Hummingbird, linear, overclustering, ...)")
+    protocols = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    hb = protocols.add_parser("hummingbird", help="in-context k-NN segmentation mIoU")
-    _add_flags(hb, COMMON_FLAGS + HUMMINGBIRD_FLAGS)
+    hb = protocols.add_parser(
+        "hummingbird", help="in-context k-NN segmentation mIoU", description=HUMMINGBIRD_HELP, formatter_class=raw
+    )
+    _add_flags(hb, SEGMENTATION_FLAGS + HUMMINGBIRD_FLAGS)
     _add_config(hb)
     hb.set_defaults(handler=_hummingbird)
 
-    lin = protocols.add_parser("linear", help="linear-probe segmentation mIoU (needs torch)")
-    _add_flags(lin, COMMON_FLAGS + LINEAR_FLAGS)
+    lin = protocols.add_parser(
+        "linear",
+        help="linear-probe segmentation mIoU (needs torch)",
+        description="Linear probe: BatchNorm + 1x1 head on frozen features, logits upsampled to the full mask; "
+        "mIoU over classes present (comparable with NeCo's linear column up to its training recipe).",
+    )
+    _add_flags(lin, SEGMENTATION_FLAGS + LINEAR_FLAGS)
     _add_config(lin)
     lin.set_defaults(handler=_linear)
+
+    oc = protocols.add_parser(
+        "overcluster",
+        help="unsupervised overclustering mIoU (k-means on val patches)",
+        description="Overclustering (NeCo's / Leopart's unsupervised column): faiss k-means (seeded) on the "
+        "val patch features at the square input size for each K, clusters mapped to classes many-to-one "
+        "(each to the class it overlaps most), plus K = classes with Hungarian matching; mIoU over all classes.",
+    )
+    _add_flags(oc, SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS)
+    _add_config(oc)
+    oc.set_defaults(handler=_overcluster)
+
+    kp = protocols.add_parser(
+        "keypoints",
+        help="SPair-71k keypoint correspondence PCK",
+        description="Keypoint correspondence on SPair-71k: each source keypoint's patch is matched to the "
+        "most cosine-similar target patch (optional soft-argmax); PCK@0.1 and @0.05 of max(target bbox w, h), "
+        "per category and their mean.",
+    )
+    _add_flags(kp, KEYPOINT_FLAGS)
+    _add_config(kp)
+    kp.set_defaults(handler=_keypoints)
+
+    rep = protocols.add_parser(
+        "all",
+        help="every evaluation of every model: one JSON + a Markdown table (NeCo paper layout)",
+        description="Run the chosen evaluations for each --model on each dataset and write <out>.json and "
+        "<out>.md: rows = models, columns = dataset x protocol, each header naming its protocol.\n"
+        "  neco eval all --model dinov2=vit_small_patch14_reg4_dinov2 --model neco=outputs/train/artefact "
+        "--datasets voc=/data/VOCdevkit ade20k=/data/ADEChallengeData2016",
+        formatter_class=raw,
+    )
+    rep.add_argument("--model", dest="models", action="append", default=None, metavar="NAME=SOURCE",
+                     help="a model to evaluate (repeat); SOURCE is what --backend loads")  # fmt: skip
+    rep.add_argument("--datasets", nargs="+", default=None, metavar="KIND=ROOT",
+                     help="voc, ade20k, coco-stuff, cityscapes, folder or spair roots")  # fmt: skip
+    _add_flags(rep, REPORT_FLAGS)
+    rep.add_argument("--config", default=None, help="YAML config file (flags and overrides win)")
+    rep.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    rep.set_defaults(handler=_all)

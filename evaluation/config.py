@@ -1,4 +1,4 @@
-"""Config fields shared by `neco eval hummingbird` and `neco eval linear` (one definition)."""
+"""Config fields shared by every `neco eval` command (one definition), and the backend they build."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE
-from neco.evaluation.backends import BackendConfig
+from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.datasets import DatasetKind
 
 if TYPE_CHECKING:
-    from neco.client import SizeSpec
+    from neco.client import FeatureBackend, SizeSpec
 
 
 class EvalConfig(BaseModel):
@@ -30,6 +30,11 @@ class EvalConfig(BaseModel):
     )
     square: bool = Field(True, description="resize to input_size x input_size (protocol) or shorter side")
     seed: int = 0
+    hbird_eval_std_typo: bool = Field(
+        False,
+        description="normalise with open-hummingbird-eval's typo'd ImageNet std (blue 0.255, not 0.225) for "
+        "bit-exact reproduction of its numbers; torch backend only",
+    )
     backend: BackendConfig = BackendConfig()
     out: Path | None = None
 
@@ -37,3 +42,28 @@ class EvalConfig(BaseModel):
     def size(self) -> SizeSpec:
         """The client's resize-policy argument for this config."""
         return (self.input_size, self.input_size) if self.square else self.input_size
+
+    def build_backend(self) -> FeatureBackend:
+        """The configured backend (see `build_backend`)."""
+        return build_backend(self.backend, self.hbird_eval_std_typo)
+
+
+def build_backend(backend: BackendConfig, hbird_eval_std_typo: bool = False) -> FeatureBackend:
+    """`backend.build()`, or with `hbird_eval_std_typo` a torch backend normalising with that std."""
+    if not hbird_eval_std_typo:
+        return backend.build()
+    if backend.kind != "torch":
+        raise BackendError(
+            "hbird_eval_std_typo needs --backend torch: exported and served graphs normalise inside "
+            "with the correct ImageNet std"
+        )
+    from neco.evaluation.backends import TorchBackend
+    from neco.evaluation.protocols import HBIRD_EVAL_STD_TYPO
+    from neco.model import load_backbone
+
+    source = backend.model if backend.model is not None else backend.arch
+    if source is None:
+        raise BackendError("--backend torch needs --model (artefact/checkpoint) or --arch")
+    model, contract = load_backbone(source, backend.arch)
+    typo = contract.model_copy(update={"std": HBIRD_EVAL_STD_TYPO})
+    return TorchBackend(model=model, contract=typo, device=backend.device, batch_size=backend.batch_size)

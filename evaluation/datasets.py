@@ -1,4 +1,5 @@
-"""Segmentation datasets for evaluation: Pascal VOC 2012, ADE20k and a generic folder layout.
+"""Segmentation datasets for evaluation: Pascal VOC 2012, ADE20k, a generic folder layout, and
+(in `datasets_extra`) COCO-Stuff-27 and Cityscapes.
 
 A dataset is a read-only sequence of `(image, mask)` pairs — image HxWx3 uint8 RGB, mask HxW
 uint8 with `IGNORE_INDEX` for unlabelled pixels — plus `class_names`. That is exactly the
@@ -23,7 +24,7 @@ from neco.client import load_mask, load_rgb
 from neco.contract import IGNORE_INDEX
 from neco.layout import CLASSES_FILE, IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR, find_class_names
 
-DatasetKind = Literal["voc", "ade20k", "folder"]
+DatasetKind = Literal["voc", "ade20k", "coco-stuff", "cityscapes", "folder"]
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -239,6 +240,10 @@ def load_dataset(
         dataset = ade20k(root, split)
     elif kind == "folder":
         dataset = folder(root, split)
+    elif kind in ("coco-stuff", "cityscapes"):
+        from neco.evaluation.datasets_extra import cityscapes, coco_stuff27
+
+        dataset = coco_stuff27(root, split) if kind == "coco-stuff" else cityscapes(root, split)
     else:
-        raise DatasetError(f"unknown dataset kind {kind!r}; use voc, ade20k or folder")
+        raise DatasetError(f"unknown dataset kind {kind!r}; use voc, ade20k, coco-stuff, cityscapes or folder")
     return dataset.subset(subset, seed)

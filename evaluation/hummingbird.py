@@ -1,6 +1,10 @@
 """Hummingbird in-context segmentation (Balažević et al., NeurIPS 2023) on any FeatureBackend.
 
-Protocol: a memory bank of L2-normalised patch features with per-patch label distributions is
+Two protocols (`--protocol`, see `protocols.PROTOCOL_HELP` and docs/evaluation.md): `hbird-eval`,
+the published open-hummingbird-eval scoring (`protocols.hbird_eval`, fed here from the backend),
+and `strict`, this project's own, described next.
+
+Strict protocol: a memory bank of L2-normalised patch features with per-patch label distributions is
 built from the train split (optionally bounded, rare classes favoured, over several augmented
 passes); every val image is segmented by k-NN label transfer (k = 30, softmax(sim / 0.02)),
 class scores are upsampled bilinearly to the mask's size, and mIoU ignores 255.
@@ -14,30 +18,63 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE
+from neco.evaluation.augment import SquareViews
 from neco.evaluation.backends import iter_features
 from neco.evaluation.config import EvalConfig
-from neco.evaluation.datasets import load_dataset
+from neco.evaluation.datasets import SegmentationDataset, load_dataset
 from neco.evaluation.metrics import ConfusionAccumulator, IoUResult
+from neco.evaluation.protocols import PROTOCOL_HELP, PROTOCOLS, Protocol, hbird_eval
 
 if TYPE_CHECKING:
     from neco.client import FeatureBackend, MemoryBank, SizeSpec
 
 
+ProtocolChoice = Literal["hbird-eval", "strict", "both"]
+PUBLISHED_LAYOUTS: frozenset[str] = frozenset({"voc", "ade20k", "coco-stuff", "cityscapes"})
+"""Dataset layouts whose default protocol is the published one (`folder` defaults to strict)."""
+
+
+def deprecated_beta(data: Any) -> Any:
+    """Accept the old `beta` key as `temperature` (one name across client and evaluation)."""
+    if isinstance(data, dict) and "beta" in data:
+        if "temperature" in data:
+            raise ValueError("give temperature, not both temperature and its deprecated alias beta")
+        warnings.warn("config key 'beta' is deprecated; use 'temperature'", DeprecationWarning, stacklevel=2)
+        data = {("temperature" if key == "beta" else key): value for key, value in data.items()}
+    return data
+
+
 class HummingbirdConfig(EvalConfig):
     """Settings of `neco eval hummingbird`; defaults follow the published protocol."""
 
+    protocol: ProtocolChoice | None = Field(
+        None, description="hbird-eval | strict | both; default hbird-eval for voc/ade20k/coco-stuff/cityscapes"
+    )
     val_subset: int = Field(1, ge=1, description="use 1/N of the val split (quick checks only)")
-    k: int = Field(30, ge=1)
-    beta: float = Field(0.02, gt=0, description="softmax temperature over neighbour similarities")
+    k: int = Field(DEFAULT_K, ge=1)
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, description="softmax temperature over similarities")
     memory_size: int | None = Field(None, ge=1, description="bank size bound (patches); None keeps all")
-    augment_passes: int = Field(1, ge=1, description="passes over the train split; passes > 1 are augmented")
-    fp16_bank: bool = False
+    augment_passes: int = Field(1, ge=1, description="memory passes (strict: passes > 1 augmented; hbird-eval: all)")
+    fp16_bank: bool = Field(False, description="strict only: store the bank in float16")
+
+    _beta = model_validator(mode="before")(deprecated_beta)
+
+    @property
+    def protocols(self) -> tuple[Protocol, ...]:
+        """The protocols to run, primary first."""
+        if self.protocol == "both":
+            return PROTOCOLS
+        if self.protocol is not None:
+            return (self.protocol,)
+        return ("hbird-eval",) if self.dataset in PUBLISHED_LAYOUTS else ("strict",)
 
 
 class AugmentedPairs(Sequence[tuple[np.ndarray, np.ndarray]]):
@@ -118,34 +155,36 @@ def evaluate_bank(
     bank: MemoryBank,
     val: Sequence[tuple[np.ndarray, np.ndarray]],
     *,
-    k: int = 30,
-    beta: float = 0.02,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
     batch_size: int = 8,
     progress: bool = True,
+    beta: float | None = None,
 ) -> IoUResult:
     """Segment every val image with the client's label transfer and accumulate one confusion matrix.
 
     Same-size prepared queries share one backend call (`iter_features`); each image then
     goes through `segment_features`, which returns the mask at the image's own size.
+    `beta` is the deprecated name of `temperature`.
     """
     from neco.client import check_contract, segment_features
 
+    if beta is not None:
+        warnings.warn("evaluate_bank(beta=...) is deprecated; use temperature=", DeprecationWarning, stacklevel=2)
+        temperature = beta
     check_contract(backend.contract, bank)
     acc = ConfusionAccumulator(list(bank.class_names))
     for feats, target in iter_features(
         backend, val, bank.image_size, batch_size=batch_size, desc="segment val", progress=progress
     ):
-        acc.update(segment_features(feats, bank, target.shape, k=k, temperature=beta).mask, target)
+        acc.update(segment_features(feats, bank, target.shape, k=k, temperature=temperature).mask, target)
     return acc.result()
 
 
-def run_hummingbird(cfg: HummingbirdConfig, backend: FeatureBackend | None = None) -> dict[str, object]:
-    """`neco eval hummingbird`: load splits, build the bank, score val, print and write the report."""
-    started = time.perf_counter()
-    train = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split, subset=cfg.train_subset, seed=cfg.seed)
-    val = load_dataset(cfg.dataset, cfg.data_root, cfg.val_split, subset=cfg.val_subset, seed=cfg.seed)
-    backend = backend if backend is not None else cfg.backend.build()
-    print(f"hummingbird: {len(train)} {train.name}/{train.split} support images -> bank, {len(val)} val images")
+def run_strict(
+    cfg: HummingbirdConfig, backend: FeatureBackend, train: SegmentationDataset, val: SegmentationDataset
+) -> dict[str, object]:
+    """The strict protocol: the client's bank and label transfer, masks scored at full size."""
     bank = build_bank(
         backend,
         train,
@@ -157,22 +196,77 @@ def run_hummingbird(cfg: HummingbirdConfig, backend: FeatureBackend | None = Non
         batch_size=cfg.backend.batch_size,
         seed=cfg.seed,
     )
-    print(f"hummingbird: {bank!r}")
-    result = evaluate_bank(backend, bank, val, k=cfg.k, beta=cfg.beta, batch_size=cfg.backend.batch_size)
+    print(f"hummingbird[strict]: {bank!r}")
+    result = evaluate_bank(backend, bank, val, k=cfg.k, temperature=cfg.temperature, batch_size=cfg.backend.batch_size)
+    print(result.table())
+    return {**result.to_dict(), "matching": "none", "bank_patches": len(bank)}
+
+
+def run_hbird_eval(
+    cfg: HummingbirdConfig, backend: FeatureBackend, train: SegmentationDataset, val: SegmentationDataset
+) -> dict[str, object]:
+    """The published protocol: square views from the backend into `protocols.hbird_eval`."""
+    size = cfg.input_size - cfg.input_size % backend.contract.patch_size
+    batch = cfg.backend.batch_size
+    per_image = None if cfg.memory_size is None else max(1, cfg.memory_size // (len(train) * cfg.augment_passes))
+    memory = (
+        pair
+        for p in range(cfg.augment_passes)
+        for pair in iter_features(
+            backend,
+            SquareViews(train, size, augment_pass=p, seed=cfg.seed),
+            (size, size),
+            batch_size=batch,
+            desc=f"memory pass {p + 1}",
+        )
+    )
+    queries = iter_features(backend, SquareViews(val, size), (size, size), batch_size=batch, desc="segment val")
+    result = hbird_eval(
+        memory,
+        queries,
+        train.class_names,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        memory_per_image=per_image,
+        seed=cfg.seed,
+    )
+    print(f"hummingbird[hbird-eval]: memory of {result.bank_patches} patches")
+    print(result.iou.table())
+    return {**result.iou.to_dict(), "bank_patches": result.bank_patches, "input_size": size}
+
+
+RUNNERS = {"hbird-eval": run_hbird_eval, "strict": run_strict}
+
+
+def run_hummingbird(cfg: HummingbirdConfig, backend: FeatureBackend | None = None) -> dict[str, object]:
+    """`neco eval hummingbird`: load splits, run each chosen protocol, print and write the report.
+
+    The top-level numbers are the first protocol's (named by `protocol`); `results` holds every
+    protocol that ran, each with its own description, so no number is ever without its protocol.
+    """
+    started = time.perf_counter()
+    train = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split, subset=cfg.train_subset, seed=cfg.seed)
+    val = load_dataset(cfg.dataset, cfg.data_root, cfg.val_split, subset=cfg.val_subset, seed=cfg.seed)
+    backend = backend if backend is not None else cfg.build_backend()
+    print(f"hummingbird: {len(train)} {train.name}/{train.split} support images -> memory, {len(val)} val images")
+    results = {
+        name: {"description": PROTOCOL_HELP[name], **RUNNERS[name](cfg, backend, train, val)} for name in cfg.protocols
+    }
+    primary = cfg.protocols[0]
     report: dict[str, object] = {
-        "protocol": "hummingbird",
+        "evaluation": "hummingbird",
+        "protocol": primary,
         "dataset": cfg.dataset,
         "train_split": train.split,
         "val_split": val.split,
         "num_train": len(train),
         "num_val": len(val),
-        "bank_patches": len(bank),
         "contract": backend.contract.model_dump(),
         "config": cfg.model_dump(mode="json"),
-        **result.to_dict(),
+        **results[primary],
+        "results": results,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    print(result.table())
     if cfg.out is not None:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         cfg.out.write_text(json.dumps(report, indent=2))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from neco.cli import main
-from neco.evaluation.backends import TorchBackend
+from neco.evaluation.backends import BackendError, TorchBackend
 from neco.evaluation.datasets import load_dataset
 from neco.evaluation.hummingbird import AugmentedPairs, HummingbirdConfig, build_bank, evaluate_bank, run_hummingbird
 from neco.evaluation.metrics import mean_iou
@@ -53,7 +53,7 @@ def test_run_writes_report(backend: TorchBackend, scene_dataset: Path, tmp_path:
     report = run_hummingbird(cfg, backend)
     on_disk = json.loads((tmp_path / "hb.json").read_text())
     assert on_disk["miou"] == pytest.approx(report["miou"]) and 0.0 <= on_disk["miou"] <= 1.0
-    assert on_disk["num_val"] == 3 and on_disk["config"]["k"] == 30 and on_disk["config"]["beta"] == 0.02
+    assert on_disk["num_val"] == 3 and on_disk["config"]["k"] == 30 and on_disk["config"]["temperature"] == 0.02
     assert set(on_disk["per_class_iou"]) == set(json.loads((scene_dataset / "classes.json").read_text()))
 
 
@@ -85,15 +85,33 @@ def _ade_tree(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         _write(base / "annotations" / sub / f"ADE_{sub}_{i:08d}.png", (mask + 1).astype(np.uint8))
 
 
-@pytest.mark.parametrize("layout", ["voc", "ade20k", "folder"])
+def _coco_tree(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    fine = np.array([71, 77, 51, 61], dtype=np.uint8)  # stuffthingmaps ids of coarse classes 0..3
+    for i, (image, mask) in enumerate(pairs):
+        sub = "train2017" if i < 4 else "val2017"
+        _write(root / "images" / sub / f"{i:012d}.jpg", image)
+        _write(root / "annotations" / sub / f"{i:012d}.png", fine[mask])
+
+
+def _cityscapes_tree(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    ids = np.array([7, 8, 11, 12], dtype=np.uint8)  # labelIds of train ids 0..3
+    for i, (image, mask) in enumerate(pairs):
+        split = "train" if i < 4 else "val"
+        _write(root / "leftImg8bit" / split / "ulm" / f"ulm_{i:06d}_000019_leftImg8bit.png", image)
+        _write(root / "gtFine" / split / "ulm" / f"ulm_{i:06d}_000019_gtFine_labelIds.png", ids[mask])
+
+
+TREES = {"voc": _voc_tree, "ade20k": _ade_tree, "coco-stuff": _coco_tree, "cityscapes": _cityscapes_tree}
+CLASS_COUNTS = {"voc": 21, "ade20k": 150, "coco-stuff": 27, "cityscapes": 19, "folder": 4}
+
+
+@pytest.mark.parametrize("layout", [*TREES, "folder"])
 def test_cli_on_every_layout(
     layout: str, random_artefact: Path, scene_pairs: list, scene_dataset: Path, tmp_path: Path, capsys
 ) -> None:
     root = tmp_path / layout
-    if layout == "voc":
-        _voc_tree(root, scene_pairs)
-    elif layout == "ade20k":
-        _ade_tree(root, scene_pairs)
+    if layout in TREES:
+        TREES[layout](root, scene_pairs)
     else:
         root = scene_dataset
     out = tmp_path / "report.json"
@@ -121,8 +139,32 @@ def test_cli_on_every_layout(
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
     assert 0.0 <= report["miou"] <= 1.0 and report["config"]["k"] == 10
-    assert len(report["per_class_iou"]) == {"voc": 21, "ade20k": 150, "folder": 4}[layout]
-    assert "mIoU" in capsys.readouterr().out
+    assert len(report["per_class_iou"]) == CLASS_COUNTS[layout]
+    # The published protocol is the default for the paper layouts, the strict one for folders.
+    assert report["protocol"] == ("strict" if layout == "folder" else "hbird-eval")
+    assert list(report["results"]) == [report["protocol"]]
+    assert report["results"][report["protocol"]]["miou"] == report["miou"]
+
+
+def test_both_protocols_and_beta_alias(backend: TorchBackend, scene_dataset: Path) -> None:
+    with pytest.warns(DeprecationWarning, match="beta"):
+        cfg = HummingbirdConfig(data_root=scene_dataset, input_size=56, protocol="both", beta=0.05, val_subset=2)
+    assert cfg.temperature == 0.05
+    report = run_hummingbird(cfg, backend)
+    assert report["protocol"] == "hbird-eval" and set(report["results"]) == {"hbird-eval", "strict"}
+    assert report["results"]["hbird-eval"]["matching"] == "hungarian"
+    assert report["results"]["strict"]["matching"] == "none"
+    assert "description" in report["results"]["strict"]
+    with pytest.raises(ValueError, match="not both"):
+        HummingbirdConfig(data_root=scene_dataset, beta=0.05, temperature=0.02)
+
+
+def test_std_typo_switch(random_artefact: Path, scene_dataset: Path) -> None:
+    cfg = HummingbirdConfig(data_root=scene_dataset, hbird_eval_std_typo=True, backend={"model": random_artefact})
+    assert cfg.build_backend().contract.std == (0.229, 0.224, 0.255)
+    onnx = HummingbirdConfig(data_root=scene_dataset, hbird_eval_std_typo=True, backend={"kind": "onnx"})
+    with pytest.raises(BackendError, match="torch"):
+        onnx.build_backend()
 
 
 def test_cli_errors(tmp_path: Path, capsys) -> None:
@@ -132,3 +174,6 @@ def test_cli_errors(tmp_path: Path, capsys) -> None:
     assert "data_root" in capsys.readouterr().err
     assert main(["eval", "hummingbird", "--data-root", str(tmp_path), "--k", "0"]) == 2
     assert "k:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "hummingbird", "--data-root", str(tmp_path), "--protocol", "grpc"])
+    assert "--transport" in capsys.readouterr().err
