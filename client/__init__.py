@@ -17,12 +17,26 @@ from .errors import (
     InferenceError,
     ModelNotFoundError,
     ModelNotReadyError,
+    NoveltyError,
+    NoveltyNotCalibratedError,
+    NoveltyNotFittedError,
     ServerUnavailableError,
     SupportSetError,
 )
 from .images import PreparedImage, load_mask, load_rgb, prepare_image
-from .render import features_to_rgb, overlay, palette
-from .retrieval import SegmentationResult, segment, segment_features, transfer_labels
+from .novelty import Calibration, NoveltyModel, NoveltySpec, fit_novelty, patch_novelty
+from .render import features_to_rgb, heatmap_overlay, overlay, palette
+from .retrieval import (
+    UNKNOWN_LABEL,
+    NoveltyResult,
+    SegmentationResult,
+    calibrate_novelty,
+    novelty,
+    novelty_features,
+    segment,
+    segment_features,
+    transfer_labels,
+)
 from .triton import DenseFeatures, NecoClient
 
 __all__ = [
@@ -30,6 +44,7 @@ __all__ = [
     "BankCorruptError",
     "BankError",
     "BankVersionError",
+    "Calibration",
     "ClientError",
     "ContractError",
     "DenseFeatures",
@@ -41,16 +56,29 @@ __all__ = [
     "ModelNotFoundError",
     "ModelNotReadyError",
     "NecoClient",
+    "NoveltyError",
+    "NoveltyModel",
+    "NoveltyNotCalibratedError",
+    "NoveltyNotFittedError",
+    "NoveltyResult",
+    "NoveltySpec",
     "PreparedImage",
     "SegmentationResult",
     "ServerUnavailableError",
     "SupportSetError",
+    "UNKNOWN_LABEL",
     "batch_features",
+    "calibrate_novelty",
     "features_to_rgb",
+    "fit_novelty",
+    "heatmap_overlay",
     "load_mask",
     "load_rgb",
+    "novelty",
+    "novelty_features",
     "overlay",
     "palette",
+    "patch_novelty",
     "prepare_image",
     "segment",
     "segment_features",

@@ -26,6 +26,7 @@ from neco.contract import IGNORE_INDEX, ModelContract
 from .backend import FeatureBackend, batch_features
 from .errors import BankError, SupportSetError
 from .images import SizeSpec, describe, load_mask, prepare_image, resize_mask
+from .novelty import NoveltyModel, NoveltySpec
 from .support import SupportSet, iter_pairs, open_support, patch_soft_labels, sample_rare_first
 
 DEFAULT_IMAGE_SIZE = 448
@@ -90,6 +91,7 @@ class MemoryBank:
         dtype: StorageDtype = "float32",
         num_images: int = 0,
         index: faiss.Index | None = None,
+        novelty: NoveltyModel | None = None,
     ) -> None:
         features = np.asarray(features)
         soft_labels = np.asarray(soft_labels)
@@ -111,6 +113,8 @@ class MemoryBank:
         self.num_images = num_images
         self._index = index
         self._labels32: np.ndarray | None = None
+        self.novelty = novelty
+        """The fitted NECO subspace and its calibrations (`neco.client.novelty`), if any."""
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -142,12 +146,14 @@ class MemoryBank:
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = False,
+        novelty: NoveltySpec | None = None,
     ) -> MemoryBank:
         """Extract, label and (optionally) subsample the patches of a support set.
 
         `memory_size` bounds the bank: each of the support set's n images keeps
         memory_size // n patches (rare classes favoured); iterables without a length need
-        `patches_per_image` instead. An empty support set is an error.
+        `patches_per_image` instead. An empty support set is an error. With `novelty`, the
+        NECO subspace of the kept patches is fitted too (see `neco.client.novelty`).
         """
         opened = open_support(support, class_names)
         budget = _per_image_budget(opened, memory_size, patches_per_image)
@@ -161,15 +167,17 @@ class MemoryBank:
             raise SupportSetError(
                 f"every support pixel of {opened.source} is ignore ({IGNORE_INDEX}); nothing to store"
             )
+        features = np.concatenate(feats)
         return cls(
             backend.contract,
-            np.concatenate(feats),
+            features,
             soft,
             names,
             image_size=image_size,
             index_spec=index,
             dtype=dtype,
             num_images=count,
+            novelty=NoveltyModel.fit(features, novelty) if novelty is not None else None,
         )
 
     def add(
@@ -203,6 +211,8 @@ class MemoryBank:
         self.soft_labels = np.concatenate([self.soft_labels, other.soft_labels])
         self.num_images += other.num_images
         self._labels32 = None
+        if self.novelty is not None:  # the subspace follows the bank; old thresholds no longer hold
+            self.novelty = self.novelty.refit(self.features)
         if self._index is not None and self.index_spec.kind != "flat":
             self._index.add(_normalise(other.features))  # trained indexes keep their training
         else:

@@ -7,6 +7,10 @@ Layout (format version `BANK_FORMAT_VERSION`)::
     BANK/features.npy      (N, C) float16|float32, unit-norm rows
     BANK/soft_labels.npy   (N, K) same dtype, rows sum to 1
     BANK/index.faiss       only for trained indexes (IVF/HNSW), via faiss.write_index
+    BANK/novelty_*.npy     since version 2, only for banks with a fitted NECO subspace
+                           (`novelty.NoveltyModel.save`; its manifest entry is "novelty")
+
+Version 1 banks (no "novelty" entry) load unchanged; NECO then needs a refit.
 
 A flat index is not written: it is a float32 copy of features.npy, rebuilt in one memcpy,
 and storing it would triple the bytes of an fp16 bank. Writes go to a temporary sibling
@@ -31,6 +35,7 @@ from neco.contract import BANK_FORMAT_VERSION, ModelContract
 
 from .bank import IndexSpec, MemoryBank
 from .errors import BankContractError, BankCorruptError, BankError, BankVersionError
+from .novelty import NoveltyModel
 
 FORMAT_NAME = "neco-memory-bank"
 MANIFEST = "manifest.json"
@@ -69,6 +74,9 @@ def save_bank(bank: MemoryBank, path: Path) -> Path:
         if bank.index_spec.kind != "flat":
             faiss.write_index(bank.index, str(tmp / INDEX))
             files.append(INDEX)
+        novelty = bank.novelty.save(tmp) if bank.novelty is not None else None
+        if novelty is not None:
+            files += list(novelty["files"].values())
         manifest = {
             "format": FORMAT_NAME,
             "format_version": BANK_FORMAT_VERSION,
@@ -82,6 +90,7 @@ def save_bank(bank: MemoryBank, path: Path) -> Path:
             "dtype": bank.dtype,
             "image_size": bank.image_size,
             "index": bank.index_spec.model_dump(),
+            "novelty": novelty,
             "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -179,6 +188,13 @@ def load_bank(path: Path, contract: ModelContract | None = None, verify: bool = 
         if index.ntotal != features.shape[0] or index.d != bank_contract.embed_dim:
             raise BankCorruptError(f"{path / INDEX} holds {index.ntotal}x{index.d}, features {features.shape}")
         index_spec.configure(index)
+    novelty = None
+    if manifest.get("novelty") is not None:
+
+        def read(name: str) -> np.ndarray:
+            return _load_array(path, name, files.get(name), verify)
+
+        novelty = NoveltyModel.from_manifest(manifest["novelty"], read, bank_contract.embed_dim, str(path / MANIFEST))
     try:
         return MemoryBank(
             bank_contract,
@@ -190,6 +206,7 @@ def load_bank(path: Path, contract: ModelContract | None = None, verify: bool = 
             dtype=dtype,
             num_images=num_images,
             index=index,
+            novelty=novelty,
         )
     except BankError as exc:
         raise BankCorruptError(f"memory bank {str(path)!r} is inconsistent: {exc}") from None

@@ -51,8 +51,9 @@ ARTEFACT_METADATA: str = "metadata.json"
 ARTEFACT_FORMAT_VERSION: int = 1
 """Training's export artefact: timm-named backbone weights + JSON metadata (a `ModelContract`)."""
 
-BANK_FORMAT_VERSION: int = 1
-"""On-disk memory-bank format written by `neco.client`; readers refuse newer versions."""
+BANK_FORMAT_VERSION: int = 2
+"""On-disk memory-bank format written by `neco.client`; readers refuse newer versions.
+Version 2 adds the optional fitted NECO novelty subspace; version 1 banks still load."""
 
 CONTRACT_PARAMETER_PREFIX: str = "neco_"
 """Triton model-config `parameters` keys carrying the contract start with this prefix."""
