@@ -173,5 +173,5 @@ def heatmap_overlay(
         draw.text((text_x, height // 2 - 6), label[:8], fill="black", font=font)
     if threshold is not None and low <= threshold <= high:
         y = int(round((high - threshold) / span * (height - 1)))
-        draw.line([(left - 3, y), (left + bar + 2, y)], fill="black", width=1)
+        draw.line([(left - 4, y), (left + bar + 3, y)], fill="black", width=2)
     return canvas
