@@ -358,6 +358,7 @@ def calibrate_novelty(
     The calibrations are stored in the bank's novelty model (save the bank to keep them);
     the bank needs a fitted NECO subspace, which holds them.
     """
+    check_contract(backend.contract, bank)
     model = require_model(bank)
     unknown_methods = [m for m in methods if m not in METHODS]
     if unknown_methods:

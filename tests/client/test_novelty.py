@@ -11,6 +11,7 @@ from PIL import Image
 
 from neco.client import (
     UNKNOWN_LABEL,
+    BankContractError,
     BankCorruptError,
     BankError,
     MemoryBank,
@@ -28,7 +29,7 @@ from neco.client import (
 from neco.client.bank_io import MANIFEST
 from neco.client.novelty import NOVELTY_FILES, calibrate
 from neco.client.render import COLOUR_BAR_WIDTH, heat_colours
-from neco.contract import BANK_FORMAT_VERSION
+from neco.contract import BANK_FORMAT_VERSION, ModelContract
 from neco.scenes import generate_scene
 
 from .conftest import ColourBackend
@@ -235,6 +236,9 @@ def test_bad_input_gets_typed_errors(colour_backend, scene_bank) -> None:
         calibrate_novelty(colour_backend, [image], scene_bank, acceptance=1.0)
     with pytest.raises(NoveltyError, match="at least one"):
         calibrate_novelty(colour_backend, [], scene_bank)
+    other = ColourBackend(ModelContract.for_arch("vit_small_patch14_dinov2"))
+    with pytest.raises(BankContractError, match="rebuild the bank"):
+        calibrate_novelty(other, [image], scene_bank)
     with pytest.raises(NoveltyNotCalibratedError, match="calibrate_novelty"):
         segment(colour_backend, image, scene_bank, unknown=True)
     named = MemoryBank(colour_backend.contract, scene_bank.features, scene_bank.soft_labels, [*CLASSES[:3], "unknown"])
