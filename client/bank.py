@@ -27,6 +27,7 @@ from .backend import FeatureBackend, batch_features
 from .bank_io import INDEX, MANIFEST, BankFiles, read_bank, read_manifest, write_bank
 from .errors import BankContractError, BankCorruptError, BankError, SupportSetError
 from .images import SizeSpec, describe, load_mask, prepare_image, resize_mask
+from .novelty import NoveltyModel, NoveltySpec
 from .support import SupportSet, iter_pairs, open_support, patch_soft_labels, sample_rare_first
 
 DEFAULT_IMAGE_SIZE = DEFAULT_INPUT_SIZE
@@ -91,6 +92,7 @@ class MemoryBank:
         dtype: StorageDtype = "float32",
         num_images: int = 0,
         index: faiss.Index | None = None,
+        novelty: NoveltyModel | None = None,
     ) -> None:
         features = np.asarray(features)
         soft_labels = np.asarray(soft_labels)
@@ -112,6 +114,8 @@ class MemoryBank:
         self.num_images = num_images
         self._index = index
         self._labels32: np.ndarray | None = None
+        self.novelty = novelty
+        """The fitted NECO subspace and its calibrations (`neco.client.novelty`), if any."""
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -143,12 +147,14 @@ class MemoryBank:
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = False,
+        novelty: NoveltySpec | None = None,
     ) -> MemoryBank:
         """Extract, label and (optionally) subsample the patches of a support set.
 
         `memory_size` bounds the bank: each of the support set's n images keeps
         memory_size // n patches (rare classes favoured); iterables without a length need
-        `patches_per_image` instead. An empty support set is an error.
+        `patches_per_image` instead. An empty support set is an error. With `novelty`, the
+        NECO subspace of the kept patches is fitted too (see `neco.client.novelty`).
         """
         opened = open_support(support, class_names)
         budget = _per_image_budget(opened, memory_size, patches_per_image)
@@ -162,15 +168,17 @@ class MemoryBank:
             raise SupportSetError(
                 f"every support pixel of {opened.source} is ignore ({IGNORE_INDEX}); nothing to store"
             )
+        features = np.concatenate(feats)
         return cls(
             backend.contract,
-            np.concatenate(feats),
+            features,
             soft,
             names,
             image_size=image_size,
             index_spec=index,
             dtype=dtype,
             num_images=count,
+            novelty=NoveltyModel.fit(features, novelty) if novelty is not None else None,
         )
 
     def add(
@@ -204,6 +212,8 @@ class MemoryBank:
         self.soft_labels = np.concatenate([self.soft_labels, other.soft_labels])
         self.num_images += other.num_images
         self._labels32 = None
+        if self.novelty is not None:  # the subspace follows the bank; old thresholds no longer hold
+            self.novelty = self.novelty.refit(self.features)
         if self._index is not None and self.index_spec.kind != "flat":
             self._index.add(_normalise(other.features))  # trained indexes keep their training
         else:
@@ -257,7 +267,7 @@ class MemoryBank:
             "index": self.index_spec.model_dump(),
         }
         index = self.index if self.index_spec.kind != "flat" else None
-        return write_bank(Path(path), BankFiles(manifest, self.features, self.soft_labels, index))
+        return write_bank(Path(path), BankFiles(manifest, self.features, self.soft_labels, index, self.novelty))
 
     @classmethod
     def load(cls, path: str | Path, contract: ModelContract | None = None, verify: bool = True) -> MemoryBank:
@@ -303,6 +313,7 @@ class MemoryBank:
                 dtype=dtype,
                 num_images=num_images,
                 index=files.index,
+                novelty=files.novelty,
             )
         except BankError as exc:
             raise BankCorruptError(f"memory bank {str(path)!r} is inconsistent: {exc}") from None

@@ -7,6 +7,10 @@ Layout (format version `BANK_FORMAT_VERSION`)::
     BANK/features.npy      (N, C) float16|float32, unit-norm rows
     BANK/soft_labels.npy   (N, K) same dtype, rows sum to 1
     BANK/index.faiss       only for trained indexes (IVF/HNSW), via faiss.write_index
+    BANK/novelty_*.npy     since version 2, only for banks with a fitted NECO subspace
+                           (`novelty.NoveltyModel.save`; its manifest entry is "novelty")
+
+Version 1 banks (no "novelty" entry) load unchanged; NECO then needs a refit.
 
 A flat index is not written: it is a float32 copy of features.npy, rebuilt in one memcpy,
 and storing it would triple the bytes of an fp16 bank. The folder is published with
@@ -32,6 +36,7 @@ from neco.atomic import staged_directory
 from neco.contract import BANK_FORMAT_VERSION
 
 from .errors import BankCorruptError, BankError, BankVersionError
+from .novelty import NoveltyModel
 
 FORMAT_NAME = "neco-memory-bank"
 MANIFEST = "manifest.json"
@@ -49,6 +54,8 @@ class BankFiles:
     features: np.ndarray
     soft_labels: np.ndarray
     index: faiss.Index | None = None
+    novelty: NoveltyModel | None = None
+    """The fitted NECO subspace (`novelty.py` writes and reads its own .npy files)."""
 
 
 def sha256(path: Path) -> str:
@@ -70,10 +77,14 @@ def write_bank(path: Path, files: BankFiles) -> Path:
         if files.index is not None:
             faiss.write_index(files.index, str(tmp / INDEX))
             names.append(INDEX)
+        novelty = files.novelty.save(tmp) if files.novelty is not None else None
+        if novelty is not None:
+            names += list(novelty["files"].values())
         manifest = {
             "format": FORMAT_NAME,
             "format_version": BANK_FORMAT_VERSION,
             **files.manifest,
+            "novelty": novelty,
             "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -136,5 +147,13 @@ def read_bank(path: Path, verify: bool = True) -> BankFiles:
             index = faiss.read_index(str(index_file))
         except RuntimeError as exc:
             raise BankCorruptError(f"{path / INDEX} is not a readable faiss index: {exc}") from None
-    fields = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")}
-    return BankFiles(fields, features, soft, index)
+    novelty = None
+    if manifest.get("novelty") is not None:
+
+        def read(name: str) -> np.ndarray:
+            return _load_array(path, name, files.get(name), verify)
+
+        width = features.shape[1] if features.ndim == 2 else -1
+        novelty = NoveltyModel.from_manifest(manifest["novelty"], read, width, str(path / MANIFEST))
+    fields = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "novelty")}
+    return BankFiles(fields, features, soft, index, novelty)

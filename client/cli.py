@@ -4,7 +4,9 @@
     neco bank build SUPPORT --out BANK [--memory-size N] [--fp16] [--index flat|ivf|hnsw]
     neco bank append BANK SUPPORT
     neco bank info BANK
-    neco segment IMG --bank BANK --out mask.png [--overlay overlay.png]
+    neco bank novelty BANK [--dim D | --variance V] [--calibrate HELD_OUT_DIR]
+    neco segment IMG --bank BANK --out mask.png [--overlay overlay.png] [--unknown]
+    neco novelty IMG --bank BANK --out map.png [--method neco|knn]
 
 Every command that talks to a server takes --url / --protocol / --model / --size.
 """
@@ -19,8 +21,19 @@ from typing import Any
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 
 from .bank import DEFAULT_IMAGE_SIZE
+from .novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_VARIANCE, METHODS
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _aggregation(text: str) -> str | float:
+    """`mean` or a quantile such as `0.9`."""
+    if text == "mean":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"aggregation must be 'mean' or a quantile in [0, 1], got {text!r}") from None
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -127,6 +140,47 @@ def _bank_info(args: argparse.Namespace) -> int:
     print(f"contract: {bank.contract.model_dump_json()}")
     print(f"classes: {bank.class_names}")
     print(f"image size: {bank.image_size}, array bytes: {bank.nbytes}")
+    print(f"novelty: {bank.novelty!r}" if bank.novelty is not None else "novelty: not fitted (`neco bank novelty`)")
+    return 0
+
+
+def _held_out_images(folder: Path) -> list[Path]:
+    """Image files of `folder/images/` if it exists, else of `folder` itself."""
+    from neco.layout import IMAGE_SUFFIXES, IMAGES_DIR
+
+    source = folder / IMAGES_DIR if (folder / IMAGES_DIR).is_dir() else folder
+    if not source.is_dir():
+        raise ValueError(f"held-out image folder {str(folder)!r} does not exist")
+    images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"{str(source)!r} holds no images to calibrate on")
+    return images
+
+
+def _bank_novelty(args: argparse.Namespace) -> int:
+    from .bank import MemoryBank
+    from .novelty import NoveltySpec, fit_novelty
+    from .retrieval import calibrate_novelty
+
+    bank = MemoryBank.load(args.bank)
+    fit_novelty(bank, NoveltySpec(dim=args.dim, variance=args.variance))
+    if args.calibrate is not None:
+        with _client(args) as client:
+            calibrate_novelty(
+                client,
+                _held_out_images(args.calibrate),
+                bank,
+                aggregation=args.aggregate,
+                acceptance=args.acceptance,
+                k=args.k,
+            )
+    bank.save(args.bank)
+    print(f"{bank.novelty!r} -> {args.bank}")
+    for name, calibration in bank.novelty.calibrations.items():
+        print(
+            f"  {name}: image threshold {calibration.image_threshold:.4f}, patch threshold "
+            f"{calibration.patch_threshold:.4f} ({calibration.acceptance:.0%} of {calibration.num_images} images)"
+        )
     return 0
 
 
@@ -134,7 +188,9 @@ def _segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     with _client(args) as client:
-        result = client.segment(args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size)
+        result = client.segment(
+            args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result.mask_image().save(args.out)
     if args.overlay is not None:
@@ -145,8 +201,24 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _novelty(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.novelty(
+            args.image, args.bank, method=args.method, aggregation=args.aggregate, k=args.k, size=args.size
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.overlay(args.image, alpha=args.alpha).save(args.out)
+    verdict = "uncalibrated" if result.is_novel is None else ("NOVEL" if result.is_novel else "in-distribution")
+    threshold = "" if result.threshold is None else f" (threshold {result.threshold:.4f})"
+    print(
+        f"{args.image}: {result.method} novelty {result.score:.4f} [{result.aggregation}]{threshold}: {verdict}; "
+        f"map {result.scores.shape[0]}x{result.scores.shape[1]} -> {args.out}"
+    )
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add `features`, `bank` and `segment` to the `neco` command."""
+    """Add `features`, `bank`, `segment` and `novelty` to the `neco` command."""
     features = subparsers.add_parser("features", help="dense patch features of an image (.npy)")
     features.add_argument("image", help="image file")
     features.add_argument("--out", type=Path, required=True, help="output .npy, (h, w, C) float32")
@@ -176,6 +248,16 @@ def register(subparsers: Any) -> None:
     info.add_argument("bank", type=Path)
     info.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
     info.set_defaults(handler=_bank_info)
+    fit = actions.add_parser("novelty", help="fit the NECO subspace of a saved bank (and calibrate thresholds)")
+    fit.add_argument("bank", type=Path, help="saved bank folder (rewritten with the subspace)")
+    fit.add_argument("--dim", type=int, default=None, help="principal components d (default: by --variance)")
+    fit.add_argument("--variance", type=float, default=DEFAULT_VARIANCE, help="explained-variance threshold")
+    fit.add_argument("--calibrate", type=Path, default=None, help="held-out in-distribution images (needs a server)")
+    fit.add_argument("--acceptance", type=float, default=DEFAULT_ACCEPTANCE, help="share of them to accept")
+    fit.add_argument("--aggregate", type=_aggregation, default="mean", help="image score: mean or a quantile")
+    fit.add_argument("--k", type=int, default=DEFAULT_KNN_K, help="neighbours of the k-NN baseline")
+    _server_options(fit)
+    fit.set_defaults(handler=_bank_novelty)
 
     seg = subparsers.add_parser("segment", help="segment an image by k-NN label transfer from a bank")
     seg.add_argument("image", help="image file")
@@ -184,8 +266,20 @@ def register(subparsers: Any) -> None:
     seg.add_argument("--overlay", type=Path, default=None, help="colour overlay PNG with legend")
     seg.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per patch")
     seg.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature")
+    seg.add_argument("--unknown", action="store_true", help="label pixels above the NECO threshold 'unknown'")
     _server_options(seg, size_help="resize policy N or HxW (default: the bank's own)")
     seg.set_defaults(handler=_segment)
+
+    nov = subparsers.add_parser("novelty", help="novelty heat map and decision of an image against a bank")
+    nov.add_argument("image", help="image file")
+    nov.add_argument("--bank", required=True, help="saved bank folder, or a support folder (built on the fly)")
+    nov.add_argument("--out", type=Path, required=True, help="heat-map overlay PNG with a colour bar")
+    nov.add_argument("--method", choices=METHODS, default="neco", help="NECO, or the k-NN distance baseline")
+    nov.add_argument("--aggregate", type=_aggregation, default=None, help="mean or a quantile (default: calibrated)")
+    nov.add_argument("--k", type=int, default=DEFAULT_KNN_K, help="neighbours of the k-NN baseline")
+    nov.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
+    _server_options(nov, size_help="resize policy N or HxW (default: the bank's own)")
+    nov.set_defaults(handler=_novelty)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

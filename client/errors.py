@@ -65,3 +65,15 @@ class BankContractError(BankError, ContractError):
 
 class SupportSetError(ClientError, ValueError):
     """A support set is empty or holds a mask that does not fit its image or class list."""
+
+
+class NoveltyError(BankError):
+    """Novelty scores cannot be fitted, calibrated or computed (bank too small, d > width, ...)."""
+
+
+class NoveltyNotFittedError(NoveltyError):
+    """NECO was asked of a bank without a fitted subspace (e.g. one saved in format version 1)."""
+
+
+class NoveltyNotCalibratedError(NoveltyError):
+    """A novelty decision needs a calibration the bank does not hold (or holds for other settings)."""

@@ -115,3 +115,63 @@ def features_to_rgb(features: np.ndarray, size: tuple[int, int] | None = None) -
     if size is not None:
         picture = picture.resize((size[1], size[0]), Image.Resampling.NEAREST)
     return picture
+
+
+_HEAT_ANCHORS = np.array(
+    [[0, 0, 4], [60, 9, 101], [150, 38, 103], [226, 80, 50], [250, 160, 20], [252, 255, 164]], dtype=np.float32
+)
+"""Dark violet -> red -> pale yellow: monotone in lightness, so the map also reads in grey."""
+COLOUR_BAR_WIDTH = 72
+"""Pixels `heatmap_overlay` adds to the right of the image for its colour bar and labels."""
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 colours of values in [0, 1] (clipped), linear between the anchors."""
+    position = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0) * (len(_HEAT_ANCHORS) - 1)
+    low = np.minimum(position.astype(np.int64), len(_HEAT_ANCHORS) - 2)
+    frac = (position - low)[..., None]
+    return ((1 - frac) * _HEAT_ANCHORS[low] + frac * _HEAT_ANCHORS[low + 1]).round().astype(np.uint8)
+
+
+def heatmap_overlay(
+    image: ImageLike,
+    scores: np.ndarray,
+    *,
+    value_range: tuple[float, float] | None = None,
+    threshold: float | None = None,
+    alpha: float = 0.5,
+    label: str = "",
+) -> Image.Image:
+    """Blend a heat map of (H, W) `scores` over the image and add a colour bar on the right.
+
+    The result is (H, W + COLOUR_BAR_WIDTH): the bar spans the image height, low values at the
+    bottom, labelled with `value_range` (default: the scores' min and max) and, if given, a
+    line at `threshold`.
+    """
+    rgb = load_rgb(image)
+    scores = np.asarray(scores, dtype=np.float32)
+    if rgb.shape[:2] != scores.shape:
+        raise ValueError(f"heatmap_overlay: image is {rgb.shape[0]}x{rgb.shape[1]} but the scores are {scores.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"heatmap_overlay alpha must be in [0, 1], got {alpha}")
+    low, high = value_range if value_range is not None else (float(scores.min()), float(scores.max()))
+    span = high - low if high > low else 1.0
+    colours = heat_colours((scores - low) / span).astype(np.float32)
+    blended = ((1 - alpha) * rgb.astype(np.float32) + alpha * colours).round().clip(0, 255).astype(np.uint8)
+    height, width = scores.shape
+    canvas = Image.new("RGB", (width + COLOUR_BAR_WIDTH, height), "white")
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    left, bar = width + 6, 12
+    ramp = heat_colours(np.linspace(1.0, 0.0, height))[:, None, :].repeat(bar, axis=1)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp)), (left, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    text_x = left + bar + 4
+    draw.text((text_x, 0), f"{high:.3g}", fill="black", font=font)
+    draw.text((text_x, max(height - 12, 0)), f"{low:.3g}", fill="black", font=font)
+    if label and height >= 48:
+        draw.text((text_x, height // 2 - 6), label[:8], fill="black", font=font)
+    if threshold is not None and low <= threshold <= high:
+        y = int(round((high - threshold) / span * (height - 1)))
+        draw.line([(left - 4, y), (left + bar + 3, y)], fill="black", width=2)
+    return canvas

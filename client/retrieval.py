@@ -9,6 +9,10 @@ functions, so the published protocol and the product share one implementation.
 Upsampling convention: half-pixel centres ("align_corners=False", as torch's
 `F.interpolate(..., mode="bilinear", align_corners=False)`, checked by a test): output pixel o maps
 to source coordinate (o + 0.5) * in / out - 0.5, clamped to the grid edges.
+
+Novelty maps (`novelty`, see `neco.client.novelty`) are upsampled the same way, so pixel (y, x)
+of a novelty map and of a mask describe the same place; `segment(..., unknown=...)` uses that
+to give novel pixels an explicit "unknown" label.
 """
 
 from __future__ import annotations
@@ -26,9 +30,28 @@ from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 from .backend import FeatureBackend, batch_features
 from .bank import MemoryBank
 from .bank_io import MANIFEST
-from .errors import BankContractError
-from .images import ImageLike, SizeSpec, prepare_image
-from .render import mask_to_image, overlay
+from .errors import BankContractError, BankError, NoveltyError, NoveltyNotCalibratedError
+from .images import ImageLike, PreparedImage, SizeSpec, prepare_image
+from .novelty import (
+    DEFAULT_ACCEPTANCE,
+    DEFAULT_AGGREGATION,
+    DEFAULT_KNN_K,
+    METHODS,
+    Aggregation,
+    Calibration,
+    NoveltyMethod,
+    NoveltySpec,
+    aggregate,
+    calibrate,
+    check_aggregation,
+    patch_novelty,
+    require_model,
+    stored_calibration,
+)
+from .render import heatmap_overlay, mask_to_image, overlay
+
+UNKNOWN_LABEL = "unknown"
+"""Class name `segment(..., unknown=...)` appends for novel pixels (their mask value is K)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,29 @@ class SegmentationResult:
     def mask_image(self) -> Image.Image:
         """A palette image whose pixel values are the class indices (save it as PNG)."""
         return mask_to_image(self.mask, len(self.class_names))
+
+
+@dataclass(frozen=True)
+class NoveltyResult:
+    """A novelty map at the input image's size, its image-level score and the decision."""
+
+    scores: np.ndarray
+    """(H, W) float32 novelty (higher = more novel), bilinear like `segment`'s class scores."""
+    patch_scores: np.ndarray
+    """(h, w) float32 novelty of each patch of the encoder's grid."""
+    score: float
+    """Image-level novelty: `aggregation` of `patch_scores`."""
+    method: NoveltyMethod
+    aggregation: Aggregation
+    threshold: float | None = None
+    """Calibrated image threshold (None when the bank holds no calibration for these settings)."""
+    patch_threshold: float | None = None
+    is_novel: bool | None = None
+    """score > threshold; None without a calibration."""
+
+    def overlay(self, image: ImageLike, alpha: float = 0.5) -> Image.Image:
+        """The image under a heat map of `scores`, with a colour bar marking the patch threshold."""
+        return heatmap_overlay(image, self.scores, threshold=self.patch_threshold, alpha=alpha, label=self.method)
 
 
 def transfer_labels(
@@ -134,16 +180,76 @@ def segment_features(
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
     return_scores: bool = False,
+    unknown: bool | float = False,
 ) -> SegmentationResult:
-    """Segment from already computed (h, w, C) unit-norm query features."""
+    """Segment from already computed (h, w, C) unit-norm query features.
+
+    `unknown=True` labels pixels whose NECO novelty exceeds the bank's calibrated patch
+    threshold as `UNKNOWN_LABEL` (mask value K, appended to `class_names`); a float is used as
+    that threshold directly. Their confidence and scores stay those of label transfer.
+    """
     if features.ndim != 3:
         raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
     height, width, channels = features.shape
+    threshold = _unknown_threshold(bank, unknown)
     sims, idx = bank.search(features.reshape(-1, channels), k)
     patch_scores = transfer_labels(sims, idx, bank.labels32, temperature)
     grid = np.ascontiguousarray(patch_scores.T).reshape(-1, height, width)
     mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
-    return SegmentationResult(mask=mask, class_names=list(bank.class_names), confidence=confidence, scores=scores)
+    names = list(bank.class_names)
+    if threshold is not None:
+        novel = upsample_bilinear(patch_novelty(features, bank, "neco")[None], output_size)[0] > threshold
+        mask = np.where(novel, len(names), mask).astype(np.uint8 if len(names) < 256 else np.uint16)
+        names.append(UNKNOWN_LABEL)
+    return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores)
+
+
+def _unknown_threshold(bank: MemoryBank, unknown: bool | float) -> float | None:
+    """The NECO patch threshold `segment(..., unknown=...)` asks for, or None for no marking."""
+    if unknown is False:
+        return None
+    if UNKNOWN_LABEL in bank.class_names:
+        raise BankError(f"the bank already has a class named {UNKNOWN_LABEL!r}; it cannot also mark novel pixels")
+    if unknown is not True:
+        return float(unknown)
+    require_model(bank)
+    calibration = stored_calibration(bank, "neco", None, DEFAULT_KNN_K)
+    if calibration is None:
+        raise NoveltyNotCalibratedError(
+            "segment(unknown=True) needs the bank's NECO calibration: run calibrate_novelty(backend, "
+            "held_out_images, bank) first, or pass unknown=<novelty threshold>"
+        )
+    return calibration.patch_threshold
+
+
+def novelty_features(
+    features: np.ndarray,
+    bank: MemoryBank,
+    output_size: tuple[int, int],
+    *,
+    method: NoveltyMethod = "neco",
+    aggregation: Aggregation | None = None,
+    k: int = DEFAULT_KNN_K,
+) -> NoveltyResult:
+    """Novelty of already computed (h, w, C) query features; see `novelty`."""
+    if features.ndim != 3:
+        raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
+    calibration = stored_calibration(bank, method, aggregation, k)
+    if calibration is not None:
+        aggregation = calibration.aggregation
+    aggregation = check_aggregation(DEFAULT_AGGREGATION if aggregation is None else aggregation)
+    patch = patch_novelty(features, bank, method, k)
+    score = aggregate(patch, aggregation)
+    return NoveltyResult(
+        scores=upsample_bilinear(patch[None], output_size)[0],
+        patch_scores=patch,
+        score=score,
+        method=method,
+        aggregation=aggregation,
+        threshold=calibration.image_threshold if calibration else None,
+        patch_threshold=calibration.patch_threshold if calibration else None,
+        is_novel=score > calibration.image_threshold if calibration else None,
+    )
 
 
 def is_saved_bank(support: Any) -> bool:
@@ -182,18 +288,86 @@ def segment(
     size: SizeSpec | None = None,
     return_scores: bool = False,
     class_names: Sequence[str] | None = None,
+    unknown: bool | float = False,
 ) -> SegmentationResult:
     """Segment `image` by label transfer from `support` (bank, bank folder, or pairs).
 
     The query is resized with the bank's image-size policy unless `size` says otherwise, and
-    the mask comes back at the input image's own size.
+    the mask comes back at the input image's own size. `unknown`: see `segment_features`.
     """
     options: dict[str, Any] = {"class_names": class_names}
     if size is not None:
         options["image_size"] = size
     bank = resolve_bank(backend, support, **options)
-    prepared = prepare_image(image, size if size is not None else bank.image_size, backend.contract.patch_size)
-    features = batch_features(backend, [prepared.array])[0]
+    prepared, features = _query_features(backend, image, bank, size)
     return segment_features(
-        features, bank, prepared.original_size, k=k, temperature=temperature, return_scores=return_scores
+        features,
+        bank,
+        prepared.original_size,
+        k=k,
+        temperature=temperature,
+        return_scores=return_scores,
+        unknown=unknown,
     )
+
+
+def _query_features(
+    backend: FeatureBackend, image: ImageLike, bank: MemoryBank, size: SizeSpec | None
+) -> tuple[PreparedImage, np.ndarray]:
+    """Resize a query by the bank's policy (or `size`) and return its (h, w, C) features."""
+    prepared = prepare_image(image, size if size is not None else bank.image_size, backend.contract.patch_size)
+    return prepared, batch_features(backend, [prepared.array])[0]
+
+
+def novelty(
+    backend: FeatureBackend,
+    image: ImageLike,
+    support: Any,
+    *,
+    method: NoveltyMethod = "neco",
+    aggregation: Aggregation | None = None,
+    k: int = DEFAULT_KNN_K,
+    size: SizeSpec | None = None,
+) -> NoveltyResult:
+    """How unlike the support set `image` is: a per-pixel map, an image score and a decision.
+
+    `support` is a bank, a saved bank folder, or pairs / a folder (then built on the fly, with
+    its NECO subspace but no calibration, hence no decision). `aggregation` defaults to the
+    calibrated one ("mean" without calibration); `k` is the k-NN baseline's.
+    """
+    options: dict[str, Any] = {"novelty": NoveltySpec()} if method == "neco" else {}
+    if size is not None:
+        options["image_size"] = size
+    bank = resolve_bank(backend, support, **options)
+    prepared, features = _query_features(backend, image, bank, size)
+    return novelty_features(features, bank, prepared.original_size, method=method, aggregation=aggregation, k=k)
+
+
+def calibrate_novelty(
+    backend: FeatureBackend,
+    images: Sequence[ImageLike],
+    bank: MemoryBank,
+    *,
+    methods: Sequence[NoveltyMethod] = ("neco", "knn"),
+    aggregation: Aggregation = DEFAULT_AGGREGATION,
+    acceptance: float = DEFAULT_ACCEPTANCE,
+    k: int = DEFAULT_KNN_K,
+) -> dict[str, Calibration]:
+    """Calibrate decision thresholds on held-out in-distribution `images` (not in the bank).
+
+    The calibrations are stored in the bank's novelty model (save the bank to keep them);
+    the bank needs a fitted NECO subspace, which holds them.
+    """
+    check_contract(backend.contract, bank)
+    model = require_model(bank)
+    unknown_methods = [m for m in methods if m not in METHODS]
+    if unknown_methods:
+        raise NoveltyError(f"novelty methods must be among {METHODS}, got {unknown_methods}")
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for image in images:
+        _, features = _query_features(backend, image, bank, None)
+        for m in methods:
+            maps[m].append(patch_novelty(features, bank, m, k))
+    calibrations = {m: calibrate(maps[m], m, aggregation, acceptance, k) for m in methods}
+    model.calibrations.update(calibrations)
+    return calibrations

@@ -31,7 +31,7 @@ from .errors import (
     ServerUnavailableError,
 )
 from .images import ImageLike, PreparedImage, SizeSpec, prepare_image
-from .retrieval import SegmentationResult, is_saved_bank, segment
+from .retrieval import NoveltyResult, SegmentationResult, is_saved_bank, novelty, segment
 
 Protocol = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -252,6 +252,13 @@ class NecoClient:
         if "size" not in options and not isinstance(support, MemoryBank) and not is_saved_bank(support):
             options["size"] = self.size
         return segment(self, image, support, **options)
+
+    def novelty(self, image: ImageLike, support: Any, **options: Any) -> NoveltyResult:
+        """Novelty map, image score and decision of `image` against a bank (see `neco.client.novelty`);
+        a bank built on the fly uses this client's `size`, as in `segment`."""
+        if "size" not in options and not isinstance(support, MemoryBank) and not is_saved_bank(support):
+            options["size"] = self.size
+        return novelty(self, image, support, **options)
 
     def close(self) -> None:
         self._client.close()

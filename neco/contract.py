@@ -54,8 +54,9 @@ ARTEFACT_FORMAT_VERSION: int = 1
 TRAINING_CHECKPOINT_KIND: str = "neco-training-checkpoint"
 """Value of the `kind` entry that marks training checkpoints (written by training, read by `neco.model`)."""
 
-BANK_FORMAT_VERSION: int = 1
-"""On-disk memory-bank format written by `neco.client`; readers refuse newer versions."""
+BANK_FORMAT_VERSION: int = 2
+"""On-disk memory-bank format written by `neco.client`; readers refuse newer versions.
+Version 2 adds the optional fitted NECO novelty subspace; version 1 banks still load."""
 
 CONTRACT_PARAMETER_PREFIX: str = "neco_"
 """Triton model-config `parameters` keys carrying the contract start with this prefix."""

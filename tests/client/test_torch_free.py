@@ -55,7 +55,7 @@ def imported_distributions(modules: list[str]) -> dict[str, list[str]]:
 
 
 def test_client_runs_with_heavy_packages_unimportable() -> None:
-    """Block the heavy packages at import time, build a bank, segment, save/load, draw; then
+    """Block the heavy packages at import time, build a bank, segment, novelty, save/load, draw; then
     check that every module loaded belongs to the allowed packages or their dependencies."""
     script = textwrap.dedent(
         f"""
@@ -73,7 +73,7 @@ def test_client_runs_with_heavy_packages_unimportable() -> None:
         import numpy as np
         import tritonclient.grpc, tritonclient.http  # what NecoClient loads for each protocol
         import neco.client, neco.client.cli
-        from neco.client import MemoryBank, features_to_rgb, segment
+        from neco.client import MemoryBank, NoveltySpec, features_to_rgb, novelty, segment
         from neco.contract import ModelContract
         from neco.scenes import generate_scene
 
@@ -85,10 +85,11 @@ def test_client_runs_with_heavy_packages_unimportable() -> None:
                 return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
         pairs = [generate_scene(np.random.default_rng(0), size=(112, 112)) for _ in range(2)]
-        bank = MemoryBank.build(Backend(), pairs, image_size=112, dtype="float16")
+        bank = MemoryBank.build(Backend(), pairs, image_size=112, dtype="float16", novelty=NoveltySpec(dim=2))
         with tempfile.TemporaryDirectory() as tmp:
             bank.save(tmp + "/bank")
             result = segment(Backend(), pairs[0][0], tmp + "/bank")
+            novelty(Backend(), pairs[0][0], tmp + "/bank").overlay(pairs[0][0])
         result.overlay(pairs[0][0])
         features_to_rgb(Backend().features([pairs[0][0]])[0])
         print(json.dumps({{"shape": result.mask.shape, "modules": sorted({{m.split(".")[0] for m in sys.modules}})}}))
