@@ -13,22 +13,26 @@ is one `Attention` node instead of MatMul/Softmax/MatMul.
 On CPU the run also measures the machine's GEMM ceiling at the ViT's MLP shape (torch FP32,
 onnxruntime FP32, U8S8 and S8S8 MatMulInteger): a ViT forward is ~75% GEMM, so these ratios
 bound what any runtime or precision can gain over eager on this CPU.
-Writes a table to stdout and JSON (with machine info) to benchmarks/results/inference_<device>.json.
+Writes a table to stdout and the result file (`benchmarks/common.py` schema) to
+benchmarks/results/inference_<device>.json: `settings` holds the weights and runtime options,
+`results` maps "rows" (one per size and batch: images/s, cosine vs eager and speed-up of every
+runtime) and, on CPU, "gemm_ceiling_gflops"; `goal` is null. `machine` adds the torch threads,
+onnxruntime providers and the load average at the end of the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from common import default_path, machine_info, make_result, write_result
 
 from neco.contract import ModelContract
 from neco.export.config import OnnxSettings, QuantizationSettings
@@ -37,7 +41,6 @@ from neco.export.parity import generated_images, mean_patch_cosine, ort_features
 from neco.export.precision import convert_fp16, convert_int8
 from neco.model import DenseFeatureModel
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (224, 448)
 GEMM_TOKENS = 8 * 261  # batch 8 at 224²: 256 patches + CLS + 4 registers
 BATCHES = (1, 8)
@@ -71,32 +74,6 @@ def torch_runner(
         return out.detach().float().cpu().numpy()
 
     return run
-
-
-def machine_info(device: str) -> dict:
-    import onnxruntime as ort
-
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [
-        line.split(":", 1)[1].strip()
-        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-        if line.startswith("model name")
-    ]
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": models[0] if models else platform.processor(),
-        "cpu_count": os.cpu_count(),
-        # Other processes on a shared machine skew every number: record how busy it was.
-        "load_average_at_start": os.getloadavg(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "onnxruntime": ort.__version__,
-        "ort_providers": ort.get_available_providers(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def gemm_ceiling(contract: ModelContract, work: Path, threads: int, spinning: bool) -> dict[str, float]:
@@ -202,7 +179,8 @@ def main() -> None:
 
         backbone, contract = random_backbone(args.arch, seed=0), ModelContract.for_arch(args.arch)
     model = DenseFeatureModel(backbone, contract).eval()
-    info = machine_info(args.device)
+    # Load average before the timed work, and what decides these numbers here: threads, providers.
+    info = {**machine_info(), "torch_threads": torch.get_num_threads(), "ort_providers": ort.get_available_providers()}
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
@@ -212,6 +190,7 @@ def main() -> None:
             model, Path(tmp), [] if cuda else args.int8_modes, fp16=cuda, attention_opset=args.attention_opset
         )
         runners: dict[str, Callable] = {}
+        extra: dict[str, object] = {}  # results beside the rows
         if cuda:
             model_gpu = model.to("cuda")
             runners["eager_fp32"] = torch_runner(model_gpu, "cuda", None)
@@ -219,13 +198,13 @@ def main() -> None:
             if "CUDAExecutionProvider" in info["ort_providers"]:
                 runners["ort_cuda_fp16"] = ort_features(ort_session(paths["fp16"], ["CUDAExecutionProvider"]))
             else:
-                info["ort_cuda_fp16"] = "skipped: this onnxruntime build has no CUDAExecutionProvider"
+                extra["ort_cuda_fp16"] = "skipped: this onnxruntime build has no CUDAExecutionProvider"
         else:
             runners["eager_fp32"] = torch_runner(model, "cpu", None)
             runners["eager_fp32_autograd"] = torch_runner(model, "cpu", None, autograd=True)
             for key, path in paths.items():
                 runners[f"ort_{key}"] = ort_features(ort_session(path, threads=args.threads, spinning=not args.no_spin))
-            info["gemm_ceiling_gflops"] = gemm_ceiling(contract, Path(tmp), args.threads, not args.no_spin)
+            extra["gemm_ceiling_gflops"] = gemm_ceiling(contract, Path(tmp), args.threads, not args.no_spin)
 
         rows = []
         for size in SIZES:
@@ -256,30 +235,33 @@ def main() -> None:
     for row in rows:
         cells = " ".join(f"{row[n]:>13.2f} ({row[n + '_speedup']:4.2f}x)" for n in names)
         print(f"{row['size']:>5} {row['batch']:>5} {cells}")
-    print(f"load average start {info['load_average_at_start']}, end {os.getloadavg()} on {info['cpu_count']} CPUs")
-    if "gemm_ceiling_gflops" in info:
-        ceiling = info["gemm_ceiling_gflops"]
+    info["load_average_1_5_15min_at_end"] = list(os.getloadavg())
+    print(
+        f"load average start {info['load_average_1_5_15min']}, end {info['load_average_1_5_15min_at_end']}"
+        f" on {info['cpu_count']} CPUs"
+    )
+    if "gemm_ceiling_gflops" in extra:
+        ceiling = extra["gemm_ceiling_gflops"]
         print(
             f"GEMM ceiling [{GEMM_TOKENS}x{contract.embed_dim}]x[{contract.embed_dim}x{4 * contract.embed_dim}]: "
             + ", ".join(f"{k}={v:.1f}" for k, v in ceiling.items())
         )
     print("mean per-patch cosine vs eager: " + ", ".join(f"{n}={rows[-1][n + '_cosine_vs_eager']:.5f}" for n in names))
-    out = RESULTS / f"inference_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    info["load_average_at_end"] = os.getloadavg()
-    out.write_text(
-        json.dumps(
-            {
-                "machine": info,
-                "weights": args.source or f"random-init {args.arch} (LayerScale ~U(0.2, 1))",
-                "ort_intra_op_threads": args.threads,
-                "ort_spinning": not args.no_spin,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    settings = {
+        "device": args.device,
+        "weights": args.source or f"random-init {args.arch} (LayerScale ~U(0.2, 1))",
+        "sizes": list(SIZES),
+        "batches": list(BATCHES),
+        "ort_intra_op_threads": args.threads,
+        "ort_spinning": not args.no_spin,
+        "int8_modes": [] if cuda else args.int8_modes,
+        "attention_opset": args.attention_opset,
+        "min_seconds": args.min_seconds,
+        "min_iters": args.min_iters,
+        "gemm_tokens": GEMM_TOKENS,
+    }
+    document = make_result("inference", settings, {"rows": rows, **extra}, goal=None, machine=info)
+    write_result(document, default_path("inference", args.device))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ step counts, for three variants of the objective:
 Each variant is ONE training run of max(--steps) steps; the smaller step counts are its
 intermediate checkpoints (so they share the longest run's learning-rate schedule). Features
 come from the in-process torch backend (bf16 on CUDA). Results go to a table on stdout and to
-benchmarks/results/neco_effect_<device>.json with machine info, whatever they show.
+benchmarks/results/neco_effect_<device>.json (`benchmarks/common.py` schema), whatever they show:
+`settings` holds the metric, the starting weights and every argument, `results` maps "rows"
+(one per variant and step count) and "total_seconds"; `goal` is null.
 
 CPU default (~10 min on 2 free cores): random-init ViT-S/14-reg, 24 training scenes, steps
 0/4/12, 70/28 px crops. Longer GPU run, e.g.:
@@ -23,16 +25,16 @@ CPU default (~10 min on 2 free cores): random-init ViT-S/14-reg, 24 training sce
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import shutil
 import tempfile
 import time
 from functools import reduce
 from pathlib import Path
 
+from common import default_path, machine_info, make_result, write_result
+
+from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE
 from neco.layout import IMAGES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,21 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/neco_effect_<device>.json")
     return parser.parse_args(argv)
-
-
-def machine_info(device: str) -> dict[str, object]:
-    import torch
-
-    info: dict[str, object] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "device": device,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def starting_weights(args: argparse.Namespace, out: Path) -> Path | str:
@@ -142,20 +129,22 @@ def evaluate(source: Path | str, arch: str, device: str, train, val, size: int, 
 
 
 def write_report(
-    args: argparse.Namespace, device: str, rows: list[dict[str, object]], seconds: float, out: Path
+    args: argparse.Namespace,
+    device: str,
+    machine: dict[str, object],
+    rows: list[dict[str, object]],
+    seconds: float,
+    out: Path,
 ) -> None:
     """Rewritten after every variant, so a long run that is cut short keeps what it measured."""
-    report = {
-        "benchmark": "neco_effect",
-        "metric": "Hummingbird mIoU on generated scenes (k=30, temperature=0.02)",
-        "machine": machine_info(device),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    settings = {
+        "metric": f"Hummingbird mIoU on generated scenes (k={DEFAULT_K}, temperature={DEFAULT_TEMPERATURE})",
+        "device": device,
         "starting_weights": args.weights or f"random init (seed {args.seed})",
-        "results": rows,
-        "total_seconds": round(seconds, 1),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    results = {"rows": rows, "total_seconds": round(seconds, 1)}
+    write_result(make_result("neco_effect", settings, results, goal=None, machine=machine), out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     device = "cuda" if device.startswith("cuda") else device
-    out = args.out or REPO / "benchmarks" / "results" / f"neco_effect_{device}.json"
+    out = args.out or default_path("neco_effect", device)
+    machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="neco-effect-"))
     started = time.perf_counter()
     rows: list[dict[str, object]] = []
@@ -199,15 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append({"variant": variant, "steps": steps, "train_seconds_full_run": round(seconds, 1), **result})
                 print(f"{variant} @ {steps} steps: mIoU {100 * result['miou']:.1f}", flush=True)
-            write_report(args, device, rows, time.perf_counter() - started, out)
+            write_report(args, device, machine, rows, time.perf_counter() - started, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{'variant':<12} " + " ".join(f"{s:>7}" for s in sorted(set(args.steps))))
     for variant in args.variants:
         cells = {r["steps"]: r["miou"] for r in rows if r["variant"] == variant}
         print(f"{variant:<12} " + " ".join(f"{100 * cells[s]:7.1f}" for s in sorted(set(args.steps))))
-    write_report(args, device, rows, time.perf_counter() - started, out)
-    print(f"wrote {out}")
+    write_report(args, device, machine, rows, time.perf_counter() - started, out)
     return 0
 
 

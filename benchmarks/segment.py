@@ -10,15 +10,17 @@ Bank bytes are the saved bank folder (arrays + manifest) against N x 384 x 2.
 
 Goals: segment time <= 1.2x faiss time; bank bytes <= 1.2x raw fp16 features.
 
+The result file (`benchmarks/common.py` schema): `settings` holds the bank and query setup,
+`results` one row per bank size, `goal` the two limits and whether each (and both) was met.
+`machine` adds faiss's thread count and the load average at the end of the run.
+
     python benchmarks/segment.py [--sizes 10000 100000 1000000] [--rounds 15 5 2] [--out benchmarks/results/segment_cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,14 +28,16 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from common import default_path, machine_info, make_result, write_result
 
 from neco.client import MemoryBank, segment_features
-from neco.contract import ModelContract
+from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, PATCH_SIZE, ModelContract
 
 DIM = 384
-GRID = 32  # 448 / 14
-IMAGE = 448
-K = 30
+IMAGE = DEFAULT_INPUT_SIZE
+GRID = IMAGE // PATCH_SIZE  # 32 patches a side
+K = DEFAULT_K
+GOAL_RATIO = 1.2
 CLASSES = 21
 ARCH = "vit_small_patch14_reg4_dinov2"
 
@@ -106,19 +110,6 @@ def bench_one(size: int, repeats: int, warmup: bool, rng: np.random.Generator) -
     }
 
 
-def machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "load_average_1_5_15min_at_end": os.getloadavg(),  # other jobs on the machine inflate times
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "faiss": faiss.__version__,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -129,9 +120,10 @@ def main() -> None:
         default=[15, 5, 2],
         help="timed rounds per size (cheap small banks get more: their ratio is the noisiest)",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/segment_cpu.json"))
+    parser.add_argument("--out", type=Path, default=default_path("segment"))
     args = parser.parse_args()
 
+    machine = {**machine_info(), "faiss_threads": faiss.omp_get_max_threads()}  # load average before the timed work
     rng = np.random.default_rng(0)
     rows = []
     print(
@@ -147,28 +139,23 @@ def main() -> None:
             f"{row['time_ratio']:>7.3f} {row['cpu_time_ratio']:>6.3f} {row['bank_bytes_on_disk'] / 1e6:>8.1f} "
             f"{row['raw_fp16_bytes'] / 1e6:>8.1f} {row['bytes_ratio']:>8.3f}"
         )
-    report = {
-        "benchmark": "segment",
-        "setup": {
-            "dim": DIM,
-            "k": K,
-            "query": f"{IMAGE}x{IMAGE} image = {GRID}x{GRID} patches",
-            "classes": CLASSES,
-            "storage": "float16",
-            "index": "flat (IndexFlatIP)",
-            "timed_rounds": dict(zip(map(str, args.sizes), args.rounds)),
-        },
-        "goals": {"time_ratio_max": 1.2, "bytes_ratio_max": 1.2},
-        "goals_met": {
-            "time": all(r["time_ratio"] <= 1.2 for r in rows),
-            "bytes": all(r["bytes_ratio"] <= 1.2 for r in rows),
-        },
-        "machine": machine(),
-        "results": rows,
+    machine["load_average_1_5_15min_at_end"] = list(os.getloadavg())  # other jobs on the machine inflate times
+    settings = {
+        "dim": DIM,
+        "k": K,
+        "query": f"{IMAGE}x{IMAGE} image = {GRID}x{GRID} patches",
+        "classes": CLASSES,
+        "storage": "float16",
+        "index": "flat (IndexFlatIP)",
+        "timed_rounds": dict(zip(map(str, args.sizes), args.rounds)),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"goals met: {report['goals_met']} -> {args.out}")
+    met = {
+        "time": all(r["time_ratio"] <= GOAL_RATIO for r in rows),
+        "bytes": all(r["bytes_ratio"] <= GOAL_RATIO for r in rows),
+    }
+    goal = {"time_ratio_max": GOAL_RATIO, "bytes_ratio_max": GOAL_RATIO, "met_each": met, "met": all(met.values())}
+    print(f"goals met: {met}")
+    write_result(make_result("segment", settings, rows, goal=goal, machine=machine), args.out)
 
 
 if __name__ == "__main__":

@@ -11,22 +11,24 @@ session share this process and its cores, so the in-process figures are the ceil
 
 Goal: at batch 8, Triton end-to-end throughput >= 85% of in-process throughput.
 
+The result file (`benchmarks/common.py` schema): `settings` holds the model and the per-setting
+time, `results` one row per measured setting (in-process rows, then served rows with their
+paired in-process rate and ratio), `goal` the best batch-8 ratio per protocol and whether it
+was met (null when batch 8 was not run).
+
     python benchmarks/serving.py [--repository DIR] [--seconds 4] [--out benchmarks/results/serving_cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from common import default_path, machine_info, make_result, write_result
 
 from neco.contract import DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES
 from neco.signature import INPUT
@@ -134,20 +136,6 @@ def warm_up(server, batch: int) -> None:
     client.close()
 
 
-def machine() -> dict[str, object]:
-    from importlib.metadata import version
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1_5_15min": os.getloadavg(),
-        "python": platform.python_version(),
-        **{name: version(name) for name in ("onnxruntime", "nvidia-pytriton", "tritonclient")},
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=None, help="reuse an exported repository")
@@ -155,12 +143,13 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=2, help="timed requests per setting at least")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_cpu.json"))
+    parser.add_argument("--out", type=Path, default=default_path("serving"))
     args = parser.parse_args()
 
     from neco.serving import EmbeddedServer, ServeConfig
     from neco.serving.runtime import OnnxFeatureRunner
 
+    machine = machine_info()  # load average before the timed work
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="neco-bench-serving-") as tmp:
         repository = args.repository or export_random_model(Path(tmp))
@@ -209,18 +198,15 @@ def main() -> None:
                 f"{p} batch 8: best {r['images_per_s']:.1f} img/s with {r['clients']} clients = {r['ratio']:.1%} of in-process"
             )
         print(f"goal (>= {GOAL_RATIO:.0%} at batch 8 over HTTP and gRPC): {'met' if goal['met'] else 'NOT met'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "benchmark": "serving",
+    settings = {
         "model": {"arch": ARCH, "weights": "random-init (seed 0)", "image_size": [SIZE, SIZE], "format": "onnx fp32"},
+        "repository": str(args.repository) if args.repository else None,
         "seconds_per_setting": args.seconds,
         "min_requests_per_setting": args.min_requests,
-        "machine": machine(),
-        "results": rows,
-        "goal": goal,
+        "clients": args.clients,
+        "batches": args.batches,
     }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(make_result("serving", settings, rows, goal=goal, machine=machine), args.out)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ outputs). Time = median of warm repeats of forward + backward. Peak memory:
   tensor storage, and in a process that already ran the timed repeats freed buffers stay in
   the heap and hide the peak, hence the child.
 
-Prints a table with the speed-up and memory ratios and writes
-``benchmarks/results/sorter_<device>.json`` with the machine info.
+Prints a table with the speed-up and memory ratios and writes the result file
+(``benchmarks/common.py`` schema) to ``benchmarks/results/sorter_<device>.json`` or ``--out``:
+``settings`` holds the sorter parameters and repeats, ``results`` one row per row count
+(``ours`` / ``diffsort``: median and all times, peak bytes; ``speedup``, ``memory_ratio``),
+``goal`` is null (the ratios are reported, not judged).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,10 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import default_path, machine_info, make_result, write_result
 
 from neco.training.sorting import soft_sort
 
-RESULTS = Path(__file__).resolve().parent / "results"
 N = 49
 STEEPNESS = 100.0
 
@@ -144,25 +145,6 @@ def _measure(step: Callable[[], None], device: torch.device, repeats: int) -> di
     return {"median_s": statistics.median(times), "times_s": times}
 
 
-def _machine(device: torch.device) -> dict:
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "load_average_1m_before": os.getloadavg()[0],
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -175,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads for both sorters (default: torch's)"
     )
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/sorter_<device>.json")
     parser.add_argument("--memory-child", choices=("ours", "diffsort"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -187,17 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     rows_list = args.rows or ([3136, 31360] if device.type == "cpu" else [31360, 62720])
+    machine = {**machine_info(), "torch_threads": torch.get_num_threads()}  # load average before the timed work
+    settings = {
+        "device": device.type,
+        "rows": rows_list,
+        "n": N,
+        "dtype": "float32",
+        "network": "bitonic",
+        "distribution": "cauchy",
+        "steepness": STEEPNESS,
+        "repeats": args.repeats,
+        "ref_repeats": None if args.no_reference else args.ref_repeats,
+        "memory_method": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "child-process RSS peak above baseline (MALLOC_MMAP_THRESHOLD_=131072), 2 ms sampling",
+    }
 
     results = []
     for rows in rows_list:
-        entry = {
-            "rows": rows,
-            "n": N,
-            "dtype": "float32",
-            "network": "bitonic",
-            "distribution": "cauchy",
-            "steepness": STEEPNESS,
-        }
+        entry: dict = {"rows": rows}
         steps = _steps(rows, device, not args.no_reference)
         for name, step in steps.items():
             entry[name] = _measure(step, device, args.ref_repeats if name == "diffsort" else args.repeats)
@@ -211,18 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
         _print_row(entry)
 
-    out = {
-        "benchmark": "sorter",
-        "machine": _machine(device),
-        "memory_method": "cuda max_memory_allocated"
-        if device.type == "cuda"
-        else "child-process RSS peak above baseline (MALLOC_MMAP_THRESHOLD_=131072), 2 ms sampling",
-        "results": results,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"sorter_{device.type}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    document = make_result("sorter", settings, results, goal=None, machine=machine)
+    write_result(document, args.out or default_path("sorter", device.type))
     return 0
 
 

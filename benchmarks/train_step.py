@@ -10,20 +10,20 @@ so on GPU the split is exact but the total is slightly pessimistic. "data" is th
 waited for the loader; the loader's own throughput is measured separately over the same
 dataset and workers. Model FLOPs per step are counted by `torch.utils.flop_counter` on one
 real step (forward + backward); MFU = counted FLOPs / step time / peak bf16 dense FLOP/s.
-Writes a table to stdout and JSON (with machine info) to benchmarks/results/train_step_<device>.json.
+Writes a table to stdout and the result file (`benchmarks/common.py` schema) to
+benchmarks/results/train_step_<device>.json or --out: `settings` holds the config, overrides and
+the step's shape, `results` one mapping of the measured figures, `goal` is null.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import time
 from pathlib import Path
 
 import torch
+from common import default_path, machine_info, make_result, write_result
 from torch.utils.flop_counter import FlopCounterMode
 
 from neco.training.config import load_train_config
@@ -31,7 +31,6 @@ from neco.training.data import ResumableBatchSampler, make_loader
 from neco.training.run import build_dataset
 from neco.training.trainer import PhaseTimer, Trainer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -47,31 +46,9 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((peak for key, peak in PEAK_BF16_DENSE.items() if key in name), None)
 
 
-def machine_info(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0],
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def loader_throughput(dataset, cfg, batches: int) -> float:
     sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
-    loader = iter(
-        make_loader(
-            dataset,
-            sampler,
-            num_workers=cfg.data.num_workers,
-            pin_memory=False,
-            prefetch_factor=cfg.data.prefetch_factor,
-        )
-    )
+    loader = iter(make_loader(dataset, sampler, cfg.data, pin_memory=False))
     next(loader)  # worker start-up is not throughput
     start = time.perf_counter()
     for _ in range(batches):
@@ -98,19 +75,12 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.seed)
+    machine = {**machine_info(), "torch_threads": torch.get_num_threads()}  # load average before the timed work
     dataset = build_dataset(cfg)
     loader_ips = loader_throughput(dataset, cfg, args.loader_batches)
 
     sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
-    loader = iter(
-        make_loader(
-            dataset,
-            sampler,
-            num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=cfg.data.prefetch_factor,
-        )
-    )
+    loader = iter(make_loader(dataset, sampler, cfg.data, pin_memory=device.type == "cuda"))
     accumulation = cfg.optim.accumulation
     horizon = max(args.steps + args.warmup, 1) * 100  # lr/momentum stay near their start values
     # FLOPs are counted on an eager twin (the counter cannot see inside compiled graphs).
@@ -142,8 +112,7 @@ def main() -> None:
     images = args.steps * cfg.optim.batch_size * accumulation
     step_s = elapsed / args.steps
     peak = peak_flops(device, args.peak_tflops)
-    result = {
-        "benchmark": "train_step",
+    settings = {
         "config": str(args.config),
         "overrides": args.set,
         "device": args.device,
@@ -154,12 +123,18 @@ def main() -> None:
         "crops": {"global": cfg.crops.global_size, "local": cfg.crops.local_size, "num_local": cfg.crops.num_local},
         "grid_patches": cfg.method.grid_size**2,
         "steps_timed": args.steps,
+        "warmup_steps": args.warmup,
+        "loader_batches": args.loader_batches,
+        "loader_workers": cfg.data.num_workers,
+        "peak_flops": peak,
+        "phase_note": "sorter = ROI-align + similarity + soft sort + cross-entropy (forward); its backward is in backward",
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+    }
+    result = {
         "images_per_s": images / elapsed,
         "step_s": step_s,
         "phase_s_per_step": {name: secs / args.steps for name, secs in timer.seconds.items()},
-        "phase_note": "sorter = ROI-align + similarity + soft sort + cross-entropy (forward); its backward is in backward",
         "loader_images_per_s": loader_ips,
-        "loader_workers": cfg.data.num_workers,
         "model_flops_per_step": flops_per_step,
         "achieved_tflops": flops_per_step / step_s / 1e12,
         "mfu": flops_per_step / step_s / peak if peak else None,
@@ -168,8 +143,6 @@ def main() -> None:
             if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ),
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
-        "machine": machine_info(device),
     }
     print(f"{'metric':<28}{'value':>14}")
     for key in ("images_per_s", "step_s", "loader_images_per_s", "achieved_tflops", "mfu", "peak_memory_mib"):
@@ -177,10 +150,8 @@ def main() -> None:
         print(f"{key:<28}{'n/a' if value is None else f'{value:14.4g}':>14}")
     for name, secs in result["phase_s_per_step"].items():
         print(f"{'  ' + name + ' s/step':<28}{secs:14.4g}")
-    out = args.out or RESULTS / f"train_step_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    document = make_result("train_step", settings, result, goal=None, machine=machine)
+    write_result(document, args.out or default_path("train_step", args.device))
 
 
 if __name__ == "__main__":

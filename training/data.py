@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from neco.scenes import generate_scene
+from neco.training.config import DataSection
 from neco.training.views import MultiCropViews
 
 log = logging.getLogger(__name__)
@@ -157,15 +158,11 @@ def collate(samples: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def make_loader(
-    dataset: NeCoDataset,
-    sampler: ResumableBatchSampler,
-    *,
-    num_workers: int,
-    pin_memory: bool,
-    prefetch_factor: int = 4,
+    dataset: NeCoDataset, sampler: ResumableBatchSampler, data: DataSection, pin_memory: bool
 ) -> DataLoader:
     """A loader over the infinite sampler; workers are persistent so steps never wait on forks."""
-    extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    num_workers = data.num_workers
+    extra = {"prefetch_factor": data.prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -103,15 +103,7 @@ def _train(
         rank=dist_info.rank,
         world_size=dist_info.world_size,
     )
-    loader = iter(
-        make_loader(
-            dataset,
-            sampler,
-            num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=cfg.data.prefetch_factor,
-        )
-    )
+    loader = iter(make_loader(dataset, sampler, cfg.data, pin_memory=device.type == "cuda"))
     writer = None
     if dist_info.is_main and cfg.runtime.tensorboard:
         from torch.utils.tensorboard import SummaryWriter

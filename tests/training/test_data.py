@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neco.training.config import CropSection
+from neco.training.config import CropSection, DataSection
 from neco.training.data import (
     DataError,
     ImageFolderSource,
@@ -82,7 +82,7 @@ def test_sampler_resumes_mid_stream_and_shards_ranks() -> None:
 def test_loader_with_workers_matches_in_process() -> None:
     dataset = NeCoDataset(SceneSource(6, 56, 4, seed=0), VIEWS)
     sampler = ResumableBatchSampler(6, 2, seed=4)
-    with_workers = next(iter(make_loader(dataset, sampler, num_workers=1, pin_memory=False)))
+    with_workers = next(iter(make_loader(dataset, sampler, DataSection(num_workers=1), pin_memory=False)))
     direct = collate([dataset[item] for item in sampler.batch(0)])
     assert with_workers.keys() == direct.keys()
     for key in direct:
