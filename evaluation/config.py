@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE
+from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE, ModelContract
 from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.datasets import DatasetKind
 
@@ -42,6 +43,26 @@ class EvalConfig(BaseModel):
     def size(self) -> SizeSpec:
         """The client's resize-policy argument for this config."""
         return (self.input_size, self.input_size) if self.square else self.input_size
+
+    def report_header(self, evaluation: str, train: Any, val: Any, contract: ModelContract) -> dict[str, object]:
+        """The fields every evaluation report starts with (which data, which model, which config)."""
+        return {
+            "evaluation": evaluation,
+            "dataset": self.dataset,
+            "train_split": train.split,
+            "val_split": val.split,
+            "num_train": len(train),
+            "num_val": len(val),
+            "contract": contract.model_dump(),
+            "config": self.model_dump(mode="json"),
+        }
+
+    def write_report(self, report: dict[str, object]) -> None:
+        """Write the JSON report to `out`, when one is configured."""
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(report, indent=2))
+            print(f"{report.get('evaluation', 'evaluation')}: wrote {self.out}")
 
     def build_backend(self) -> FeatureBackend:
         """The configured backend (see `build_backend`)."""

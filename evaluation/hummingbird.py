@@ -16,7 +16,6 @@ Evaluation only adds the dataset plumbing, augmentation passes and the metric.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -254,21 +253,11 @@ def run_hummingbird(cfg: HummingbirdConfig, backend: FeatureBackend | None = Non
     }
     primary = cfg.protocols[0]
     report: dict[str, object] = {
-        "evaluation": "hummingbird",
+        **cfg.report_header("hummingbird", train, val, backend.contract),
         "protocol": primary,
-        "dataset": cfg.dataset,
-        "train_split": train.split,
-        "val_split": val.split,
-        "num_train": len(train),
-        "num_val": len(val),
-        "contract": backend.contract.model_dump(),
-        "config": cfg.model_dump(mode="json"),
         **results[primary],
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out.write_text(json.dumps(report, indent=2))
-        print(f"hummingbird: wrote {cfg.out}")
+    cfg.write_report(report)
     return report

@@ -9,7 +9,6 @@ the cross-entropy (ignore 255) and the argmax, as in the linear-segmentation pro
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -132,20 +131,12 @@ def run_linear(cfg: LinearConfig, backend: FeatureBackend) -> dict[str, object]:
     head = train_head(train, len(train_set.class_names), cfg, device)
     result = evaluate_head(head, val, val_set.class_names, device)
     report: dict[str, object] = {
+        **cfg.report_header("linear", train_set, val_set, backend.contract),
         "protocol": "linear",
-        "dataset": cfg.dataset,
-        "train_split": train_set.split,
-        "val_split": val_set.split,
-        "num_train": len(train_set),
-        "num_val": len(val_set),
-        "contract": backend.contract.model_dump(),
-        "config": cfg.model_dump(mode="json"),
         "device": device,
         **result.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out.write_text(json.dumps(report, indent=2))
+    cfg.write_report(report)
     print(result.table())
     return report

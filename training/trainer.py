@@ -73,21 +73,19 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.teacher = make_teacher(self.model)
         method = cfg.method
+
+        def sorter(steepness: float) -> SoftSorter:
+            return SoftSorter(
+                method.sort_network,
+                steepness=steepness,
+                art_lambda=method.art_lambda,
+                distribution=method.distribution,
+                check_finite=False,
+            )
+
         self.loss_fn = NeCoLoss(
-            SoftSorter(
-                method.sort_network,
-                steepness=method.student_steepness,
-                art_lambda=method.art_lambda,
-                distribution=method.distribution,
-                check_finite=False,
-            ),
-            SoftSorter(
-                method.sort_network,
-                steepness=method.teacher_steepness,
-                art_lambda=method.art_lambda,
-                distribution=method.distribution,
-                check_finite=False,
-            ),
+            sorter(method.student_steepness),
+            sorter(method.teacher_steepness),
             similarity=method.similarity,
             grid_size=method.grid_size,
             mask_mode=method.mask_mode,
