@@ -147,9 +147,8 @@ def test_labels_selectors_and_ports_agree(rendered, overlay: str) -> None:
         if s["kind"] == "Service" and selects(monitor["selector"]["matchLabels"], s["metadata"]["labels"])
     ]
     assert scraped == [service]  # exactly one scrape per replica
-    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"] and monitor["namespaceSelector"]["matchNames"] == [
-        "neco"
-    ]
+    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"]
+    assert "namespaceSelector" not in monitor  # its own namespace: every object is in neco (first test)
     hpa = one(manifests, "HorizontalPodAutoscaler")["spec"]
     target = hpa["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
