@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv clean bench
+.PHONY: demo test test-fast lint venv clean bench deps-system
 
 demo: $(STAMP)
 	$(PY) -m neco.demo --config configs/demo.yaml
@@ -24,6 +24,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 venv: $(STAMP)
+
+# System tools some tests run (tests/deploy: `kubectl kustomize`, kustomize v5). Idempotent: installs
+# only what is missing, as the Debian package `kubectl`. Debian's own archive does not carry it (its
+# kubernetes-client is 1.20, too old): the apt source is the Kubernetes (pkgs.k8s.io) or Google Cloud
+# SDK repository. .ci/run calls this first.
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
+deps-system:
+	@command -v kubectl >/dev/null || { $(APT_GET) update && $(APT_GET) install -y kubectl; } \
+	  || { echo "deps-system: no apt source offers kubectl; add pkgs.k8s.io (docs/scaling.md)" >&2; exit 1; }
+	@kubectl version --client
 
 # torch first, alone and pinned, so that no later resolver step can pick another build.
 $(STAMP): pyproject.toml constraints.txt
