@@ -13,7 +13,7 @@ demo: $(STAMP)
 	$(PY) -m neco.demo --config configs/demo.yaml
 
 # lint first (seconds), then the suite; the import rules are tests (tests/core/test_import_rules.py)
-test: lint
+test: deps-system lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: lint
@@ -32,8 +32,7 @@ venv: $(STAMP)
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 deps-system:
 	@command -v kubectl >/dev/null || { $(APT_GET) update && $(APT_GET) install -y kubectl; } \
-	  || { echo "deps-system: no apt source offers kubectl; add pkgs.k8s.io (docs/scaling.md)" >&2; exit 1; }
-	@kubectl version --client
+	  || echo "deps-system: no apt source offers kubectl (add pkgs.k8s.io, docs/scaling.md); its tests will skip" >&2
 
 # torch first, alone and pinned, so that no later resolver step can pick another build.
 $(STAMP): pyproject.toml constraints.txt
