@@ -57,6 +57,11 @@ class ServeConfig(BaseModel):
 
     limits: InputLimits = Field(default_factory=InputLimits, description="largest side / pixels a request may hold")
 
+    restart_on_backend_failure: bool = Field(
+        default=True,
+        description="restart tritonserver when its python backend dies; False = stop, and `neco serve` exits 1",
+    )
+
     log_verbose: int = Field(default=0, ge=0)
 
     @field_validator("providers")

@@ -44,6 +44,8 @@ from neco.contract import ModelContract
 from neco.errors import NecoError
 from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
 from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
+from neco.serving.stub_guard import LIMITS_PARAMETER, PYTRITON_MODEL_MODULE, STUB_MODEL_SOURCE
+from neco.serving.supervision import BackendSupervisor, ProcessTree
 from neco.signature import SPECS
 from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, config_problems, contract_from_config, read_model_config
 
@@ -84,6 +86,23 @@ def pick_free_ports(host: str, count: int) -> list[int]:
             sock.close()
 
 
+def install_stub_guard(version_dir: Path) -> None:
+    """Put `neco.serving.stub_guard` in front of PyTriton's proxy model (see that module)."""
+    proxy = version_dir / "model.py"
+    if not proxy.is_file():
+        raise ServingError(f"PyTriton did not write {proxy}; unsupported PyTriton version?")
+    proxy.rename(version_dir / f"{PYTRITON_MODEL_MODULE}.py")
+    proxy.write_text(STUB_MODEL_SOURCE)
+
+
+def tritonserver_pid(triton: Triton) -> int:
+    """The pid of the tritonserver process PyTriton started (PyTriton 0.7 keeps it private)."""
+    try:
+        return int(triton._triton_server._tritonserver_running_cmd.pid)  # noqa: SLF001
+    except AttributeError as exc:
+        raise ServingError("cannot find tritonserver's pid in this PyTriton version") from exc
+
+
 def find_model_version(model_dir: Path, filename: str) -> int:
     """The newest numeric version folder holding `filename` (Triton's default `latest: 1` policy)."""
     versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()]
@@ -111,7 +130,14 @@ class EmbeddedServer:
         self.cfg = cfg
         self.contract: ModelContract | None = None
         self._triton: Triton | None = None
+        self._supervisor: BackendSupervisor | None = None
+        self._tree: ProcessTree | None = None
         self._ports: tuple[int, int, int] | None = None
+        self._launch: Callable[[], None] | None = None
+        self._lifecycle = threading.RLock()
+        self._failure: str | None = None
+        self.backend_failures = 0
+        """How many times the python backend died while serving (each answered by a restart or a stop)."""
 
     # --- endpoints ----------------------------------------------------------------------------
     @property
@@ -119,7 +145,7 @@ class EmbeddedServer:
         return self.cfg.model_name
 
     def _port(self, index: int) -> int:
-        if self._ports is None or self._triton is None:
+        if self._ports is None or self._supervisor is None:  # kept while a failed backend is restarted
             raise ServingError("the embedded server is not running; call start() first")
         return self._ports[index]
 
@@ -138,23 +164,40 @@ class EmbeddedServer:
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> EmbeddedServer:
         """Load the model, start tritonserver, and return once the model is ready to infer."""
-        if self._triton is not None:
-            raise ServingError("the embedded server is already running")
-        model_dir = self.cfg.repository / self.cfg.model_name
-        if not (model_dir / CONFIG_FILENAME).is_file():
-            raise FileNotFoundError(
-                f"{model_dir}/{CONFIG_FILENAME} not found: is {self.cfg.repository} a model repository?"
-            )
-        exported = read_model_config(model_dir)
-        check_served_signature(exported)
-        self.contract = contract_from_config(exported)
-        version = find_model_version(model_dir, ONNX_FILENAME)
-        onnx_path = model_dir / str(version) / ONNX_FILENAME
-        runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads, self.cfg.limits)
+        with self._lifecycle:
+            if self._triton is not None:
+                raise ServingError("the embedded server is already running")
+            self._failure = None
+            model_dir = self.cfg.repository / self.cfg.model_name
+            if not (model_dir / CONFIG_FILENAME).is_file():
+                raise FileNotFoundError(
+                    f"{model_dir}/{CONFIG_FILENAME} not found: is {self.cfg.repository} a model repository?"
+                )
+            exported = read_model_config(model_dir)
+            check_served_signature(exported)
+            self.contract = contract_from_config(exported)
+            version = find_model_version(model_dir, ONNX_FILENAME)
+            onnx_path = model_dir / str(version) / ONNX_FILENAME
+            runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads, self.cfg.limits)
+            ports = [self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port]
+            free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
+            self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
+            self._launch = lambda: self._launch_triton(exported, version, runner)
+            self._supervisor = BackendSupervisor(self._on_backend_death)
+            try:
+                self._launch()
+            except BaseException:
+                self._supervisor.close()
+                raise
+            LOGGER.info(
+                "serving %s v%d (%s) on http %s, grpc %s, metrics %s with %s",
+                self.model_name, version, self.contract.arch, self.http_url, self.grpc_url, self.metrics_url,
+                runner.providers,
+            )  # fmt: skip
+            return self
 
-        ports = [self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port]
-        free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
-        self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
+    def _launch_triton(self, exported: model_config_pb2.ModelConfig, version: int, runner: OnnxFeatureRunner) -> None:
+        """Start tritonserver on the chosen ports and put its process tree under supervision."""
         ensure_stub_library_path()
         workspace = Workspace()  # sockets + generated model store; removed by Triton.stop()
         try:
@@ -172,35 +215,79 @@ class EmbeddedServer:
                 config=self._model_config(exported),
                 strict=True,
             )
-            self._merge_parameters(workspace.model_store_path / self.cfg.model_name / CONFIG_FILENAME, exported)
+            model_store = workspace.model_store_path / self.cfg.model_name
+            self._merge_parameters(model_store / CONFIG_FILENAME, exported, self.cfg.limits.model_dump_json())
+            install_stub_guard(model_store / str(version))
         except BaseException:
             workspace.clean()  # nothing started yet, so Triton.stop() would not clean it
             raise
         self._triton = triton
+        previous_umask = os.umask(0o077)  # files tritonserver creates (shm regions) are the user's only
         try:
             triton.run()
+            self._tree = ProcessTree(tritonserver_pid(triton))
+            self._supervisor.watch(self._tree)  # type: ignore[union-attr]
             self._check_served_contract()
         except PyTritonClientTimeoutError as exc:
-            self.stop()
+            self._shutdown()
             raise ServingError("tritonserver did not become ready; its log above says why") from exc
         except BaseException:
-            self.stop()
+            self._shutdown()
             raise
-        LOGGER.info(
-            "serving %s v%d (%s) on http %s, grpc %s, metrics %s with %s",
-            self.model_name, version, self.contract.arch, self.http_url, self.grpc_url, self.metrics_url,
-            runner.providers,
-        )  # fmt: skip
-        return self
+        finally:
+            os.umask(previous_umask)
 
     def stop(self) -> None:
-        """Stop tritonserver and the inference thread; safe to call twice."""
+        """Stop tritonserver, end every process it left and remove its shared memory; safe to call twice."""
+        with self._lifecycle:
+            self._shutdown()
+            supervisor, self._supervisor = self._supervisor, None
+            if supervisor is not None:
+                supervisor.close()
+
+    def _shutdown(self) -> None:
+        """Stop tritonserver (if running), then end what it left behind; keeps the supervisor thread."""
         triton, self._triton = self._triton, None
+        tree, self._tree = self._tree, None
+        if self._supervisor is not None:
+            self._supervisor.unwatch()
         if triton is not None:
             triton.stop()
+        if tree is not None:
+            tree.clean_up()
+
+    def _on_backend_death(self, problem: str) -> None:
+        """Called by the supervisor: stop the dead server at once, then restart it unless told not to."""
+        if not self._lifecycle.acquire(blocking=False):
+            return  # start() or stop() is running and decides the server's fate
+        try:
+            self.backend_failures += 1
+            self._shutdown()
+            if not self.cfg.restart_on_backend_failure:
+                self._failure = f"backend failed ({problem}); restart_on_backend_failure is off"
+                return
+            LOGGER.warning("restarting tritonserver after a backend failure (%d so far)", self.backend_failures)
+            try:
+                self._launch()
+            except Exception as exc:  # the failure is reported through is_alive() / serve_forever
+                self._failure = f"backend failed ({problem}) and the restart failed: {exc}"
+                LOGGER.error("%s", self._failure)
+        finally:
+            self._lifecycle.release()
+
+    def process_ids(self) -> list[int]:
+        """Pids of tritonserver and every process seen under it (stub included) since it started."""
+        with self._lifecycle:
+            tree = self._tree
+            if tree is None:
+                return []
+            tree.refresh()
+            return sorted({pid for pid, _ in tree.processes})
 
     def is_alive(self) -> bool:
-        return self._triton is not None and self._triton.is_alive()
+        """True while tritonserver runs; False after stop() or a backend failure that was not recovered."""
+        with self._lifecycle:
+            return self._failure is None and self._triton is not None and self._triton.is_alive()
 
     def serve_forever(self, on_ready: Callable[[EmbeddedServer], None] | None = None, poll_s: float = 1.0) -> None:
         """Start (if needed) and block until SIGINT/SIGTERM, then stop cleanly; raise if Triton dies.
@@ -222,7 +309,7 @@ class EmbeddedServer:
                 on_ready(self)
             while not stop_requested.wait(poll_s):
                 if not self.is_alive():
-                    raise ServingError("tritonserver or the inference handler exited unexpectedly")
+                    raise ServingError(self._failure or "tritonserver or the inference handler exited unexpectedly")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -292,8 +379,8 @@ class EmbeddedServer:
         )
 
     @staticmethod
-    def _merge_parameters(generated_path: Path, exported: model_config_pb2.ModelConfig) -> None:
-        """Copy the exported `parameters` into PyTriton's generated config before Triton reads it."""
+    def _merge_parameters(generated_path: Path, exported: model_config_pb2.ModelConfig, limits_json: str) -> None:
+        """Copy the exported `parameters` (and the stub guard's limits) into PyTriton's generated config."""
         if not generated_path.is_file():
             raise ServingError(f"PyTriton did not write {generated_path}; unsupported PyTriton version?")
         generated = text_format.Parse(generated_path.read_text(), model_config_pb2.ModelConfig())
@@ -302,6 +389,7 @@ class EmbeddedServer:
             raise ServingError(f"exported parameters {clash} collide with PyTriton's own backend parameters")
         for key, value in exported.parameters.items():
             generated.parameters[key].CopyFrom(value)
+        generated.parameters[LIMITS_PARAMETER].string_value = limits_json
         generated_path.write_text(text_format.MessageToString(generated))
 
     def _check_served_contract(self) -> None:
