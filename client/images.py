@@ -12,12 +12,20 @@ The whole image is resized (no crop, no padding), so the patch grid covers the f
 patch (i, j) sees resized pixels [i*p, (i+1)*p) x [j*p, (j+1)*p), i.e. original pixels
 scaled by `PreparedImage.scale`. Images are resized with Pillow's bicubic filter (antialiased
 when shrinking); masks with nearest neighbour so that labels are never blended.
+
+Size limits are enforced before anything large is allocated: an encoded image's header is
+read first (Pillow opens lazily) and refused when it declares more than `max_decoded_pixels`
+(a decompression bomb) or when the policy would resize it beyond the request limits
+(`neco.signature.InputLimits`: a 10,000 x 20 strip at `size=448` would become 224,000 x 448).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -26,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from neco.contract import PATCH_SIZE
+from neco.signature import DEFAULT_LIMITS, InputLimits
 
 from .errors import ImageError, SupportSetError
 
@@ -36,6 +45,16 @@ SizeSpec = Union[int, tuple[int, int]]
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_DEPTH_MODES = ("I", "F")  # "I", "I;16", "I;16B", ... and 32-bit float
+
+DEFAULT_MAX_DECODED_PIXELS = 64 * 1024 * 1024
+"""Largest H x W an encoded image may declare (64 MP, 192 MB as RGB) before it is decoded.
+
+Larger than any request (`InputLimits`) because photos are shrunk by the policy before they
+are sent; below Pillow's own decompression-bomb threshold (~89 MP), so Pillow's warning is
+never the first thing a user sees."""
+
+SizeCheck = Callable[[tuple[int, int]], object]
+"""Called with an image's declared (height, width) before its pixels are decoded."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +88,14 @@ class PreparedImage:
         return row * p * sy, col * p * sx, (row + 1) * p * sy, (col + 1) * p * sx
 
 
-def target_size(original_size: tuple[int, int], size: SizeSpec, patch_size: int = PATCH_SIZE) -> tuple[int, int]:
-    """Apply the resize policy to an (H, W) and return the encoder input (H', W')."""
+def target_size(
+    original_size: tuple[int, int], size: SizeSpec, patch_size: int = PATCH_SIZE, limits: InputLimits | None = None
+) -> tuple[int, int]:
+    """Apply the resize policy to an (H, W) and return the encoder input (H', W').
+
+    With `limits`, a target that one request could not carry raises `ImageError` naming the
+    limit, so a caller can refuse an image from its header before decoding or resizing it.
+    """
     height, width = original_size
     if height <= 0 or width <= 0:
         raise ImageError(f"image of size {height}x{width} has no pixels")
@@ -87,14 +112,51 @@ def target_size(original_size: tuple[int, int], size: SizeSpec, patch_size: int 
     def snap(value: float) -> int:
         return max(patch_size, int(round(value / patch_size)) * patch_size)
 
-    return snap(goal_h), snap(goal_w)
+    target = snap(goal_h), snap(goal_w)
+    if limits is not None:
+        _check_target(original_size, size, target, limits)
+    return target
 
 
-def prepare_image(image_like: ImageLike | np.ndarray, size: SizeSpec, patch_size: int = PATCH_SIZE) -> PreparedImage:
-    """Decode `image_like` to RGB and resize it by the policy; see the module docstring."""
-    rgb = load_rgb(image_like)
+def _check_target(original: tuple[int, int], size: SizeSpec, target: tuple[int, int], limits: InputLimits) -> None:
+    """Refuse a resize target larger than one request may be (the server's limits, client-side)."""
+    new_h, new_w = target
+    pixels = new_h * new_w
+    if max(target) > limits.max_side:
+        broken = f"its side {max(target)} px exceeds max_side={limits.max_side}"
+    elif pixels > limits.max_image_pixels:
+        broken = f"{pixels} px exceeds max_image_pixels={limits.max_image_pixels}"
+    elif pixels > limits.max_request_pixels:
+        broken = f"{pixels} px exceeds max_request_pixels={limits.max_request_pixels}"
+    else:
+        return
+    raise ImageError(
+        f"image of {original[0]}x{original[1]} px would be resized to {new_h}x{new_w} for size={size!r}, "
+        f"but {broken}; use a smaller size or crop the image"
+    )
+
+
+def prepare_image(
+    image_like: ImageLike | np.ndarray,
+    size: SizeSpec,
+    patch_size: int = PATCH_SIZE,
+    limits: InputLimits | None = DEFAULT_LIMITS,
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+) -> PreparedImage:
+    """Decode `image_like` to RGB and resize it by the policy; see the module docstring.
+
+    The resize target is checked against `limits` from the image's header before decoding
+    (and again after EXIF orientation), so an image a request cannot carry costs no memory.
+    `limits=None` turns the check off.
+    """
+
+    def fits(declared: tuple[int, int]) -> None:
+        # the pixel and side limits are symmetric, so an EXIF rotation cannot change the verdict
+        target_size(declared, size, patch_size, limits)
+
+    rgb = _load_rgb(image_like, max_decoded_pixels, fits)
     original = (rgb.shape[0], rgb.shape[1])
-    new_h, new_w = target_size(original, size, patch_size)
+    new_h, new_w = target_size(original, size, patch_size, limits)
     if (new_h, new_w) != original:
         resized = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
         rgb = np.asarray(resized, dtype=np.uint8)
@@ -119,8 +181,30 @@ def describe(image_like: object) -> str:
     return f"object of type {type(image_like).__name__}"
 
 
-def _open(image_like: ImageLike, what: str) -> Image.Image:
-    """Open and fully decode a path / bytes / PIL input; failures become ImageError."""
+@contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """Turn Pillow's many failure types into one ImageError each (bombs included)."""
+    with warnings.catch_warnings():
+        # Pillow only warns between its threshold and twice it; here every bomb is an error
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except UnidentifiedImageError:
+            raise ImageError(f"{name} is not an image format Pillow can read") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"{name} is refused as a decompression bomb: {exc}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+            raise ImageError(f"{name} could not be decoded (truncated or corrupt?): {exc}") from None
+
+
+def _open(
+    image_like: ImageLike, what: str, max_pixels: int = DEFAULT_MAX_DECODED_PIXELS, check: SizeCheck | None = None
+) -> Image.Image:
+    """Open a path / bytes / PIL input, check its declared size, then decode it fully.
+
+    Pillow reads only the header on `Image.open`, so `max_pixels` and `check` (called with the
+    declared (height, width)) refuse an oversized image before its pixels are allocated.
+    """
     name = describe(image_like)
     if isinstance(image_like, Image.Image):
         source: object = None
@@ -135,18 +219,26 @@ def _open(image_like: ImageLike, what: str) -> Image.Image:
         source = io.BytesIO(bytes(image_like))
     else:
         raise ImageError(f"cannot read a {what} from {name}; pass a path, bytes, a PIL image or a numpy array")
-    try:
+    with _decoding(name):
         image = image_like if source is None else Image.open(source)  # type: ignore[arg-type]
+    try:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name} declares {width}x{height} = {width * height} px, more than "
+                f"max_decoded_pixels={max_pixels}; refused before decoding (decompression bomb?)"
+            )
+        if check is not None:
+            check((height, width))
         # Pillow silently narrows 16-bit-per-channel colour PNGs to 8-bit "RGB"; only the
         # not-yet-decoded tile's raw mode still says ";16".
         sixteen_bit = any(";16" in str(getattr(tile, "args", "")) for tile in getattr(image, "tile", None) or [])
-        image.load()
-    except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image format Pillow can read") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name} is too large to decode safely: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name} could not be decoded (truncated or corrupt?): {exc}") from None
+        with _decoding(name):
+            image.load()
+    except BaseException:
+        if source is not None:
+            image.close()
+        raise
     if sixteen_bit:
         raise ImageError(f"{name} has 16 bits per channel; convert it to 8-bit RGB first")
     return image
@@ -179,6 +271,8 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         raise ImageError(f"{name} has no pixels")
     if array.dtype == np.uint16:
         raise ImageError(f"{name} is 16-bit; scale it to uint8 first")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ImageError(f"{name} holds NaN or inf values; expected uint8 pixel values (0-255)")
     if array.dtype != np.uint8:
         raise ImageError(f"{name}: expected uint8 pixel values (0-255)")
     if array.ndim == 2:
@@ -192,14 +286,18 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     raise ImageError(f"{name}: expected HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA)")
 
 
-def load_rgb(image_like: ImageLike) -> np.ndarray:
+def load_rgb(image_like: ImageLike, max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS) -> np.ndarray:
     """Decode any supported input to an H x W x 3 uint8 RGB array (EXIF orientation applied)."""
+    return _load_rgb(image_like, max_decoded_pixels, None)
+
+
+def _load_rgb(image_like: ImageLike, max_pixels: int, check: SizeCheck | None) -> np.ndarray:
     if isinstance(image_like, np.ndarray):
         return _array_to_rgb(image_like)
-    return _pil_to_rgb(_open(image_like, "image"), describe(image_like))
+    return _pil_to_rgb(_open(image_like, "image", max_pixels, check), describe(image_like))
 
 
-def load_mask(mask_like: ImageLike) -> np.ndarray:
+def load_mask(mask_like: ImageLike, max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS) -> np.ndarray:
     """Decode a label mask to an H x W int64 array (values are class indices, 255 = ignore).
 
     Palette PNGs (Pascal VOC style) give their indices, not their colours; colour masks are
@@ -209,7 +307,7 @@ def load_mask(mask_like: ImageLike) -> np.ndarray:
     if isinstance(mask_like, np.ndarray):
         array = mask_like
     else:
-        image = ImageOps.exif_transpose(_open(mask_like, "mask"))
+        image = ImageOps.exif_transpose(_open(mask_like, "mask", max_decoded_pixels))
         if image.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
             raise SupportSetError(f"mask {name} has mode {image.mode!r}; expected a single-channel label image")
         array = np.asarray(image)
