@@ -6,29 +6,34 @@ the pixels under it (`support.patch_soft_labels`), and with `memory_size` each i
 only a share of its patches, sampled to favour rare classes (`support.sample_rare_first`).
 
 Searching: exact inner product (`faiss.IndexFlatIP`) by default; `IndexSpec(kind="ivf")` or
-`"hnsw"` trade exactness for speed on banks of millions of patches. Persistence lives in
-`bank_io` (versioned, checksummed, atomic, no pickle).
+`"hnsw"` trade exactness for speed on banks of millions of patches. A bank can instead search
+through a `VectorStore` such as a Milvus collection (`milvus_store`), the same API otherwise.
+Persistence lives in `bank_io` (versioned, checksummed, atomic, no pickle).
+
+Every row remembers its support image (`image_ids`), which makes `delete_images` possible and
+lets `merge` rebuild exactly the bank of one process from banks built as shards.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from neco.contract import DEFAULT_INPUT_SIZE, IGNORE_INDEX, ModelContract
 
-from .backend import FeatureBackend, batch_features
+from .backend import FeatureBackend
+from .bank_build import extract, normalise, per_image_budget
 from .bank_io import INDEX, MANIFEST, BankFiles, read_bank, read_manifest, write_bank
 from .errors import BankContractError, BankCorruptError, BankError, SupportSetError
-from .images import SizeSpec, describe, load_mask, prepare_image, resize_mask
+from .images import SizeSpec
 from .novelty import NoveltyModel, NoveltySpec
-from .support import SupportSet, iter_pairs, open_support, patch_soft_labels, sample_rare_first
+from .support import open_support
 
 DEFAULT_IMAGE_SIZE = DEFAULT_INPUT_SIZE
 """Shorter side of support and query images, as in the Hummingbird protocol."""
@@ -70,11 +75,17 @@ class IndexSpec(BaseModel):
             index.hnsw.efSearch = self.ef_search
 
 
-def _normalise(features: np.ndarray) -> np.ndarray:
-    """Unit-normalise rows in float32; backends promise it, re-doing it makes fp16 storage safe."""
-    features = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
+class VectorStore(Protocol):
+    """Where a bank's vectors can live instead of a faiss index (e.g. `milvus_store.MilvusStore`).
+
+    Rows are addressed by their position in the bank; the store keeps it as its primary key.
+    """
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def insert(self, first_row: int, features: np.ndarray, soft_labels: np.ndarray, image_ids: np.ndarray) -> None: ...
+
+    def delete_images(self, image_ids: Sequence[int]) -> None: ...
 
 
 class MemoryBank:
@@ -93,9 +104,13 @@ class MemoryBank:
         num_images: int = 0,
         index: faiss.Index | None = None,
         novelty: NoveltyModel | None = None,
+        image_ids: np.ndarray | None = None,
+        classes_inferred: bool = False,
+        store: VectorStore | None = None,
     ) -> None:
         features = np.asarray(features)
         soft_labels = np.asarray(soft_labels)
+        image_ids = np.full(features.shape[0], -1, np.int64) if image_ids is None else np.asarray(image_ids)
         if features.ndim != 2 or features.shape[1] != contract.embed_dim:
             raise BankError(f"features must be (N, {contract.embed_dim}) for {contract.arch}, got {features.shape}")
         if soft_labels.shape != (features.shape[0], len(class_names)):
@@ -104,6 +119,12 @@ class MemoryBank:
             )
         if len(set(class_names)) != len(class_names):
             raise BankError(f"class names must be unique, got {list(class_names)}")
+        if image_ids.shape != (features.shape[0],) or image_ids.dtype.kind not in "iu":
+            raise BankError(
+                f"image ids must be ({features.shape[0]},) integers, got {image_ids.shape} {image_ids.dtype}"
+            )
+        if not (np.isfinite(features).all() and np.isfinite(soft_labels).all()):
+            raise BankError("features and soft labels must be finite (NaN/inf found)")
         self.contract = contract
         self.dtype: StorageDtype = dtype
         self.features = features.astype(dtype, copy=False)
@@ -116,6 +137,14 @@ class MemoryBank:
         self._labels32: np.ndarray | None = None
         self.novelty = novelty
         """The fitted NECO subspace and its calibrations (`neco.client.novelty`), if any."""
+        self.image_ids = image_ids.astype(np.int64, copy=False)
+        """(N,) index of each row's support image (-1: unknown, for banks saved before ids existed)."""
+        self.classes_inferred = classes_inferred
+        """True when no class list was given and K was inferred from the largest mask label."""
+        self.store = store
+        """Searches the bank instead of faiss when set (e.g. a Milvus collection)."""
+        self.row_keys = np.arange(features.shape[0], dtype=np.int64)
+        """Ascending key of each row in `store` (rows keep their key across deletes)."""
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -123,7 +152,8 @@ class MemoryBank:
     def __repr__(self) -> str:
         return (
             f"MemoryBank({len(self)} patches x {self.contract.embed_dim} ({self.dtype}), "
-            f"{len(self.class_names)} classes, {self.num_images} images, index={self.index_spec.kind})"
+            f"{len(self.class_names)} classes, {self.num_images} images, "
+            f"index={self.index_spec.kind if self.store is None else type(self.store).__name__})"
         )
 
     @property
@@ -148,6 +178,8 @@ class MemoryBank:
         seed: int = 0,
         progress: bool = False,
         novelty: NoveltySpec | None = None,
+        num_classes: int | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> MemoryBank:
         """Extract, label and (optionally) subsample the patches of a support set.
 
@@ -155,20 +187,37 @@ class MemoryBank:
         memory_size // n patches (rare classes favoured); iterables without a length need
         `patches_per_image` instead. An empty support set is an error. With `novelty`, the
         NECO subspace of the kept patches is fitted too (see `neco.client.novelty`).
+
+        Classes: a class list (argument, `classes.json`, or the dataset's `class_names`) or
+        `num_classes` fixes K, and mask labels >= K are refused. With neither, K is inferred
+        as the largest label + 1 (a stray label 200 makes 201 classes): the build warns, and
+        the bank records `classes_inferred`. `shard=(i, n)` builds the i-th interleaved shard
+        (see `support`; join shards with `merge`).
         """
-        opened = open_support(support, class_names)
-        budget = _per_image_budget(opened, memory_size, patches_per_image)
-        feats, labels, count = _extract(backend, opened, image_size, budget, batch_size, seed, progress, dtype)
-        if count == 0:
+        opened = open_support(support, class_names, shard)
+        if num_classes is not None and opened.class_names is not None and num_classes != len(opened.class_names):
+            raise SupportSetError(f"num_classes={num_classes} but the class list has {len(opened.class_names)} names")
+        declared = len(opened.class_names) if opened.class_names is not None else num_classes
+        budget = per_image_budget(opened, memory_size, patches_per_image)
+        rows = extract(backend, opened, declared, image_size, budget, batch_size, seed, progress, dtype)
+        if rows.count == 0:
             raise SupportSetError(f"the support set ({opened.source}) is empty")
-        width = len(opened.class_names) if opened.class_names is not None else max(lab.shape[1] for lab in labels)
+        width = declared if declared is not None else max(lab.shape[1] for lab in rows.labels)
         names = opened.class_names or [f"class_{i}" for i in range(width)]
-        soft = np.concatenate([np.pad(lab, ((0, 0), (0, width - lab.shape[1]))) for lab in labels])
+        soft = np.concatenate([np.pad(lab, ((0, 0), (0, width - lab.shape[1]))) for lab in rows.labels])
         if soft.shape[0] == 0:
             raise SupportSetError(
                 f"every support pixel of {opened.source} is ignore ({IGNORE_INDEX}); nothing to store"
             )
-        features = np.concatenate(feats)
+        if declared is None:
+            seen = int((soft.sum(axis=0) > 0).sum())
+            warnings.warn(
+                f"no class list for {opened.source}: {width} classes inferred from the largest mask label "
+                f"{width - 1} ({seen} distinct labels seen); pass class_names or num_classes to fix K",
+                UserWarning,
+                stacklevel=2,
+            )
+        features = np.concatenate(rows.features)
         return cls(
             backend.contract,
             features,
@@ -177,8 +226,10 @@ class MemoryBank:
             image_size=image_size,
             index_spec=index,
             dtype=dtype,
-            num_images=count,
+            num_images=rows.count,
             novelty=NoveltyModel.fit(features, novelty) if novelty is not None else None,
+            image_ids=np.concatenate(rows.image_ids),
+            classes_inferred=declared is None,
         )
 
     def add(
@@ -192,7 +243,10 @@ class MemoryBank:
         seed: int = 0,
         progress: bool = False,
     ) -> MemoryBank:
-        """Append a support set's patches (same contract and class list) in place."""
+        """Append a support set's patches (same contract and class list) in place.
+
+        Its images get ids after the bank's largest, so `delete_images` can address them.
+        """
         if not backend.contract.compatible_with(self.contract):
             raise BankError(f"cannot add features of {backend.contract} to a bank of {self.contract}")
         other = MemoryBank.build(
@@ -208,24 +262,89 @@ class MemoryBank:
             seed=seed,
             progress=progress,
         )
-        self.features = np.concatenate([self.features, other.features])
-        self.soft_labels = np.concatenate([self.soft_labels, other.soft_labels])
+        first_id = int(self.image_ids.max(initial=-1)) + 1
+        self._append(other.features, other.soft_labels, other.image_ids + first_id)
         self.num_images += other.num_images
+        return self
+
+    def _append(self, features: np.ndarray, soft_labels: np.ndarray, image_ids: np.ndarray) -> None:
+        keys = int(self.row_keys[-1]) + 1 + np.arange(len(features)) if len(self) else np.arange(len(features))
+        if self.store is not None:
+            self.store.insert(int(keys[0]) if len(keys) else 0, features, soft_labels, image_ids)
+        self.features = np.concatenate([self.features, features.astype(self.dtype, copy=False)])
+        self.soft_labels = np.concatenate([self.soft_labels, soft_labels.astype(self.dtype, copy=False)])
+        self.image_ids = np.concatenate([self.image_ids, image_ids.astype(np.int64)])
+        self.row_keys = np.concatenate([self.row_keys, keys.astype(np.int64)])
         self._labels32 = None
         if self.novelty is not None:  # the subspace follows the bank; old thresholds no longer hold
             self.novelty = self.novelty.refit(self.features)
         if self._index is not None and self.index_spec.kind != "flat":
-            self._index.add(_normalise(other.features))  # trained indexes keep their training
+            self._index.add(normalise(features))  # trained indexes keep their training
         else:
             self._index = None
-        return self
+
+    def delete_images(self, image_ids: Sequence[int]) -> int:
+        """Remove every row of the given support images (and from the store); returns rows removed."""
+        drop = np.isin(self.image_ids, np.asarray(list(image_ids), dtype=np.int64))
+        if not drop.any():
+            return 0
+        if self.store is not None:
+            self.store.delete_images(sorted({int(i) for i in image_ids}))
+        keep = ~drop
+        self.features, self.soft_labels = self.features[keep], self.soft_labels[keep]
+        self.image_ids, self.row_keys = self.image_ids[keep], self.row_keys[keep]
+        self.num_images = int(np.unique(self.image_ids).size) if (self.image_ids >= 0).all() else self.num_images
+        self._labels32, self._index = None, None  # a trained index is retrained on the remaining rows
+        if self.novelty is not None:
+            self.novelty = self.novelty.refit(self.features)
+        return int(drop.sum())
+
+    @classmethod
+    def merge(cls, banks: Sequence[MemoryBank]) -> MemoryBank:
+        """One bank from shard banks of the same model, classes, image size, dtype and index.
+
+        Rows are ordered by image id (stable), so n shards of one support set merge into the
+        bank a single process builds from it. Image ids must be known and disjoint.
+        """
+        if not banks:
+            raise BankError("nothing to merge: give at least one bank")
+        first = banks[0]
+        for other in banks[1:]:
+            same = (other.class_names, other.image_size, other.dtype, other.index_spec)
+            if not other.contract.compatible_with(first.contract):
+                raise BankContractError(f"cannot merge a bank of {other.contract!r} into one of {first.contract!r}")
+            if same != (first.class_names, first.image_size, first.dtype, first.index_spec):
+                raise BankError(
+                    f"cannot merge banks with different classes/image size/dtype/index: {other!r} vs {first!r}"
+                )
+        ids = np.concatenate([b.image_ids for b in banks])
+        if (ids < 0).any():
+            raise BankError("cannot merge banks saved without image ids (rebuild them)")
+        per_bank = [set(np.unique(b.image_ids).tolist()) for b in banks]
+        if sum(map(len, per_bank)) != len(set().union(*per_bank)):
+            raise BankError("the banks share image ids: they are not shards of one support set")
+        order = np.argsort(ids, kind="stable")
+        features = np.concatenate([b.features for b in banks])[order]
+        return cls(
+            first.contract,
+            features,
+            np.concatenate([b.soft_labels for b in banks])[order],
+            first.class_names,
+            image_size=first.image_size,
+            index_spec=first.index_spec,
+            dtype=first.dtype,
+            num_images=sum(b.num_images for b in banks),
+            image_ids=ids[order],
+            classes_inferred=any(b.classes_inferred for b in banks),
+            novelty=NoveltyModel.fit(features, first.novelty.spec) if first.novelty is not None else None,
+        )
 
     # --- searching ------------------------------------------------------------------------
     @property
     def index(self) -> faiss.Index:
         """The faiss index, built on first use (a flat index is just a float32 copy)."""
         if self._index is None:
-            self._index = self.index_spec.create(_normalise(self.features))
+            self._index = self.index_spec.create(normalise(self.features))
         return self._index
 
     @property
@@ -245,7 +364,12 @@ class MemoryBank:
             raise BankError(f"queries must be (Q, {self.contract.embed_dim}), got {queries.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        sims, idx = self.index.search(queries, min(k, len(self)))
+        if self.store is not None:
+            sims, keys = self.store.search(queries, min(k, len(self)))
+            rows = np.searchsorted(self.row_keys, keys)  # store keys -> positions (keys stay sorted)
+            idx = np.where(keys < 0, -1, np.minimum(rows, len(self) - 1))
+        else:
+            sims, idx = self.index.search(queries, min(k, len(self)))
         if (idx < 0).any():  # approximate indexes may return fewer than k hits
             sims = np.where(idx < 0, -np.inf, sims)
             idx = np.where(idx < 0, 0, idx)
@@ -253,7 +377,11 @@ class MemoryBank:
 
     # --- persistence (files in bank_io) -------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the bank atomically to folder `path` (replacing an older bank there)."""
+        """Write the bank atomically to folder `path`: absent, empty, or an older bank (replaced).
+
+        Any other folder (files this project did not write, a foreign manifest.json) is refused
+        with `BankError` and left untouched; see `bank_io`.
+        """
         manifest = {
             "contract": self.contract.model_dump(mode="json"),
             "class_names": self.class_names,
@@ -265,15 +393,19 @@ class MemoryBank:
             "dtype": self.dtype,
             "image_size": self.image_size,
             "index": self.index_spec.model_dump(),
+            "classes_inferred": self.classes_inferred,
         }
+        ids = self.image_ids if (self.image_ids >= 0).all() else None
         index = self.index if self.index_spec.kind != "flat" else None
-        return write_bank(Path(path), BankFiles(manifest, self.features, self.soft_labels, index, self.novelty))
+        return write_bank(Path(path), BankFiles(manifest, self.features, self.soft_labels, index, self.novelty, ids))
 
     @classmethod
     def load(cls, path: str | Path, contract: ModelContract | None = None, verify: bool = True) -> MemoryBank:
         """Read a saved bank; with `contract`, refuse one built by a different model."""
         path = Path(path)
-        manifest = read_manifest(path)  # cheap checks (format, version, contract) before reading arrays
+        _check_bank_contract(read_manifest(path), path, contract)  # cheap checks before reading arrays
+        files = read_bank(path, verify)
+        manifest = {**files.manifest, "contract": _check_bank_contract(files.manifest, path, contract).model_dump()}
         try:
             bank_contract = ModelContract.model_validate(manifest["contract"])
             index_spec = IndexSpec.model_validate(manifest.get("index", {}))
@@ -281,14 +413,9 @@ class MemoryBank:
             dtype = manifest["dtype"]
             image_size = manifest["image_size"]
             num_images = int(manifest["counts"]["images"])
+            classes_inferred = bool(manifest.get("classes_inferred", False))
         except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
             raise BankCorruptError(f"{path / MANIFEST} is malformed: {exc!r}") from None
-        if contract is not None and not contract.compatible_with(bank_contract):
-            raise BankContractError(
-                f"memory bank {str(path)!r} was built with {bank_contract!r}, which differs from the "
-                f"model in use {contract!r}; rebuild the bank with this model"
-            )
-        files = read_bank(path, verify)
         features, soft = files.features, files.soft_labels
         if dtype not in ("float32", "float16") or features.dtype != np.dtype(dtype) or soft.dtype != np.dtype(dtype):
             raise BankCorruptError(f"{str(path)!r}: arrays are {features.dtype}/{soft.dtype}, manifest says {dtype!r}")
@@ -314,79 +441,22 @@ class MemoryBank:
                 num_images=num_images,
                 index=files.index,
                 novelty=files.novelty,
+                image_ids=files.image_ids,
+                classes_inferred=classes_inferred,
             )
         except BankError as exc:
             raise BankCorruptError(f"memory bank {str(path)!r} is inconsistent: {exc}") from None
 
 
-def _per_image_budget(support: SupportSet, memory_size: int | None, patches_per_image: int | None) -> int | None:
-    if memory_size is not None and patches_per_image is not None:
-        raise ValueError("give memory_size or patches_per_image, not both")
-    if patches_per_image is not None:
-        if patches_per_image < 1:
-            raise ValueError(f"patches_per_image must be >= 1, got {patches_per_image}")
-        return patches_per_image
-    if memory_size is None:
-        return None
-    if memory_size < 1:
-        raise ValueError(f"memory_size must be >= 1, got {memory_size}")
-    if support.length is None:
-        raise ValueError(
-            f"memory_size needs a support set of known length; {support.source} has none: use patches_per_image"
+def _check_bank_contract(manifest: dict[str, Any], path: Path, contract: ModelContract | None) -> ModelContract:
+    """The bank's contract from its manifest; with `contract`, refuse a bank of another model."""
+    try:
+        bank_contract = ModelContract.model_validate(manifest["contract"])
+    except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise BankCorruptError(f"{path / MANIFEST} is malformed: {exc!r}") from None
+    if contract is not None and not contract.compatible_with(bank_contract):
+        raise BankContractError(
+            f"memory bank {str(path)!r} was built with {bank_contract!r}, which differs from the "
+            f"model in use {contract!r}; rebuild the bank with this model"
         )
-    if support.length == 0:
-        raise SupportSetError(f"the support set ({support.source}) is empty")
-    return max(1, memory_size // support.length)
-
-
-def _extract(
-    backend: FeatureBackend,
-    support: SupportSet,
-    image_size: SizeSpec,
-    budget: int | None,
-    batch_size: int,
-    seed: int,
-    progress: bool,
-    dtype: StorageDtype,
-) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Run the backend over the support set in same-size batches; keep labelled/sampled patches."""
-    rng = np.random.default_rng(seed)
-    num_classes = len(support.class_names) if support.class_names is not None else None
-    patch = backend.contract.patch_size
-    feats: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (array, soft, chosen rows)
-
-    def flush() -> None:
-        if not pending:
-            return
-        dense = batch_features(backend, [item[0] for item in pending])
-        for (_, soft, chosen), grid_feats in zip(pending, dense):
-            # cast per image so an fp16 bank never holds all its features in float32 at once
-            feats.append(_normalise(grid_feats.reshape(-1, grid_feats.shape[-1])[chosen]).astype(dtype))
-            labels.append(soft[chosen])
-        pending.clear()
-
-    count = 0
-    bar = tqdm(iter_pairs(support), total=support.length, desc="bank", unit="img", disable=not progress)
-    for index, image_like, mask_like in bar:
-        name = f"support item {index} ({describe(image_like)})"
-        prepared = prepare_image(image_like, image_size, patch)
-        mask = load_mask(mask_like)
-        if mask.shape != prepared.original_size:
-            raise SupportSetError(
-                f"{name}: mask is {mask.shape[0]}x{mask.shape[1]} but the image is "
-                f"{prepared.original_size[0]}x{prepared.original_size[1]}"
-            )
-        soft, keep = patch_soft_labels(resize_mask(mask, prepared.size), patch, num_classes, name)
-        labelled = np.flatnonzero(keep)
-        if budget is not None:
-            labelled = labelled[sample_rare_first(soft[labelled], budget, rng)]
-        if pending and pending[0][0].shape != prepared.array.shape:
-            flush()
-        pending.append((prepared.array, soft, labelled))
-        if len(pending) >= batch_size:
-            flush()
-        count += 1
-    flush()
-    return feats, labels, count
+    return bank_contract

@@ -6,6 +6,8 @@ Layout (format version `BANK_FORMAT_VERSION`)::
                            index spec, and {file: {sha256, bytes}} for every data file
     BANK/features.npy      (N, C) float16|float32, unit-norm rows
     BANK/soft_labels.npy   (N, K) same dtype, rows sum to 1
+    BANK/image_ids.npy     (N,) int64 support-image index of every row (delete by image, shard merge);
+                           optional, banks written before it load with ids unknown
     BANK/index.faiss       only for trained indexes (IVF/HNSW), via faiss.write_index
     BANK/novelty_*.npy     since version 2, only for banks with a fitted NECO subspace
                            (`novelty.NoveltyModel.save`; its manifest entry is "novelty")
@@ -13,9 +15,17 @@ Layout (format version `BANK_FORMAT_VERSION`)::
 Version 1 banks (no "novelty" entry) load unchanged; NECO then needs a refit.
 
 A flat index is not written: it is a float32 copy of features.npy, rebuilt in one memcpy,
-and storing it would triple the bytes of an fp16 bank. The folder is published with
-`neco.atomic.staged_directory`, so a crash never leaves a half-written bank under the final
-name. Arrays are read with `allow_pickle=False` after their checksums are verified.
+and storing it would triple the bytes of an fp16 bank.
+
+Writing never destroys what this project did not write: the destination must be absent, an
+empty folder, or a bank (a manifest whose `format` is ours); anything else is refused before a
+byte is written. The new bank is staged in a hidden sibling folder and swapped with the old one
+in a single `renameat2(RENAME_EXCHANGE)` on Linux, so at every instant the path holds a whole
+bank, old or new (elsewhere: `neco.atomic.publish_directory`, which renames the old one aside).
+
+Reading trusts nothing: format versions must be integers in 1..`BANK_FORMAT_VERSION`, checksums
+must match, arrays are read with `allow_pickle=False` and must be finite, and a faiss index that
+cannot be parsed (including one whose header asks for absurd allocations) is `BankCorruptError`.
 
 This module knows files, not `MemoryBank`: `bank.py` turns a bank into `BankFiles` and back,
 so the dependency runs one way (bank -> bank_io).
@@ -23,8 +33,13 @@ so the dependency runs one way (bank -> bank_io).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +47,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from neco.atomic import staged_directory
+from neco.atomic import fsync_path, fsync_tree, publish_directory
 from neco.contract import BANK_FORMAT_VERSION
 
 from .errors import BankCorruptError, BankError, BankVersionError
@@ -43,6 +58,7 @@ MANIFEST = "manifest.json"
 FEATURES = "features.npy"
 SOFT_LABELS = "soft_labels.npy"
 INDEX = "index.faiss"
+IMAGE_IDS = "image_ids.npy"
 
 
 @dataclass
@@ -56,6 +72,8 @@ class BankFiles:
     index: faiss.Index | None = None
     novelty: NoveltyModel | None = None
     """The fitted NECO subspace (`novelty.py` writes and reads its own .npy files)."""
+    image_ids: np.ndarray | None = None
+    """(N,) int64 support-image index of each row; None for banks written without it."""
 
 
 def sha256(path: Path) -> str:
@@ -66,29 +84,91 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_bank_folder(path: Path) -> bool:
+    """True when `path/manifest.json` declares this project's bank format (content not checked)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+
+
+def check_writable(path: Path) -> None:
+    """Refuse a destination that holds anything this project did not write as a bank."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BankError(f"{str(path)!r} exists and is not a folder; refusing to overwrite it")
+    if path.is_dir() and any(path.iterdir()) and not is_bank_folder(path):
+        raise BankError(
+            f"{str(path)!r} is not empty and is not a {FORMAT_NAME} folder (no manifest.json of that format); "
+            "refusing to overwrite it: choose an empty or new folder"
+        )
+
+
 def write_bank(path: Path, files: BankFiles) -> Path:
-    """Write `files` to folder `path` atomically; an existing bank there is replaced."""
-    if path.exists() and not (path / MANIFEST).is_file() and any(path.iterdir()):
-        raise BankError(f"{str(path)!r} exists and is not a memory bank; refusing to overwrite it")
-    with staged_directory(path, replace=True) as tmp:
-        np.save(tmp / FEATURES, np.ascontiguousarray(files.features), allow_pickle=False)
-        np.save(tmp / SOFT_LABELS, np.ascontiguousarray(files.soft_labels), allow_pickle=False)
-        names = [FEATURES, SOFT_LABELS]
-        if files.index is not None:
-            faiss.write_index(files.index, str(tmp / INDEX))
-            names.append(INDEX)
-        novelty = files.novelty.save(tmp) if files.novelty is not None else None
-        if novelty is not None:
-            names += list(novelty["files"].values())
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": BANK_FORMAT_VERSION,
-            **files.manifest,
-            "novelty": novelty,
-            "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    """Write `files` to folder `path` atomically; only an existing bank there is replaced."""
+    path = Path(path)
+    check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    try:
+        _write_files(staging, files)
+        fsync_tree(staging)
+        check_writable(path)  # again: the folder may have changed while the arrays were written
+        _publish(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the old bank after an exchange, or a failed stage
     return path
+
+
+def _write_files(folder: Path, files: BankFiles) -> None:
+    np.save(folder / FEATURES, np.ascontiguousarray(files.features), allow_pickle=False)
+    np.save(folder / SOFT_LABELS, np.ascontiguousarray(files.soft_labels), allow_pickle=False)
+    names = [FEATURES, SOFT_LABELS]
+    if files.image_ids is not None:
+        np.save(folder / IMAGE_IDS, np.ascontiguousarray(files.image_ids, dtype=np.int64), allow_pickle=False)
+        names.append(IMAGE_IDS)
+    if files.index is not None:
+        faiss.write_index(files.index, str(folder / INDEX))
+        names.append(INDEX)
+    novelty = files.novelty.save(folder) if files.novelty is not None else None
+    if novelty is not None:
+        names += list(novelty["files"].values())
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": BANK_FORMAT_VERSION,
+        **files.manifest,
+        "novelty": novelty,
+        "files": {name: {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in names},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the OS or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # libc older than glibc 2.28
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: no exchange on this file system
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Make `staging` the bank at `target`; afterwards `staging` holds the old bank (if any)."""
+    if target.exists() and _exchange(staging, target):
+        fsync_path(target.parent)
+        return
+    publish_directory(staging, target, replace=True)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -105,8 +185,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BankCorruptError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise BankCorruptError(f"{manifest_path} lacks an integer format_version")
+    if type(version) is not int:  # bool is an int subclass: `true` is not a version
+        raise BankCorruptError(f"{manifest_path} lacks an integer format_version (got {version!r})")
+    if version < 1:
+        raise BankVersionError(f"{str(path)!r} declares bank format version {version}; versions start at 1")
     if version > BANK_FORMAT_VERSION:
         raise BankVersionError(
             f"{str(path)!r} has bank format version {version}; this client reads up to "
@@ -127,13 +209,42 @@ def _check_file(path: Path, name: str, entry: Any, verify: bool) -> Path:
 def _load_array(path: Path, name: str, entry: Any, verify: bool) -> np.ndarray:
     file = _check_file(path, name, entry, verify)
     try:
-        return np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BankCorruptError(f"{file} is not a readable .npy array: {exc}") from None
+        array = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError, MemoryError) as exc:
+        raise BankCorruptError(f"{file} is not a readable .npy array: {exc!r}") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BankCorruptError(f"{file} holds NaN or infinite values; the bank is corrupt")
+    return array
 
 
-def read_bank(path: Path, verify: bool = True) -> BankFiles:
-    """Read the files of a bank written by `write_bank` (checksums verified unless told not to)."""
+def read_bank(path: Path, verify: bool = True, attempts: int = 3) -> BankFiles:
+    """Read the files of a bank written by `write_bank` (checksums verified unless told not to).
+
+    A writer may swap in a new bank while this reads file by file; then the folder's inode
+    changes, and the read (whose files may mix both banks) is retried on the new bank.
+    """
+    for _ in range(attempts - 1):
+        before = _inode(path)
+        try:
+            files = _read_once(path, verify)
+        except BankCorruptError:
+            if _inode(path) != before:
+                continue
+            raise
+        if _inode(path) == before:
+            return files
+    return _read_once(path, verify)
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _read_once(path: Path, verify: bool) -> BankFiles:
     manifest = read_manifest(path)
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -145,8 +256,9 @@ def read_bank(path: Path, verify: bool = True) -> BankFiles:
         index_file = _check_file(path, INDEX, files.get(INDEX), verify)
         try:
             index = faiss.read_index(str(index_file))
-        except RuntimeError as exc:
+        except (RuntimeError, MemoryError, ValueError, OverflowError) as exc:  # crafted headers: MemoryError
             raise BankCorruptError(f"{path / INDEX} is not a readable faiss index: {exc}") from None
+    image_ids = _load_array(path, IMAGE_IDS, files.get(IMAGE_IDS), verify) if IMAGE_IDS in files else None
     novelty = None
     if manifest.get("novelty") is not None:
 
@@ -156,4 +268,4 @@ def read_bank(path: Path, verify: bool = True) -> BankFiles:
         width = features.shape[1] if features.ndim == 2 else -1
         novelty = NoveltyModel.from_manifest(manifest["novelty"], read, width, str(path / MANIFEST))
     fields = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "novelty")}
-    return BankFiles(fields, features, soft, index, novelty)
+    return BankFiles(fields, features, soft, index, novelty, image_ids)

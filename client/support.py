@@ -4,6 +4,11 @@ A support set is any of: a sequence of (image, mask) pairs, a folder holding `im
 `masks/` (matched by file stem, optional `classes.json` in the folder or its parent, which is
 the layout `neco.scenes.write_scene_dataset` writes), or any iterable/dataset yielding
 (image, mask) pairs (an optional `class_names` attribute is honoured).
+
+Sharding: `shard=(i, n)` keeps the items whose index is i modulo n (interleaved, so shards of a
+sorted folder get similar content and sizes). Items keep their index in the whole set, which
+seeds their patch sampling and becomes the bank's image id, so n shard banks merged by
+`bank.merge_banks` equal the bank one process builds from the whole set.
 """
 
 from __future__ import annotations
@@ -28,32 +33,63 @@ class SupportSet:
 
     items: Iterable[tuple[ImageLike, ImageLike]]
     length: int | None
+    """Items in the whole set (all shards): per-image budgets are shares of it."""
     class_names: list[str] | None
     source: str
+    shard: tuple[int, int] = (0, 1)
+    """(i, n): this view yields the items with index % n == i."""
 
 
-def open_support(support: Any, class_names: Sequence[str] | None = None) -> SupportSet:
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"i/n"` (0 <= i < n) as a tuple, with a clear error otherwise."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise SupportSetError(f"a shard is written i/n (e.g. 0/3), got {text!r}") from None
+    return check_shard((index, count))
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise SupportSetError(f"shard {index}/{count} is invalid: need 0 <= i < n")
+    return index, count
+
+
+def open_support(support: Any, class_names: Sequence[str] | None = None, shard: tuple[int, int] = (0, 1)) -> SupportSet:
     """Normalise any accepted support-set form; explicit `class_names` win over discovered ones."""
     names = list(class_names) if class_names is not None else None
+    shard = check_shard(shard)
     if isinstance(support, (str, Path)):
         folder = Path(support)
         if not folder.is_dir():
             raise SupportSetError(f"support folder {str(folder)!r} does not exist")
         pairs = image_mask_pairs(folder, SupportSetError)
         found = names or find_class_names([folder, folder.parent], SupportSetError)
-        return SupportSet(pairs, len(pairs), found, f"folder {str(folder)!r}")
+        return SupportSet(pairs, len(pairs), found, f"folder {str(folder)!r}", shard)
     if not isinstance(support, Iterable):
         raise SupportSetError(f"a support set must be (image, mask) pairs or a folder, not {type(support).__name__}")
     if names is None:
         found = getattr(support, "class_names", None)
         names = list(found) if found is not None else None
     length = len(support) if hasattr(support, "__len__") else None
-    return SupportSet(support, length, names, type(support).__name__)
+    return SupportSet(support, length, names, type(support).__name__, shard)
+
+
+def shard_length(support: SupportSet) -> int | None:
+    """How many items this shard yields (None when the whole set's length is unknown)."""
+    if support.length is None:
+        return None
+    index, count = support.shard
+    return len(range(index, support.length, count))
 
 
 def iter_pairs(support: SupportSet) -> Iterator[tuple[int, ImageLike, ImageLike]]:
-    """Yield (index, image, mask), failing clearly on items that are not pairs."""
+    """Yield (index in the whole set, image, mask) of this shard, failing clearly on non-pairs."""
+    shard, shards = support.shard
     for index, item in enumerate(support.items):
+        if index % shards != shard:
+            continue
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise SupportSetError(f"support item {index} of {support.source} is not an (image, mask) pair")
         yield index, item[0], item[1]

@@ -195,7 +195,7 @@ def test_failed_save_leaves_the_old_bank_intact(saved_bank: Path, colour_backend
         bigger.save(saved_bank)
     assert (saved_bank / FEATURES).read_bytes() == before
     assert sorted(p.name for p in saved_bank.parent.iterdir()) == ["bank"]  # temp folder removed
-    with pytest.raises(BankError, match="not a memory bank"):
+    with pytest.raises(BankError, match="refusing to overwrite"):
         other = saved_bank.parent / "other"
         other.mkdir()
         (other / "precious.txt").write_text("x")
