@@ -28,6 +28,7 @@ from .errors import (
     ClientError,
     EndpointError,
     InferenceError,
+    ModelNotReadyError,
     ServerOverloadedError,
     ServerUnavailableError,
 )
@@ -124,6 +125,9 @@ def translate(exc: BaseException, url: str, protocol: str, what: str) -> ClientE
             return ServerOverloadedError(f"{what} on {url!r} ({protocol}): server busy: {message}")
         if "UNAVAILABLE" in status or status == "503":
             return ServerUnavailableError(url, f"{what}: {message}")
+        if what == "inference" and ("no available versions" in message or "unknown model" in message.lower()):
+            # the contract was read from this server, so its model was unloaded since: a replica stopping
+            return ModelNotReadyError(f"{what} on {url!r} ({protocol}): the model was unloaded: {message}")
         if "DEADLINE_EXCEEDED" in status:
             return InferenceError(f"{what} on {url!r} ({protocol}): no answer before the deadline ({message})")
         return InferenceError(f"{what} on {url!r} ({protocol}) failed: {message}")

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from neco.client import (
     EndpointError,
     InferenceError,
+    ModelNotReadyError,
     NecoClient,
     RetryPolicy,
     ServerOverloadedError,
@@ -92,6 +93,11 @@ def test_urls_lists_and_dns_names() -> None:
         (InferenceServerException("too many", status="StatusCode.RESOURCE_EXHAUSTED"), ServerOverloadedError, True),
         (InferenceServerException("bad shape", status="400"), InferenceError, False),
         (InferenceServerException("late", status="StatusCode.DEADLINE_EXCEEDED"), InferenceError, False),
+        (
+            InferenceServerException("Request for unknown model: 'm' has no available versions"),
+            ModelNotReadyError,
+            True,
+        ),
         (KeyError("x"), InferenceError, False),
     ],
 )
@@ -324,28 +330,28 @@ def test_requests_are_spread_over_the_servers(protocol, triton_server, replica, 
 
 @pytest.mark.slow
 def test_server_stopped_mid_request_and_restarted(replica, image_and_features) -> None:
-    """Without retries the caller gets a typed error; with retries the request waits for the restart."""
+    """Without retries the caller gets a typed error; with retries the request waits for the restart.
+
+    PyTriton starts only from the main thread, so the stop runs in a thread and the restart here.
+    """
     replica.running()
     image, expected = image_and_features
     patient = RetryPolicy(attempts=1000, initial_backoff_s=0.1, max_backoff_s=0.5)
     once = NecoClient(replica.http_url, protocol="http", size=SIZE, retry=RetryPolicy.off())
-    retrying = NecoClient(replica.http_url, protocol="http", size=SIZE, retry=patient, timeout_s=120)
-    stopped, restart = threading.Event(), threading.Event()
-
-    def stop_then_restart() -> None:
-        replica.stop()
-        stopped.set()
-        restart.wait(60)
-        replica.running()
-
-    threading.Thread(target=stop_then_restart, daemon=True).start()
+    retrying = NecoClient(replica.grpc_url, size=SIZE, retry=patient, timeout_s=120)
+    stopper = threading.Thread(target=replica.stop)
+    stopper.start()
     with pytest.raises(ServerUnavailableError) as caught:
         while True:  # requests in flight while the server stops
             once.features(image)
     assert "gave up" not in str(caught.value) and replica.http_url in str(caught.value)
-    assert stopped.wait(60)
-    restart.set()  # the retrying request below starts while the server is down
-    np.testing.assert_allclose(retrying.features(image).features, expected, atol=1e-4)
+    stopper.join(60)
+    with futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(retrying.features, image)  # starts while the server is down
+        time.sleep(0.5)
+        assert not answer.done()
+        replica.running()
+        np.testing.assert_allclose(answer.result(timeout=120).features, expected, atol=1e-4)
     once.close()
     retrying.close()
 
