@@ -13,6 +13,7 @@ from .errors import (
     BankVersionError,
     ClientError,
     ContractError,
+    EndpointError,
     ImageError,
     InferenceError,
     ModelNotFoundError,
@@ -20,6 +21,7 @@ from .errors import (
     NoveltyError,
     NoveltyNotCalibratedError,
     NoveltyNotFittedError,
+    ServerOverloadedError,
     ServerUnavailableError,
     SupportSetError,
 )
@@ -39,6 +41,7 @@ from .retrieval import (
     transfer_labels,
     upsample_bilinear,
 )
+from .transport import RetryPolicy
 from .triton import DenseFeatures, NecoClient
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "ClientError",
     "ContractError",
     "DenseFeatures",
+    "EndpointError",
     "FeatureBackend",
     "ImageError",
     "ImageLike",
@@ -66,7 +70,9 @@ __all__ = [
     "NoveltyResult",
     "NoveltySpec",
     "PreparedImage",
+    "RetryPolicy",
     "SegmentationResult",
+    "ServerOverloadedError",
     "ServerUnavailableError",
     "SizeSpec",
     "SupportSetError",

@@ -51,18 +51,33 @@ def _server_options(
     parser: argparse.ArgumentParser, size_help: str = f"shorter side N, or exact HxW (default {DEFAULT_IMAGE_SIZE})"
 ) -> None:
     group = parser.add_argument_group("server")
-    group.add_argument("--url", default=None, help="host:port (default localhost:8001 for grpc, 8000 for http)")
+    group.add_argument(
+        "--url",
+        default=None,
+        help="host:port, a comma-separated list (round-robin with failover), or dns:///NAME:PORT for every "
+        "address of NAME (default localhost:8001 for grpc, 8000 for http)",
+    )
     group.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     group.add_argument("--model", default=DEFAULT_MODEL_NAME, help="Triton model name")
     group.add_argument("--size", type=_size, default=None, help=size_help)
-    group.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included")
+    group.add_argument(
+        "--retries", type=int, default=3, help="retries of a failed request on a retryable error (0: off)"
+    )
+    group.add_argument("--retry-backoff", type=float, default=0.1, help="first wait between retries, doubled up to 2 s")
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from .transport import RetryPolicy
     from .triton import NecoClient
 
     size = args.size if args.size is not None else DEFAULT_IMAGE_SIZE
-    return NecoClient(args.url, protocol=args.protocol, model=args.model, size=size, timeout_s=args.timeout)
+    retry = RetryPolicy(
+        attempts=args.retries + 1, initial_backoff_s=args.retry_backoff, max_backoff_s=max(2.0, args.retry_backoff)
+    )
+    return NecoClient(
+        args.url, protocol=args.protocol, model=args.model, size=size, timeout_s=args.timeout, retry=retry
+    )
 
 
 def _features(args: argparse.Namespace) -> int:

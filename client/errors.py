@@ -16,6 +16,8 @@ class ClientError(NecoError):
     """Base class of every error raised by `neco.client`; the CLI exits 2 for all of them."""
 
     exit_code = EXIT_USAGE
+    retryable: bool = False
+    """True when the same request may succeed later or on another server (`RetryPolicy` retries it)."""
 
 
 class ImageError(ClientError, ValueError):
@@ -23,12 +25,21 @@ class ImageError(ClientError, ValueError):
 
 
 class ServerUnavailableError(ClientError, RuntimeError):
-    """The Triton server at the given URL cannot be reached or is not live."""
+    """The Triton server at the given URL cannot be reached, dropped the connection, or is not live.
 
-    def __init__(self, url: str, detail: str = "") -> None:
+    Retryable unless the server answered in a way a retry cannot change (another protocol).
+    """
+
+    def __init__(self, url: str, detail: str = "", retryable: bool = True) -> None:
         self.url = url
+        self.detail = detail
+        self.retryable = retryable
         suffix = f": {detail}" if detail else ""
         super().__init__(f"Triton server at {url!r} is not reachable{suffix}")
+
+
+class EndpointError(ClientError, ValueError):
+    """A server URL is malformed (a scheme such as 'http://', no port, an empty list)."""
 
 
 class ModelNotFoundError(ClientError, RuntimeError):
@@ -38,9 +49,17 @@ class ModelNotFoundError(ClientError, RuntimeError):
 class ModelNotReadyError(ClientError, RuntimeError):
     """The server knows the model but it is not (yet) ready to serve requests."""
 
+    retryable = True
+
 
 class InferenceError(ClientError, RuntimeError):
     """The server rejected or failed an inference request."""
+
+
+class ServerOverloadedError(InferenceError):
+    """The server refused a request because it is busy (queue full, resource exhausted); retryable."""
+
+    retryable = True
 
 
 class ContractError(ClientError, ValueError):

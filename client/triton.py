@@ -7,12 +7,14 @@ needs no local model files and refuses models it does not understand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
+import tritonclient.http as tritonclient_http
 from google.protobuf import json_format
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
@@ -23,6 +25,7 @@ from neco.triton_config import config_problems, contract_from_config
 
 from .bank import MemoryBank
 from .errors import (
+    ClientError,
     ContractError,
     ImageError,
     InferenceError,
@@ -32,10 +35,14 @@ from .errors import (
 )
 from .images import ImageLike, PreparedImage, SizeSpec, prepare_image
 from .retrieval import NoveltyResult, SegmentationResult, is_saved_bank, novelty, segment
+from .transport import Endpoints, RetryPolicy, call_with_retries, parse_urls, translate
 
 Protocol = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_SIZE = DEFAULT_INPUT_SIZE
+T = TypeVar("T")
+ServerCall = Callable[[Any, str, dict[str, float]], T]
+"""`call(server, url, timeout_kwargs)`: one request to one tritonclient client."""
 
 
 @dataclass(frozen=True)
@@ -59,110 +66,155 @@ class DenseFeatures:
 
 
 class NecoClient:
-    """A `FeatureBackend` over Triton: `features`, `segment`, and the served `contract`."""
+    """A `FeatureBackend` over Triton: `features`, `segment`, and the served `contract`.
+
+    `url` is one `host:port`, a list of them (or a comma-separated string), or a
+    `dns:///name:port` that resolves to several servers: requests go round-robin over
+    them, with failover and retries by `retry` (see `neco.client.transport`), each call
+    bounded by `timeout_s`. All servers must serve the same exported model.
+    """
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         protocol: Protocol = "grpc",
         model: str = DEFAULT_MODEL_NAME,
         size: SizeSpec = DEFAULT_SIZE,
         batch_size: int = 8,
         timeout_s: float = 60.0,
         limits: InputLimits | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.url = url or DEFAULT_URLS[protocol]
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.protocol: Protocol = protocol
+        self.urls = parse_urls(url if url is not None else DEFAULT_URLS[protocol])
+        self.url = self.urls[0]
+        """The first server: the one single-server callers gave."""
         self.model = model
         self.size = size
         self.timeout_s = timeout_s
         self.limits = limits or InputLimits()
-        self._client = self._connect()
-        config = self._model_config()
+        self.retry = retry if retry is not None else RetryPolicy()
+        self._endpoints = Endpoints(self.urls, cooldown_s=max(self.retry.max_backoff_s, 0.5))
+        self._servers: dict[str, Any] = {}
+        try:
+            for server_url in self.urls:
+                self._servers[server_url] = self._connect(server_url)
+            config = self._discover()
+        except BaseException:
+            self.close()
+            raise
         self.contract: ModelContract = self._read_contract(config)
         self.batch_size = min(batch_size, config.max_batch_size) if config.max_batch_size > 0 else batch_size
 
     # --- connection and discovery ---------------------------------------------------------
-    def _connect(self) -> Any:
+    def _connect(self, url: str) -> Any:
+        """A tritonclient client for one server; it connects lazily, on the first request."""
+        if self.protocol == "grpc":
+            import tritonclient.grpc as triton
+
+            return triton.InferenceServerClient(url, channel_args=_grpc_channel_args(self.retry))
+        return _HttpClient(url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+
+    def _attempt(self, what: str, call: ServerCall[T], url: str, seconds_left: float) -> T:
+        """One try of `call(server, url, timeout_kwargs)` on one server; any failure becomes a typed error."""
         try:
             if self.protocol == "grpc":
-                import tritonclient.grpc as triton
+                return call(self._servers[url], url, {"client_timeout": seconds_left})
+            import gevent
 
-                client = triton.InferenceServerClient(self.url)
-                live = client.is_server_live(client_timeout=self.timeout_s)
-            else:
-                import tritonclient.http as triton
+            with gevent.Timeout(seconds_left, TimeoutError()):  # tritonclient.http has no per-call deadline
+                return call(self._servers[url], url, {})
+        except ClientError:
+            raise
+        except Exception as exc:  # every transport library's failure (see transport.translate)
+            raise translate(exc, url, self.protocol, what) from None
 
-                client = triton.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+    def _request(self, what: str, call: ServerCall[T]) -> T:
+        """`call` on the next server in turn, failing over and retrying by `self.retry` within `timeout_s`."""
+        return call_with_retries(
+            lambda url, seconds_left: self._attempt(what, call, url, seconds_left),
+            self._endpoints,
+            self.retry,
+            self.timeout_s,
+        )
+
+    def _discover(self) -> mc.ModelConfig:
+        """The model config of the first server that answers; every other reachable one must agree."""
+        answered: list[str] = []
+
+        def config_of(server: Any, url: str, timeout: dict[str, float]) -> mc.ModelConfig:
+            config = self._model_config(server, url, timeout)
+            answered.append(url)
+            return config
+
+        config = self._request("discovery", config_of)
+        contract = self._read_contract(config, answered[0])
+        for url in self.urls:
+            if url == answered[0]:
+                continue
+            try:
+                other = self._attempt("discovery", self._model_config, url, self.timeout_s)
+            except ServerUnavailableError:
+                self._endpoints.failed(url)  # down now: tried again after its cooldown
+                continue
+            if self._read_contract(other, url) != contract:
+                raise ContractError(
+                    f"model {self.model!r} differs between {answered[0]!r} and {url!r}: "
+                    "every server must serve the same exported model"
                 )
-                live = client.is_server_live()
-        except (InferenceServerException, OSError) as exc:  # gRPC status / HTTP socket errors
-            raise ServerUnavailableError(self.url, f"{self.protocol}: {exc}") from None
-        if not live:
-            raise ServerUnavailableError(self.url, "the server reports it is not live")
-        return client
+        return config
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one server call; a lost connection and a refused request get different errors."""
-        try:
-            return fn(*args, **kwargs)
-        except InferenceServerException as exc:
-            if "UNAVAILABLE" in str(exc.status()):
-                raise ServerUnavailableError(self.url, f"{what}: {exc.message()}") from None
-            raise InferenceError(f"{what} on {self.url!r} ({self.protocol}) failed: {exc.message()}") from None
-        except OSError as exc:
-            raise ServerUnavailableError(self.url, f"{what}: {exc}") from None
-
-    def _served_models(self) -> str:
+    def _served_models(self, server: Any) -> str:
         """Names in the repository index, for error messages; servers may restrict the endpoint."""
         try:
             if self.protocol == "grpc":
-                entries = self._client.get_model_repository_index(as_json=True).get("models", [])
+                entries = server.get_model_repository_index(as_json=True).get("models", [])
             else:
-                entries = self._client.get_model_repository_index()
-        except (InferenceServerException, OSError):  # PyTriton protects this endpoint with a token
+                entries = server.get_model_repository_index()
+        except Exception:  # PyTriton protects this endpoint with a token; the list is only a hint
             return ""
         return f"; it serves {sorted(entry.get('name', '') for entry in entries)}"
 
-    def _model_config(self) -> mc.ModelConfig:
-        timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+    def _model_config(self, server: Any, url: str, timeout: dict[str, float]) -> mc.ModelConfig:
+        """Liveness, model readiness (with the server's reason when not ready) and the model config."""
+        if not server.is_server_live(**timeout):
+            raise ServerUnavailableError(url, "the server reports it is not live")
         try:
-            ready = self._client.is_model_ready(self.model, **timeout)
+            ready = server.is_model_ready(self.model, **timeout)
         except InferenceServerException as exc:
             if "UNAVAILABLE" in str(exc.status()):
-                raise ServerUnavailableError(self.url, f"readiness check: {exc.message()}") from None
+                raise
             ready = False
-        except OSError as exc:
-            raise ServerUnavailableError(self.url, f"readiness check: {exc}") from None
         if not ready:
             try:  # Triton answers metadata requests for loaded models only; its error says why
-                self._client.get_model_metadata(self.model, **timeout)
+                server.get_model_metadata(self.model, **timeout)
                 reason = "reports it is not ready"
             except InferenceServerException as exc:
                 reason = exc.message() or str(exc)
             if "unknown model" in reason.lower() or "not found" in reason.lower():
                 raise ModelNotFoundError(
-                    f"model {self.model!r} is not on the server at {self.url!r}{self._served_models()} ({reason})"
+                    f"model {self.model!r} is not on the server at {url!r}{self._served_models(server)} ({reason})"
                 )
-            raise ModelNotReadyError(f"model {self.model!r} on {self.url!r} is not ready ({reason})")
+            raise ModelNotReadyError(f"model {self.model!r} on {url!r} is not ready ({reason})")
         if self.protocol == "grpc":
-            return self._call("get_model_config", self._client.get_model_config, self.model, **timeout).config
-        as_json = self._call("get_model_config", self._client.get_model_config, self.model)
-        return json_format.ParseDict(as_json, mc.ModelConfig(), ignore_unknown_fields=True)
+            return server.get_model_config(self.model, **timeout).config
+        return json_format.ParseDict(server.get_model_config(self.model), mc.ModelConfig(), ignore_unknown_fields=True)
 
-    def _read_contract(self, config: mc.ModelConfig) -> ModelContract:
+    def _read_contract(self, config: mc.ModelConfig, url: str | None = None) -> ModelContract:
+        url = url or self.url
         try:
             contract = contract_from_config(config)
         except ValueError as exc:
-            raise ContractError(f"model {self.model!r} on {self.url!r}: contract not understood: {exc}") from None
+            raise ContractError(f"model {self.model!r} on {url!r}: contract not understood: {exc}") from None
         problems = config_problems(config, required=(INPUT_IMAGES, OUTPUT_FEATURES))
         if problems:
-            raise ContractError(f"model {self.model!r} on {self.url!r}: " + "; ".join(problems))
+            raise ContractError(f"model {self.model!r} on {url!r}: " + "; ".join(problems))
         return contract
 
     # --- features -------------------------------------------------------------------------
@@ -178,8 +230,9 @@ class NecoClient:
         request = triton.InferInput(INPUT.name, list(batch.shape), INPUT.triton_dtype)
         request.set_data_from_numpy(batch)
         wanted = [triton.InferRequestedOutput(OUTPUT_FEATURES)]
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self._call("inference", self._client.infer, self.model, [request], outputs=wanted, **kwargs)
+        result = self._request(
+            "inference", lambda server, _url, timeout: server.infer(self.model, [request], outputs=wanted, **timeout)
+        )
         features = result.as_numpy(OUTPUT_FEATURES)
         if features is None:
             raise InferenceError(f"model {self.model!r} on {self.url!r} returned no {OUTPUT_FEATURES!r} output")
@@ -261,7 +314,8 @@ class NecoClient:
         return novelty(self, image, support, **options)
 
     def close(self) -> None:
-        self._client.close()
+        for server in self._servers.values():
+            server.close()
 
     def __enter__(self) -> NecoClient:
         return self
@@ -270,4 +324,31 @@ class NecoClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"NecoClient({self.url!r}, protocol={self.protocol!r}, model={self.model!r}, {self.contract.arch})"
+        urls = self.url if len(self.urls) == 1 else self.urls
+        return f"NecoClient({urls!r}, protocol={self.protocol!r}, model={self.model!r}, {self.contract.arch})"
+
+
+class _HttpClient(tritonclient_http.InferenceServerClient):
+    """tritonclient's HTTP client, minus its "Exception ignored in __del__" when `__init__` fails.
+
+    Its `__del__` calls `close()`, which reads `_closed`, set only at the end of `__init__`;
+    the class default makes a half-built client's `close()` a no-op.
+    """
+
+    _closed = True
+
+
+def _grpc_channel_args(retry: RetryPolicy) -> list[tuple[str, Any]]:
+    """tritonclient's default channel options, with reconnection no slower than `retry`'s backoff.
+
+    gRPC's own reconnect backoff grows to 120 s, so a restarted server would stay unused for
+    minutes while the channel waits; capping it lets retries reach the server again.
+    """
+    longest_ms = max(int(retry.max_backoff_s * 1000), 100)
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.initial_reconnect_backoff_ms", min(max(int(retry.initial_backoff_s * 1000), 100), longest_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(max(int(retry.initial_backoff_s * 1000), 100), longest_ms)),
+        ("grpc.max_reconnect_backoff_ms", longest_ms),
+    ]

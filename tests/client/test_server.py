@@ -187,6 +187,9 @@ def test_known_but_unready_model_is_reported() -> None:
     from neco.client import ModelNotReadyError
 
     class LoadingServer:
+        def is_server_live(self, **_):
+            return True
+
         def is_model_ready(self, model, **_):
             return False
 
@@ -194,7 +197,6 @@ def test_known_but_unready_model_is_reported() -> None:
             raise InferenceServerException(f"Request for model '{model}' failed: model is loading")
 
     client = NecoClient.__new__(NecoClient)
-    client.url, client.protocol, client.model, client.timeout_s = "host:1", "http", "m", 1.0
-    client._client = LoadingServer()
+    client.protocol, client.model = "http", "m"
     with pytest.raises(ModelNotReadyError, match="model 'm' on 'host:1' is not ready .*loading"):
-        client._model_config()
+        client._model_config(LoadingServer(), "host:1", {})
