@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor
 
 from neco.contract import ARCHS, ARTEFACT_WEIGHTS, TRAINING_CHECKPOINT_KIND, ModelContract, arch_spec
-from neco.model.artefact import config_hash, read_artefact_contract
+from neco.model.artefact import config_hash, read_artefact_contract, verify_artefact_weights, verify_checksum
 from neco.model.errors import ArchitectureMismatchError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ def load_backbone(source: str | Path, arch: str | None = None) -> tuple[VisionTr
         path = path.parent
     if path.is_dir():
         contract = read_artefact_contract(path)
+        verify_artefact_weights(path)
         _check_arch(arch, contract.arch, str(path))
         model = create_backbone(contract.arch)
         load_state_into(model, load_file(str(path / ARTEFACT_WEIGHTS)), str(path))
@@ -214,6 +215,7 @@ def _check_arch(requested: str | None, found: str, source: str) -> None:
 
 def _load_file(path: Path, arch: str | None) -> tuple[VisionTransformer, ModelContract]:
     """Training checkpoint, Lightning .ckpt or plain (.pth) state dict, told apart by content."""
+    verify_checksum(path, required=False)  # training checkpoints carry a .sha256 sidecar
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors carry many types; all mean "not loadable safely"

@@ -26,7 +26,13 @@ from tqdm import tqdm
 from neco.contract import ModelContract
 from neco.errors import run_reporting_errors
 from neco.model import resolve_device, save_artefact
-from neco.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from neco.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_latest_valid,
+    remove_stale_files,
+    save_checkpoint,
+)
 from neco.training.config import TrainConfig, load_train_config
 from neco.training.data import ImageFolderSource, NeCoDataset, ResumableBatchSampler, SceneSource, make_loader
 from neco.training.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
@@ -53,12 +59,15 @@ def build_dataset(cfg: TrainConfig) -> NeCoDataset:
 
 
 def _resume_state(cfg: TrainConfig, resume: bool | str | Path) -> dict | None:
+    """The state to resume from: the newest valid checkpoint (corrupt newer ones are skipped
+    with a warning) or exactly the file given."""
     if resume is False:
         return None
-    path = latest_checkpoint(cfg.output_dir / CHECKPOINT_DIR) if resume is True else Path(resume)
-    if path is None:
-        raise CheckpointError(f"--resume: no checkpoint under {cfg.output_dir / CHECKPOINT_DIR}")
-    state = load_checkpoint(path)
+    if resume is True:
+        path, state = load_latest_valid(cfg.output_dir / CHECKPOINT_DIR)
+    else:
+        path = Path(resume)
+        state = load_checkpoint(path)
     if state["config"]["model"] != cfg.to_dict()["model"]:
         raise CheckpointError(f"{path} was trained with a different model section; refusing to resume")
     log.info("resuming from %s (step %d)", path, state["trained_step"])
@@ -86,6 +95,8 @@ def train(cfg: TrainConfig, resume: bool | str | Path = False, stop_at: int | No
 def _train(
     cfg: TrainConfig, resume: bool | str | Path, device: torch.device, dist_info: DistInfo, stop_at: int | None
 ) -> Path:
+    if dist_info.is_main:
+        remove_stale_files(cfg.output_dir / CHECKPOINT_DIR)  # temporaries of writes a crash interrupted
     state = _resume_state(cfg, resume)
     dataset = build_dataset(cfg)
     total = cfg.total_steps(len(dataset), dist_info.world_size)
