@@ -1,7 +1,8 @@
 """Client sub-commands of `neco` (also `python -m neco.client`); torch-free.
 
     neco features IMG --out f.npy [--pca pca.png]
-    neco bank build SUPPORT --out BANK [--memory-size N] [--fp16] [--index flat|ivf|hnsw]
+    neco bank build SUPPORT --out BANK [--memory-size N] [--fp16] [--index flat|ivf|hnsw] [--shard i/n]
+    neco bank merge OUT SHARD_BANK...
     neco bank append BANK SUPPORT
     neco bank info BANK
     neco bank novelty BANK [--dim D | --variance V] [--calibrate HELD_OUT_DIR]
@@ -109,8 +110,12 @@ def _class_names(path: Path | None) -> list[str] | None:
 
 def _bank_build(args: argparse.Namespace) -> int:
     from .bank import IndexSpec, MemoryBank
+    from .bank_io import check_writable
+    from .support import parse_shard
 
     index = IndexSpec(kind=args.index)
+    shard = parse_shard(args.shard)
+    check_writable(args.out)  # fail before minutes of feature extraction, not after
     with _client(args) as client:
         bank = MemoryBank.build(
             client,
@@ -123,9 +128,22 @@ def _bank_build(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             progress=True,
+            num_classes=args.num_classes,
+            shard=shard,
         )
     bank.save(args.out)
-    print(f"{bank!r} -> {args.out}")
+    print(f"{bank!r} -> {args.out}" + (f" (shard {args.shard})" if args.shard != "0/1" else ""))
+    return 0
+
+
+def _bank_merge(args: argparse.Namespace) -> int:
+    from .bank import MemoryBank
+    from .bank_io import check_writable
+
+    check_writable(args.out)
+    bank = MemoryBank.merge([MemoryBank.load(path) for path in args.shards])
+    bank.save(args.out)
+    print(f"{bank!r} <- {len(args.shards)} shards -> {args.out}")
     return 0
 
 
@@ -249,6 +267,8 @@ def register(subparsers: Any) -> None:
     build.add_argument("--classes", type=Path, default=None, help="JSON list of class names")
     build.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
     build.add_argument("--fp16", action="store_true", help="store features and labels as float16")
+    build.add_argument("--shard", default="0/1", help="build only shard i/n (images i, i+n, ...); join with merge")
+    build.add_argument("--num-classes", type=int, default=None, help="K without a class list (labels >= K fail)")
     for sub in (build, actions.add_parser("append", help="add a support folder's patches to a saved bank")):
         sub.add_argument("--memory-size", type=int, default=None, help="patch budget (rare classes favoured)")
         sub.add_argument("--batch-size", type=int, default=8)
@@ -259,6 +279,10 @@ def register(subparsers: Any) -> None:
     append.add_argument("bank", type=Path, help="saved bank folder")
     append.add_argument("support", type=Path, help="folder with images/ and masks/")
     append.set_defaults(handler=_bank_append)
+    merge = actions.add_parser("merge", help="join banks built with --shard i/n into one (no server)")
+    merge.add_argument("out", type=Path, help="bank folder to write")
+    merge.add_argument("shards", type=Path, nargs="+", help="shard bank folders")
+    merge.set_defaults(handler=_bank_merge)
     info = actions.add_parser("info", help="print a saved bank's manifest summary (no server)")
     info.add_argument("bank", type=Path)
     info.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
