@@ -20,8 +20,8 @@ and storing it would triple the bytes of an fp16 bank.
 Writing never destroys what this project did not write: the destination must be absent, an
 empty folder, or a bank (a manifest whose `format` is ours); anything else is refused before a
 byte is written. The new bank is staged in a hidden sibling folder and swapped with the old one
-in a single `renameat2(RENAME_EXCHANGE)` on Linux, so at every instant the path holds a whole
-bank, old or new (elsewhere: `neco.atomic.publish_directory`, which renames the old one aside).
+in a single `renameat2(RENAME_EXCHANGE)` on Linux (`neco.atomic.publish_directory`), so at every
+instant the path holds a whole bank, old or new (elsewhere the old one is renamed aside first).
 
 Reading trusts nothing: format versions must be integers in 1..`BANK_FORMAT_VERSION`, checksums
 must match, arrays are read with `allow_pickle=False` and must be finite, and a faiss index that
@@ -33,13 +33,8 @@ so the dependency runs one way (bank -> bank_io).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import os
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +42,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from neco.atomic import fsync_path, fsync_tree, publish_directory
+from neco.atomic import staged_directory
 from neco.contract import BANK_FORMAT_VERSION
 
 from .errors import BankCorruptError, BankError, BankVersionError
@@ -108,15 +103,9 @@ def write_bank(path: Path, files: BankFiles) -> Path:
     """Write `files` to folder `path` atomically; only an existing bank there is replaced."""
     path = Path(path)
     check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
-    try:
+    # checked again just before the swap: the folder may have changed while the arrays were written
+    with staged_directory(path, replace=True, before_publish=lambda: check_writable(path)) as staging:
         _write_files(staging, files)
-        fsync_tree(staging)
-        check_writable(path)  # again: the folder may have changed while the arrays were written
-        _publish(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # the old bank after an exchange, or a failed stage
     return path
 
 
@@ -141,34 +130,6 @@ def _write_files(folder: Path, files: BankFiles) -> None:
         "files": {name: {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in names},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the OS or file system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # libc older than glibc 2.28
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    errno = ctypes.get_errno()
-    if errno in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: no exchange on this file system
-        return False
-    raise OSError(errno, os.strerror(errno), str(b))
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Make `staging` the bank at `target`; afterwards `staging` holds the old bank (if any)."""
-    if target.exists() and _exchange(staging, target):
-        fsync_path(target.parent)
-        return
-    publish_directory(staging, target, replace=True)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

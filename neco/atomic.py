@@ -8,8 +8,10 @@ Used for checkpoints, training artefacts, Triton model directories and memory ba
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -69,13 +71,15 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 @contextmanager
-def staged_directory(target: Path, *, replace: bool) -> Iterator[Path]:
+def staged_directory(
+    target: Path, *, replace: bool, before_publish: Callable[[], object] | None = None
+) -> Iterator[Path]:
     """Yield an empty hidden staging folder; on success it becomes `target` atomically.
 
-    An existing `target` is only replaced with `replace=True`: it is renamed aside first and
-    deleted after the new folder is in place, so readers see either the old or the new folder,
-    never a mix or nothing for longer than one rename. On any error the staging folder is
-    removed and `target` is left as it was.
+    An existing `target` is only replaced with `replace=True` (see `publish_directory`), so
+    readers see either the old or the new folder, never a mix. `before_publish` runs after the
+    staged files are durable and just before the swap, to re-check a destination that may have
+    changed meanwhile. On any error the staging folder is removed and `target` is left as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,20 +87,51 @@ def staged_directory(target: Path, *, replace: bool) -> Iterator[Path]:
     try:
         yield staging
         fsync_tree(staging)
+        if before_publish is not None:
+            before_publish()
         publish_directory(staging, target, replace=replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the OS or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # libc older than glibc 2.28
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: no exchange on this file system
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
 def publish_directory(staging: Path, target: Path, *, replace: bool) -> None:
-    """Rename `staging` to `target`; an old `target` (only with `replace`) is moved aside, then deleted."""
+    """Rename `staging` to `target`; an old `target` is replaced only with `replace`.
+
+    The old folder is swapped out with one `renameat2(RENAME_EXCHANGE)` where Linux offers it, so
+    the path always holds a whole folder; elsewhere it is renamed aside first (a moment with no
+    folder, one rename long). Either way the old folder is deleted after the new one is in place.
+    """
     if not target.exists():
         os.replace(staging, target)
         fsync_path(target.parent)
         return
     if not replace:
         raise FileExistsError(f"{target} already exists")
+    if exchange_paths(staging, target):
+        fsync_path(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
+        return
     retired = temporary_sibling(target, "old")
     os.replace(target, retired)
     try:
