@@ -42,8 +42,12 @@ def _words(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
-# (flag, config key, argparse type, help); every default is None = "not given".
-COMMON_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+# Every flag default is None = "not given".
+Flags = tuple[tuple[str, str, Callable[[str], Any], str], ...]
+"""(flag, config key, argparse type, help) rows of one sub-command."""
+Handler = Callable[[argparse.Namespace], int]
+
+COMMON_FLAGS: Flags = (
     ("--dataset", "dataset", str, "voc | ade20k | coco-stuff | cityscapes | folder"),
     ("--data-root", "data_root", str, "dataset root directory"),
     ("--train-split", "train_split", str, "split the bank / head is built from"),
@@ -108,7 +112,7 @@ LINEAR_FLAGS = (
 )
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: tuple[tuple[str, str, Callable[[str], Any], str], ...]) -> None:
+def _add_flags(parser: argparse.ArgumentParser, flags: Flags) -> None:
     for flag, key, kind, text in flags:
         if kind is _flag:  # `--soft-argmax` alone means true; `--soft-argmax false` still works
             parser.add_argument(
@@ -123,7 +127,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides")
 
 
-def _overrides(args: argparse.Namespace, flags: tuple[tuple[str, str, Callable[[str], Any], str], ...]) -> list[str]:
+def _overrides(args: argparse.Namespace, flags: Flags) -> list[str]:
     """Given flags as `key=<json>` overrides (JSON is YAML, so values keep their types)."""
     given = [(key, getattr(args, key)) for _, key, _, _ in flags if getattr(args, key) is not None]
     return [f"{key}={json.dumps(value)}" for key, value in given] + list(args.overrides)
@@ -196,44 +200,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     protocols = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     raw = argparse.RawDescriptionHelpFormatter
 
-    hb = protocols.add_parser(
-        "hummingbird", help="in-context k-NN segmentation mIoU", description=HUMMINGBIRD_HELP, formatter_class=raw
-    )
-    _add_flags(hb, SEGMENTATION_FLAGS + HUMMINGBIRD_FLAGS)
-    _add_config(hb)
-    hb.set_defaults(handler=_hummingbird)
+    def evaluation(name: str, handler: Handler, flags: Flags, **parser_options: Any) -> None:
+        parser = protocols.add_parser(name, **parser_options)
+        _add_flags(parser, flags)
+        _add_config(parser)
+        parser.set_defaults(handler=handler)
 
-    lin = protocols.add_parser(
+    evaluation(
+        "hummingbird",
+        _hummingbird,
+        SEGMENTATION_FLAGS + HUMMINGBIRD_FLAGS,
+        help="in-context k-NN segmentation mIoU",
+        description=HUMMINGBIRD_HELP,
+        formatter_class=raw,
+    )
+    evaluation(
         "linear",
+        _linear,
+        SEGMENTATION_FLAGS + LINEAR_FLAGS,
         help="linear-probe segmentation mIoU (needs torch)",
         description="Linear probe: BatchNorm + 1x1 head on frozen features, logits upsampled to the full mask; "
         "mIoU over classes present (comparable with NeCo's linear column up to its training recipe).",
     )
-    _add_flags(lin, SEGMENTATION_FLAGS + LINEAR_FLAGS)
-    _add_config(lin)
-    lin.set_defaults(handler=_linear)
-
-    oc = protocols.add_parser(
+    evaluation(
         "overcluster",
+        _overcluster,
+        SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS,
         help="unsupervised overclustering mIoU (k-means on val patches)",
         description="Overclustering (NeCo's / Leopart's unsupervised column): faiss k-means (seeded) on the "
         "val patch features at the square input size for each K, clusters mapped to classes many-to-one "
         "(each to the class it overlaps most), plus K = classes with Hungarian matching; mIoU over all classes.",
     )
-    _add_flags(oc, SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS)
-    _add_config(oc)
-    oc.set_defaults(handler=_overcluster)
-
-    kp = protocols.add_parser(
+    evaluation(
         "keypoints",
+        _keypoints,
+        KEYPOINT_FLAGS,
         help="SPair-71k keypoint correspondence PCK",
         description="Keypoint correspondence on SPair-71k: each source keypoint's patch is matched to the "
         "most cosine-similar target patch (optional soft-argmax); PCK@0.1 and @0.05 of max(target bbox w, h), "
         "per category and their mean.",
     )
-    _add_flags(kp, KEYPOINT_FLAGS)
-    _add_config(kp)
-    kp.set_defaults(handler=_keypoints)
 
     rep = protocols.add_parser(
         "all",
