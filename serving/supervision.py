@@ -19,6 +19,7 @@ would SIGTERM a server whose parent thread had exited.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,10 @@ class ProcessTree:
         self.root = root
         self.processes: dict[tuple[int, int], ProcessInfo] = {}
         self.segments: set[Path] = set()
+        # PyTriton's proxy in this process maps the request/response segments too; those it maps
+        # from now on belong to this server (what this process mapped before is not ours to remove)
+        self._host = read_process(os.getpid())
+        self._host_before = mapped_shm([self._host]) if self._host is not None else set()
 
     def refresh(self) -> str | None:
         """Record the tree and its segments; return why the backend is dead, or None if it lives."""
@@ -56,6 +61,8 @@ class ProcessTree:
         for info in tree:
             self.processes.setdefault((info.pid, info.start_time), info)
         segments = mapped_shm(tree)
+        if self._host is not None:
+            segments |= mapped_shm([self._host]) - self._host_before
         restrict_to_owner(segments - self.segments)
         self.segments |= segments
         if not tree:

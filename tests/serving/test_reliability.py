@@ -28,7 +28,8 @@ from .procfs import rss_bytes, shm_mapped_by
 
 LIMITS = InputLimits(max_side=224, max_image_pixels=168 * 168, max_request_pixels=2 * 112 * 112, max_batch=4)
 HUGE = 2**62  # 8 x HUGE x HUGE x 3 overflows int64 to 0 bytes: Triton's own size check passes
-RSS_SLACK = 64 * 2**20
+RSS_SLACK = 150 * 2**20  # bounded allocator caches fit; one leaked tensor per round does not
+LEAK_ROUNDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +141,15 @@ def test_refused_requests_leave_memory_at_baseline(server):
     """Requests refused for size (with real data, or declaring far more than they carry) free everything.
 
     The first oversized requests grow the python backend's shared-memory region and
-    tritonserver's allocator caches once (measured: tritonserver 112 -> ~200 MiB within 5
-    rounds, then flat; the stub flat at ~106 MiB), so the baseline is taken after 5 rounds
-    and 10 more rounds must not grow it.
+    tritonserver's allocator caches (measured: tritonserver 112 -> ~200 MiB within 5 rounds; once
+    in CI a further ~100 MiB step within the next 10). Such caches are bounded; a leak is not:
+    keeping even the smallest refused tensor (the 5.9 MB HTTP one) would add 30 x 5.9 = 176 MB
+    over the 30 measured rounds (keeping all of them: 880 MB). The slack sits below that.
     """
     for _ in range(5):
         refuse_oversized(server)
     baseline = rss_bytes(set(server.process_ids()))
-    for _ in range(10):
+    for _ in range(LEAK_ROUNDS):
         refuse_oversized(server)
     after = rss_bytes(set(server.process_ids()))
     assert after <= baseline + RSS_SLACK, f"RSS grew from {baseline / 2**20:.0f} to {after / 2**20:.0f} MiB"
