@@ -121,6 +121,8 @@ def translate(exc: BaseException, url: str, protocol: str, what: str) -> ClientE
         return exc
     if isinstance(exc, InferenceServerException):
         status, message = str(exc.status() or ""), exc.message() or str(exc)
+        if status == "413" or "larger than max" in message:  # the server's size limits, not load
+            return InferenceError(f"{what} on {url!r} ({protocol}): request too large for the server: {message}")
         if "queue" in message.lower() or "RESOURCE_EXHAUSTED" in status or status == "429":
             return ServerOverloadedError(f"{what} on {url!r} ({protocol}): server busy: {message}")
         if "UNAVAILABLE" in status or status == "503":

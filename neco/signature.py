@@ -28,6 +28,11 @@ from neco.errors import InputError
 # Names of the served element types in the three vocabularies the stages meet.
 _TRITON_DTYPES = {"uint8": "UINT8", "float32": "FP32"}
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+TRITON_DTYPE_BYTES: dict[str, int] = {
+    "BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+    "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8,
+}  # fmt: skip
+"""Bytes per element of Triton's fixed-size data types (BYTES has none): a request's declared size."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 It serves the repository's `model.onnx` under the same model name, tensor names, dtypes,
 shapes, batching settings and contract `parameters` as the Docker Triton serving the same
-repository, so one client works against both.
+repository, so one client works against both. Its public HTTP and gRPC ports belong to a
+`RequestGateway` (`neco.serving.gateway`) that checks every request before tritonserver, bound
+to private loopback ports, sees it.
 
 Two PyTriton 0.7 gaps are closed here, deliberately and visibly:
 
@@ -43,6 +45,7 @@ from tritonclient.grpc import model_config_pb2
 from neco.contract import ModelContract
 from neco.errors import NecoError
 from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
+from neco.serving.gateway import RequestGateway
 from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
 from neco.serving.stub_guard import LIMITS_PARAMETER, PYTRITON_MODEL_MODULE, STUB_MODEL_SOURCE
 from neco.serving.supervision import BackendSupervisor, ProcessTree
@@ -133,6 +136,9 @@ class EmbeddedServer:
         self._supervisor: BackendSupervisor | None = None
         self._tree: ProcessTree | None = None
         self._ports: tuple[int, int, int] | None = None
+        self._upstream: tuple[int, int] | None = None
+        """tritonserver's private loopback HTTP and gRPC ports, behind the gateway."""
+        self._gateway: RequestGateway | None = None
         self._launch: Callable[[], None] | None = None
         self._lifecycle = threading.RLock()
         self._failure: str | None = None
@@ -156,6 +162,13 @@ class EmbeddedServer:
     @property
     def grpc_url(self) -> str:
         return f"{self.cfg.host}:{self._port(1)}"
+
+    @property
+    def upstream_urls(self) -> tuple[str, str]:
+        """tritonserver's own HTTP and gRPC endpoints behind the gateway (diagnostics and fault tests)."""
+        self._port(0)
+        http, grpc = self._upstream  # type: ignore[misc]
+        return f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
 
     @property
     def metrics_url(self) -> str:
@@ -182,12 +195,15 @@ class EmbeddedServer:
             ports = [self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port]
             free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
             self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
+            self._upstream = tuple(pick_free_ports("127.0.0.1", 2))  # type: ignore[assignment]
+            self._gateway = RequestGateway(self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits).start()
             self._launch = lambda: self._launch_triton(exported, version, runner)
             self._supervisor = BackendSupervisor(self._on_backend_death)
             try:
                 self._launch()
             except BaseException:
                 self._supervisor.close()
+                self._stop_gateway()
                 raise
             LOGGER.info(
                 "serving %s v%d (%s) on http %s, grpc %s, metrics %s with %s",
@@ -228,6 +244,7 @@ class EmbeddedServer:
             self._tree = ProcessTree(tritonserver_pid(triton))
             self._supervisor.watch(self._tree)  # type: ignore[union-attr]
             self._check_served_contract()
+            self._gateway.set_available(True)  # type: ignore[union-attr]
         except PyTritonClientTimeoutError as exc:
             self._shutdown()
             raise ServingError("tritonserver did not become ready; its log above says why") from exc
@@ -244,9 +261,17 @@ class EmbeddedServer:
             supervisor, self._supervisor = self._supervisor, None
             if supervisor is not None:
                 supervisor.close()
+            self._stop_gateway()
+
+    def _stop_gateway(self) -> None:
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            gateway.stop()
 
     def _shutdown(self) -> None:
         """Stop tritonserver (if running), then end what it left behind; keeps the supervisor thread."""
+        if self._gateway is not None:
+            self._gateway.set_available(False)
         triton, self._triton = self._triton, None
         tree, self._tree = self._tree, None
         if self._supervisor is not None:
@@ -323,11 +348,12 @@ class EmbeddedServer:
 
     # --- helpers --------------------------------------------------------------------------------
     def _triton_config(self, uses_gpu: bool) -> TritonConfig:
-        http_port, grpc_port, metrics_port = self._ports  # type: ignore[misc]
+        http_port, grpc_port = self._upstream  # type: ignore[misc]
+        metrics_port = self._ports[2]  # type: ignore[index]
         return TritonConfig(
-            http_address=self.cfg.host,
+            http_address="127.0.0.1",
             http_port=http_port,
-            grpc_address=self.cfg.host,
+            grpc_address="127.0.0.1",
             grpc_port=grpc_port,
             allow_metrics=True,
             allow_gpu_metrics=uses_gpu,
@@ -395,7 +421,7 @@ class EmbeddedServer:
     def _check_served_contract(self) -> None:
         import tritonclient.http as httpclient
 
-        client = httpclient.InferenceServerClient(self.http_url)
+        client = httpclient.InferenceServerClient(self.upstream_urls[0])
         try:
             served = client.get_model_config(self.model_name)
         finally:

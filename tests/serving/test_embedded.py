@@ -124,13 +124,13 @@ def test_concurrent_clients_all_correct(triton_server, reference_features):
     assert max(errors) <= PARITY_ATOL
 
 
-# case -> (images, declared dtype, expected message fragment). Triton's own config check rejects
-# dtype/rank/channels/empty batches (HTTP 400, gRPC INVALID_ARGUMENT) before the model runs;
-# the patch-size rule is enforced by neco.serving.stub_guard (INVALID_ARG, one line).
+# case -> (images, declared dtype, expected message fragment). The gateway (neco.serving.gateway)
+# refuses shapes that break the image rules (rank, channels, empty batch, patch size) and Triton's
+# own config check the dtype (HTTP 400, gRPC INVALID_ARGUMENT), all before the model runs.
 MALFORMED = {
     "wrong dtype": (np.zeros((1, 28, 28, 3), np.float32), "FP32", "expects 'UINT8'"),
-    "wrong rank": (np.zeros((1, 28, 28), np.uint8), "UINT8", "unexpected shape for input 'images'"),
-    "not RGB": (np.zeros((1, 28, 28, 4), np.uint8), "UINT8", "unexpected shape for input 'images'"),
+    "wrong rank": (np.zeros((1, 28, 28), np.uint8), "UINT8", "shape must be [batch, height, width, 3] (RGB)"),
+    "not RGB": (np.zeros((1, 28, 28, 4), np.uint8), "UINT8", "shape must be [batch, height, width, 3] (RGB)"),
     "H not a multiple of 14": (
         np.zeros((1, 30, 28, 3), np.uint8),
         "UINT8",
@@ -141,7 +141,7 @@ MALFORMED = {
         "UINT8",
         "images: height 28 and width 20 must each be",
     ),
-    "empty batch": (np.zeros((0, 28, 28, 3), np.uint8), "UINT8", "input byte size mismatch for input 'images'"),
+    "empty batch": (np.zeros((0, 28, 28, 3), np.uint8), "UINT8", "images: empty batch (batch dimension is 0)"),
 }
 
 

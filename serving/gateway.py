@@ -1,0 +1,278 @@
+"""`RequestGateway`: the server's public HTTP and gRPC endpoints, in front of tritonserver.
+
+Triton allocates what a request declares before any model code runs (see
+`neco.serving.request_check`), and no Triton 2.51 option bounds it. So the embedded server
+binds tritonserver to private loopback ports and puts this gateway on the public ones. For each
+infer request it reads only the header (JSON, or the ModelInferRequest protobuf), checks the
+declared shapes against the data received and the `InputLimits`, answers a bad request itself
+(HTTP 400 / gRPC INVALID_ARGUMENT, one line), and forwards everything else byte for byte.
+Bodies above what the limits allow are cut off while they are read (HTTP 413 /
+RESOURCE_EXHAUSTED), so memory stays bounded. While tritonserver is down or restarting (the
+embedded server says so through `set_available`), it answers 503 / UNAVAILABLE, which clients
+retry and which keeps readiness honest; liveness stays 200 while it recovers. A caller that
+goes away cancels its forwarded call (gRPC cancellation; the HTTP handler is cancelled too).
+
+Both servers share one asyncio loop on a daemon thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
+from tritonclient.grpc import service_pb2
+
+from neco.errors import NecoError
+from neco.serving.request_check import (
+    HEADER_ALLOWANCE,
+    JSON_CHARS_PER_ELEMENT,
+    RequestRefused,
+    grpc_inputs,
+    http_inputs,
+    request_byte_budget,
+    request_problem,
+)
+from neco.signature import InputLimits
+
+LOGGER = logging.getLogger(__name__)
+GRPC_SERVICE = "/inference.GRPCInferenceService/"
+GRPC_CHECKED = {GRPC_SERVICE + "ModelInfer"}
+GRPC_STREAM = GRPC_SERVICE + "ModelStreamInfer"
+UNAVAILABLE = "model server unavailable (starting or restarting); retry"
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+MAX_BODY = web.AppKey("max_body", int)
+_UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+class GatewayError(NecoError, RuntimeError):
+    """The gateway could not bind its ports."""
+
+
+def _is_infer(path: str) -> bool:
+    parts = path.strip("/").split("/")
+    return len(parts) in (4, 6) and parts[:2] == ["v2", "models"] and parts[-1] == "infer"
+
+
+def _is_generate(path: str) -> bool:
+    return path.rstrip("/").rsplit("/", 1)[-1] in ("generate", "generate_stream")
+
+
+class _Upstream:
+    """Whether tritonserver is up: set by the embedded server, read by both proxies.
+
+    Not inferred from connections: a tritonserver that is shutting down still answers
+    `ready` on a kept-alive connection, so only its owner can say when it is gone.
+    """
+
+    def __init__(self) -> None:
+        self.available = False
+
+
+class _HttpProxy:
+    """Checks infer bodies, refuses Triton's generate extension, forwards the rest unchanged."""
+
+    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream):
+        self.upstream, self.limits, self.state = upstream, limits, state
+        self.session: ClientSession | None = None
+
+    async def open(self) -> None:
+        # auto_decompress off: a compressed answer is passed on with its Content-Encoding.
+        self.session = ClientSession(
+            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=None, sock_connect=5), auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    @staticmethod
+    def _error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.read()  # aiohttp decompresses and enforces client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(413, f"request body exceeds {request.app[MAX_BODY]} bytes, the most the "
+                               f"server's limits allow (max_request_pixels={self.limits.max_request_pixels})")  # fmt: skip
+        if not self.state.available:
+            if request.path.rstrip("/") == "/v2/health/live":
+                return web.Response(status=200)  # alive and recovering; readiness says it is not serving
+            return self._error(503, UNAVAILABLE)
+        if request.method == "POST" and _is_generate(request.path):
+            return self._error(404, "the generate extension is not served by this model")
+        if request.method == "POST" and _is_infer(request.path):
+            try:
+                problem = request_problem(
+                    http_inputs(body, request.headers.get("Inference-Header-Content-Length"), self.limits),
+                    self.limits,
+                )
+            except RequestRefused as exc:
+                problem = str(exc)
+            if problem is not None:
+                return self._error(400, problem)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        assert self.session is not None
+        try:
+            async with self.session.request(
+                request.method, self.upstream + request.path_qs, data=body, headers=headers
+            ) as answer:
+                payload = await answer.read()
+                kept = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS - {"content-encoding"}}
+                return web.Response(status=answer.status, body=payload, headers=kept)
+        except ClientConnectionError:
+            return self._error(503, UNAVAILABLE)
+
+
+class _GrpcProxy(grpc.GenericRpcHandler):
+    """Forwards every GRPCInferenceService method as raw bytes; ModelInfer messages are checked first."""
+
+    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream):
+        self.upstream, self.limits, self.state = upstream, limits, state
+        self.channel: grpc.aio.Channel | None = None
+
+    async def open(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.upstream, options=_UNLIMITED)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    def _problem(self, message: bytes) -> str | None:
+        try:
+            request = service_pb2.ModelInferRequest.FromString(message)
+            return request_problem(grpc_inputs(request), self.limits)
+        except RequestRefused as exc:
+            return str(exc)
+        except Exception as exc:  # a protobuf that does not parse  # noqa: BLE001
+            return f"malformed ModelInferRequest: {type(exc).__name__}"
+
+    @staticmethod
+    def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
+        return [(k, v) for k, v in context.invocation_metadata() or () if not k.startswith((":", "grpc-"))]
+
+    def _unary(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+        async def forward(message: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if not self.state.available:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE)
+            if method in GRPC_CHECKED:
+                problem = self._problem(message)
+                if problem is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            assert self.channel is not None
+            call = self.channel.unary_unary(method)
+            try:
+                return await call(message, timeout=context.time_remaining(), metadata=self._metadata(context))
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+            raise AssertionError("unreachable: abort raises")
+
+        return forward
+
+    def _stream(self) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+        async def forward(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            async def checked() -> AsyncIterator[bytes]:
+                async for message in messages:
+                    problem = self._problem(message)
+                    if problem is not None:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                    yield message
+
+            if not self.state.available:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE)
+            assert self.channel is not None
+            call = self.channel.stream_stream(GRPC_STREAM)(
+                checked(), timeout=context.time_remaining(), metadata=self._metadata(context)
+            )
+            try:
+                async for answer in call:
+                    yield answer
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+
+        return forward
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if not method.startswith(GRPC_SERVICE):
+            return None
+        if method == GRPC_STREAM:
+            return grpc.stream_stream_rpc_method_handler(self._stream())
+        return grpc.unary_unary_rpc_method_handler(self._unary(method))
+
+
+class RequestGateway:
+    """Public HTTP + gRPC endpoints that check requests, forwarding to tritonserver's private ports."""
+
+    def __init__(self, host: str, ports: tuple[int, int], upstream_ports: tuple[int, int], limits: InputLimits):
+        self.host, self.ports, self.limits = host, ports, limits
+        self._state = _Upstream()
+        self._http = _HttpProxy(f"http://127.0.0.1:{upstream_ports[0]}", limits, self._state)
+        self._grpc = _GrpcProxy(f"127.0.0.1:{upstream_ports[1]}", limits, self._state)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="neco-gateway", daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._server: grpc.aio.Server | None = None
+
+    def set_available(self, available: bool) -> None:
+        """Forward requests (True) or answer 503 / UNAVAILABLE while tritonserver is down (False)."""
+        self._state.available = available
+
+    def start(self) -> RequestGateway:
+        """Bind both public ports (GatewayError when one is taken) and start forwarding."""
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        budget = request_byte_budget(self.limits)
+        max_body = budget * JSON_CHARS_PER_ELEMENT + HEADER_ALLOWANCE
+        app = web.Application(client_max_size=max_body)
+        app[MAX_BODY] = max_body
+        app.router.add_route("*", "/{tail:.*}", self._http.handle)
+        await self._http.open()
+        await self._grpc.open()
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, self.host, self.ports[0]).start()
+        except OSError as exc:
+            raise GatewayError(
+                f"cannot serve HTTP on {self.host}:{self.ports[0]}: port in use ({exc.strerror})"
+            ) from None
+        options = [("grpc.max_receive_message_length", budget + HEADER_ALLOWANCE), ("grpc.max_send_message_length", -1)]
+        self._server = grpc.aio.server(handlers=[self._grpc], options=options)
+        try:
+            bound = self._server.add_insecure_port(f"{self.host}:{self.ports[1]}")
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise GatewayError(f"cannot serve gRPC on {self.host}:{self.ports[1]}: port in use")
+        await self._server.start()
+
+    def stop(self) -> None:
+        """Close both endpoints and the loop; safe to call twice."""
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=1)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self._http.close()
+        await self._grpc.close()

@@ -1,0 +1,184 @@
+"""What an inference request declares, read from its header alone, and why it may be refused.
+
+Why a separate check before Triton: Triton 2.51 allocates a request's declared tensors before
+any model code runs. A JSON body declaring `[1, 60000, 60000, 3]` makes its HTTP frontend
+allocate 10.8 GB; a shape whose byte count overflows int64 (`8 x 2^62 x 2^62 x 3` wraps to 0)
+passes Triton's own size check and kills the python-backend stub. Python's integers do not
+overflow, so every product here is exact. The rules: dimensions are non-negative, no input
+declares more bytes than a whole request may carry, `images` obeys `check_image_shape` and the
+`InputLimits`, and the bytes (or JSON elements) received match the declared shape x dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tritonclient.grpc import service_pb2
+
+from neco.contract import INPUT_IMAGES
+from neco.errors import InputError
+from neco.signature import TRITON_DTYPE_BYTES, InputLimits, check_image_shape
+
+HEADER_ALLOWANCE = 1 << 20
+"""Bytes a request header (JSON or protobuf fields other than the tensor data) may add."""
+JSON_CHARS_PER_ELEMENT = 5
+"""Widest JSON text of one uint8 element ("255, "): bounds a JSON request body."""
+
+
+class RequestRefused(InputError):
+    """An inference request the gateway answers itself (HTTP 400 / gRPC INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class DeclaredInput:
+    """One input tensor as the request header declares it, and how much data came with it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    nbytes: int | None = None
+    """Bytes received for it (binary data, raw gRPC contents, shared-memory size); None if unknown."""
+    count: int | None = None
+    """Elements received for it (JSON `data`, typed gRPC contents); None if unknown."""
+
+
+def request_byte_budget(limits: InputLimits) -> int:
+    """The most tensor bytes one request may carry: a full batch of uint8 RGB pixels."""
+    return limits.max_request_pixels * 3
+
+
+def input_problem(tensor: DeclaredInput, limits: InputLimits) -> str | None:
+    """One line saying why this input is refused, or None when it may go on to Triton."""
+    shape = list(tensor.shape)
+    if any(d < 0 for d in shape):
+        return f"input {tensor.name!r}: negative dimension in shape {shape}"
+    if tensor.name == INPUT_IMAGES:
+        try:
+            check_image_shape(shape, limits)
+        except InputError as exc:
+            return str(exc)
+    elements = math.prod(shape)
+    declared = elements * TRITON_DTYPE_BYTES.get(tensor.datatype, 1)
+    budget = request_byte_budget(limits)
+    if declared > budget:
+        return (
+            f"input {tensor.name!r}: shape {shape} ({tensor.datatype}) declares {declared} bytes, above the "
+            f"{budget} a request may carry (max_request_pixels={limits.max_request_pixels})"
+        )
+    if tensor.nbytes is not None and tensor.datatype in TRITON_DTYPE_BYTES and tensor.nbytes != declared:
+        return (
+            f"input byte size mismatch for input {tensor.name!r}: shape {shape} ({tensor.datatype}) needs "
+            f"{declared} bytes, the request carries {tensor.nbytes}"
+        )
+    if tensor.count is not None and tensor.count != elements:
+        return (
+            f"input element count mismatch for input {tensor.name!r}: shape {shape} needs {elements} "
+            f"elements, the request carries {tensor.count}"
+        )
+    return None
+
+
+def request_problem(inputs: Sequence[DeclaredInput], limits: InputLimits) -> str | None:
+    """The first problem of any input, else None."""
+    for tensor in inputs:
+        problem = input_problem(tensor, limits)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestRefused(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _count_leaves(data: object) -> int:
+    """Elements of a (possibly nested) JSON array, without recursion."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        else:
+            count += 1
+    return count
+
+
+def http_inputs(body: bytes, header_length: str | None, limits: InputLimits) -> list[DeclaredInput]:
+    """The inputs of a KServe v2 HTTP infer body (JSON, or JSON header + binary tensors).
+
+    Element counts of JSON `data` are taken only after the declared shapes passed the limits,
+    so counting is bounded by the limits too.
+    """
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise RequestRefused(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        if not 0 <= split <= len(body):
+            raise RequestRefused(f"Inference-Header-Content-Length {split} is outside the {len(body)}-byte body")
+        header, binary = body[:split], body[split:]
+    try:
+        document = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestRefused(f"malformed inference request header: {exc}") from None
+    raw_inputs = document.get("inputs") if isinstance(document, dict) else None
+    if not isinstance(raw_inputs, list):
+        raise RequestRefused("inference request header must be a JSON object with an 'inputs' list")
+    declared, binary_total = [], 0
+    for index, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict) or not isinstance(raw.get("shape"), list):
+            raise RequestRefused(f"input {index} must be an object with a 'shape' list")
+        name, datatype = str(raw.get("name", "")), str(raw.get("datatype", ""))
+        shape = tuple(_int(d, f"input {name!r} shape dimension") for d in raw["shape"])
+        params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RequestRefused(f"input {name!r}: 'parameters' must be an object")
+        tensor = DeclaredInput(name, datatype, shape)
+        problem = input_problem(tensor, limits)
+        if problem is not None:
+            raise RequestRefused(problem)
+        if "binary_data_size" in params:
+            size = _int(params["binary_data_size"], f"input {name!r} binary_data_size")
+            binary_total += size
+            tensor = DeclaredInput(name, datatype, shape, nbytes=size)
+        elif "shared_memory_region" in params:
+            size = _int(params.get("shared_memory_byte_size"), f"input {name!r} shared_memory_byte_size")
+            tensor = DeclaredInput(name, datatype, shape, nbytes=size)
+        elif "data" in raw:
+            tensor = DeclaredInput(name, datatype, shape, count=_count_leaves(raw["data"]))
+        declared.append(tensor)
+    if binary_total != len(binary):
+        raise RequestRefused(f"inputs declare {binary_total} bytes of binary data, the body carries {len(binary)}")
+    return declared
+
+
+_CONTENT_FIELDS = (
+    "bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
+    "fp32_contents", "fp64_contents", "bytes_contents",
+)  # fmt: skip
+
+
+def grpc_inputs(request: service_pb2.ModelInferRequest) -> list[DeclaredInput]:
+    """The inputs of a gRPC ModelInferRequest, with the size of the data each one carries."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise RequestRefused(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
+    declared = []
+    for index, tensor in enumerate(request.inputs):
+        shape = tuple(int(d) for d in tensor.shape)
+        nbytes = count = None
+        if raw:
+            nbytes = len(raw[index])
+        elif "shared_memory_region" in tensor.parameters:
+            nbytes = int(tensor.parameters["shared_memory_byte_size"].int64_param)
+        else:
+            count = sum(len(getattr(tensor.contents, field)) for field in _CONTENT_FIELDS)
+        declared.append(DeclaredInput(tensor.name, tensor.datatype, shape, nbytes=nbytes, count=count))
+    return declared
