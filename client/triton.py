@@ -259,8 +259,12 @@ class NecoClient:
         return [grid for grid in out if grid is not None]
 
     def prepare(self, image: ImageLike) -> PreparedImage:
-        """Decode and resize one image with this client's size and the served patch size."""
-        return prepare_image(image, self.size, self.contract.patch_size)
+        """Decode and resize one image with this client's size, limits and the served patch size.
+
+        The limits are checked from the image header, before decoding, so a file the server
+        would refuse costs no memory here either.
+        """
+        return prepare_image(image, self.size, self.contract.patch_size, limits=self.limits)
 
     def features(self, images: ImageLike | Sequence[ImageLike]) -> DenseFeatures | list[DenseFeatures]:
         """Dense features of one image (-> DenseFeatures) or a list (-> list, batched requests).

@@ -203,6 +203,17 @@ def test_non_finite_arrays_are_refused_before_sending(value: float, offline) -> 
     assert offline.sent == []
 
 
+def test_the_client_prepares_images_with_its_own_limits(offline) -> None:
+    client = offline()
+    client.limits = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
+    client.size = (238, 238)
+    with pytest.raises(ImageError, match="max_image_pixels=50176"):
+        client.features(encode(_noise(20, 20)))
+    assert offline.sent == []
+    client.size = (224, 224)
+    assert client.features(encode(_noise(20, 20))).grid == (16, 16)
+
+
 def test_limits_are_configurable_and_named(tmp_path: Path) -> None:
     small = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
     assert prepare_image(np.zeros((300, 300, 3), np.uint8), 224, limits=small).size == (224, 224)
