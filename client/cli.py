@@ -58,7 +58,7 @@ def _server_options(
         help="host:port, a comma-separated list (round-robin with failover), or dns:///NAME:PORT for every "
         "address of NAME (default localhost:8001 for grpc, 8000 for http)",
     )
-    group.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    group.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="transport")
     group.add_argument("--model", default=DEFAULT_MODEL_NAME, help="Triton model name")
     group.add_argument("--size", type=_size, default=None, help=size_help)
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included")
@@ -265,7 +265,7 @@ def register(subparsers: Any) -> None:
     build.add_argument("support", type=Path, help="folder with images/ and masks/ (optional classes.json)")
     build.add_argument("--out", type=Path, required=True, help="bank folder to write")
     build.add_argument("--classes", type=Path, default=None, help="JSON list of class names")
-    build.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
+    build.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat", help="faiss index of the bank")
     build.add_argument("--fp16", action="store_true", help="store features and labels as float16")
     build.add_argument("--shard", default="0/1", help="build only shard i/n (images i, i+n, ...); join with merge")
     build.add_argument("--num-classes", type=int, default=None, help="K without a class list (labels >= K fail)")
