@@ -15,6 +15,7 @@ Every command that talks to a server takes --url / --protocol / --model / --size
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,21 @@ def _server_options(
     group.add_argument("--retry-backoff", type=float, default=0.1, help="first wait between retries, doubled up to 2 s")
 
 
+def _policy(size: int | tuple[int, int] | list[int]) -> str:
+    """A size policy as the user reads it: `448` resizes the shorter side, `448x448` is exact."""
+    return f"{size[0]}x{size[1]} (exact)" if isinstance(size, (tuple, list)) else f"{size} (shorter side)"
+
+
+def _make_parent(path: Path) -> None:
+    """Create the folder of an output file; say so on stderr when it is a new folder outside the cwd."""
+    parent = path.parent
+    if parent.is_dir():
+        return
+    if not parent.resolve().is_relative_to(Path.cwd().resolve()):
+        print(f"note: creating folder {str(parent.resolve())!r} (outside the working directory)", file=sys.stderr)
+    parent.mkdir(parents=True, exist_ok=True)
+
+
 def _client(args: argparse.Namespace) -> Any:
     from .transport import RetryPolicy
     from .triton import NecoClient
@@ -88,7 +104,7 @@ def _features(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         dense = client.features(args.image)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(args.out)
     np.save(args.out, dense.features, allow_pickle=False)
     if args.pca is not None:
         features_to_rgb(dense.features, size=dense.image.original_size).save(args.pca)
@@ -116,6 +132,7 @@ def _bank_build(args: argparse.Namespace) -> int:
     index = IndexSpec(kind=args.index)
     shard = parse_shard(args.shard)
     check_writable(args.out)  # fail before minutes of feature extraction, not after
+    _make_parent(args.out)
     with _client(args) as client:
         bank = MemoryBank.build(
             client,
@@ -132,7 +149,8 @@ def _bank_build(args: argparse.Namespace) -> int:
             shard=shard,
         )
     bank.save(args.out)
-    print(f"{bank!r} -> {args.out}" + (f" (shard {args.shard})" if args.shard != "0/1" else ""))
+    shard = f" (shard {args.shard})" if args.shard != "0/1" else ""
+    print(f"{bank!r}, input size {_policy(bank.image_size)} -> {args.out}{shard}")
     return 0
 
 
@@ -141,6 +159,7 @@ def _bank_merge(args: argparse.Namespace) -> int:
     from .bank_io import check_writable
 
     check_writable(args.out)
+    _make_parent(args.out)
     bank = MemoryBank.merge([MemoryBank.load(path) for path in args.shards])
     bank.save(args.out)
     print(f"{bank!r} <- {len(args.shards)} shards -> {args.out}")
@@ -224,13 +243,17 @@ def _segment(args: argparse.Namespace) -> int:
         result = client.segment(
             args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(args.out)
     result.mask_image().save(args.out)
     if args.overlay is not None:
         result.overlay(args.image).save(args.overlay)
     labels, counts = np.unique(result.mask, return_counts=True)
     shares = ", ".join(f"{result.class_names[lab]} {cnt / result.mask.size:.1%}" for lab, cnt in zip(labels, counts))
-    print(f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {args.out} ({shares})")
+    height, width = result.input_size
+    print(
+        f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {args.out} ({shares}); "
+        f"encoder input {height}x{width} (size {_policy(args.size) if args.size is not None else 'of the bank'})"
+    )
     return 0
 
 
@@ -239,7 +262,7 @@ def _novelty(args: argparse.Namespace) -> int:
         result = client.novelty(
             args.image, args.bank, method=args.method, aggregation=args.aggregate, k=args.k, size=args.size
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(args.out)
     result.overlay(args.image, alpha=args.alpha).save(args.out)
     verdict = "uncalibrated" if result.is_novel is None else ("NOVEL" if result.is_novel else "in-distribution")
     threshold = "" if result.threshold is None else f" (threshold {result.threshold:.4f})"

@@ -44,10 +44,17 @@ class EvalConfig(BaseModel):
         """The client's resize-policy argument for this config."""
         return (self.input_size, self.input_size) if self.square else self.input_size
 
+    @property
+    def size_text(self) -> str:
+        """The resize policy as printed with every result (numbers depend on it: docs/client.md)."""
+        return f"{self.input_size}x{self.input_size}" if self.square else f"shorter side {self.input_size}"
+
     def report_header(self, evaluation: str, train: Any, val: Any, contract: ModelContract) -> dict[str, object]:
-        """The fields every evaluation report starts with (which data, which model, which config)."""
+        """The fields every evaluation report starts with (which data, which model, which size, which config)."""
         return {
             "evaluation": evaluation,
+            "input_size": self.input_size,
+            "resize": "square" if self.square else "shorter side",
             "dataset": self.dataset,
             "train_split": train.split,
             "val_split": val.split,

@@ -206,7 +206,8 @@ def run_keypoints(cfg: KeypointConfig, backend: FeatureBackend | None = None) ->
         acc.update(pair.category, predicted, pair.target_kps, pair.target_bbox)
     result = acc.result()
     for alpha in cfg.alphas:
-        print(f"keypoints: PCK@{alpha:g} mean over categories {100 * result[f'pck@{alpha:g}']['mean']:.1f}")
+        pck = 100 * result[f"pck@{alpha:g}"]["mean"]
+        print(f"keypoints: PCK@{alpha:g} mean over categories {pck:.1f} (input {size}x{size} px)")
     report: dict[str, object] = {
         "evaluation": "keypoints",
         "protocol": "spair-pck-bbox",

@@ -117,7 +117,7 @@ def run_overcluster(cfg: OverclusterConfig, backend: FeatureBackend | None = Non
         hungarian=cfg.hungarian, seed=cfg.seed, niter=cfg.niter,
     )  # fmt: skip
     for key, result in results.items():
-        print(f"overcluster[{key}, {result.matching}]: mIoU {100 * result.miou:.1f}")
+        print(f"overcluster[{key}, {result.matching}]: mIoU {100 * result.miou:.1f} (input {size}x{size} px)")
     report: dict[str, object] = {
         "evaluation": "overcluster",
         "protocol": "overcluster",
