@@ -34,6 +34,19 @@ def test_the_prepare_image_copies_every_package_folder():
     assert package_folders() <= copied, sorted(package_folders() - copied)
 
 
+def test_the_docker_build_context_holds_every_copied_file():
+    """BuildKit sends only what serving/Dockerfile.dockerignore re-includes; a COPY of anything else fails."""
+    dockerfile = (REPO / "serving" / "Dockerfile").read_text()
+    copied = {source for line in re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M) for source in line.split()}
+    rules = [
+        line for line in (REPO / "serving" / "Dockerfile.dockerignore").read_text().splitlines() if line[:1] != "#"
+    ]
+    assert rules[0] == "*"
+    included = {rule[1:].removesuffix("/**") for rule in rules if rule.startswith("!")}
+    assert copied <= included, sorted(copied - included)
+    assert "constraints.txt" in copied  # the image installs with the project's pins
+
+
 IGNORED_IN_COPY = shutil.ignore_patterns(
     ".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "outputs", "demo_output", "model_repository",
     ".pytest_cache", ".hypothesis",
@@ -111,3 +124,16 @@ def test_installed_wheel_runs_from_another_folder_with_its_configs(installed_whe
     missing = run_installed(target, tmp_path, "serve", "--config", "configs/nope.yaml")
     assert missing.returncode == 2 and "'configs/nope.yaml' does not exist" in missing.stderr
     assert "serve_cpu" in missing.stderr  # the message lists the shipped names
+
+
+def pins(path: Path) -> dict[str, str]:
+    rows = [line.split("==") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {name.lower(): version for name, version in rows}
+
+
+def test_the_image_replaces_only_pins_of_constraints_txt():
+    """serving/constraints-py310.txt: other versions of packages constraints.txt pins, never new packages."""
+    replaced, project = pins(REPO / "serving" / "constraints-py310.txt"), pins(REPO / "constraints.txt")
+    assert replaced and set(replaced) <= set(project), sorted(set(replaced) - set(project))
+    assert all(replaced[name] != project[name] for name in replaced)  # a pin that needs no replacing is left alone
+    assert not {"torch", "torchvision", "tensorrt"} & set(replaced)  # one torch; the image's own TensorRT
