@@ -15,11 +15,11 @@ Every command that talks to a server takes --url / --protocol / --model / --size
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from neco.atomic import make_parent
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 
 from .bank import DEFAULT_IMAGE_SIZE
@@ -74,16 +74,6 @@ def _policy(size: int | tuple[int, int] | list[int]) -> str:
     return f"{size[0]}x{size[1]} (exact)" if isinstance(size, (tuple, list)) else f"{size} (shorter side)"
 
 
-def _make_parent(path: Path) -> None:
-    """Create the folder of an output file; say so on stderr when it is a new folder outside the cwd."""
-    parent = path.parent
-    if parent.is_dir():
-        return
-    if not parent.resolve().is_relative_to(Path.cwd().resolve()):
-        print(f"note: creating folder {str(parent.resolve())!r} (outside the working directory)", file=sys.stderr)
-    parent.mkdir(parents=True, exist_ok=True)
-
-
 def _client(args: argparse.Namespace) -> Any:
     from .transport import RetryPolicy
     from .triton import NecoClient
@@ -104,7 +94,7 @@ def _features(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         dense = client.features(args.image)
-    _make_parent(args.out)
+    make_parent(args.out)
     np.save(args.out, dense.features, allow_pickle=False)
     if args.pca is not None:
         features_to_rgb(dense.features, size=dense.image.original_size).save(args.pca)
@@ -132,7 +122,7 @@ def _bank_build(args: argparse.Namespace) -> int:
     index = IndexSpec(kind=args.index)
     shard = parse_shard(args.shard)
     check_writable(args.out)  # fail before minutes of feature extraction, not after
-    _make_parent(args.out)
+    make_parent(args.out)
     with _client(args) as client:
         bank = MemoryBank.build(
             client,
@@ -159,7 +149,7 @@ def _bank_merge(args: argparse.Namespace) -> int:
     from .bank_io import check_writable
 
     check_writable(args.out)
-    _make_parent(args.out)
+    make_parent(args.out)
     bank = MemoryBank.merge([MemoryBank.load(path) for path in args.shards])
     bank.save(args.out)
     print(f"{bank!r} <- {len(args.shards)} shards -> {args.out}")
@@ -243,7 +233,7 @@ def _segment(args: argparse.Namespace) -> int:
         result = client.segment(
             args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown
         )
-    _make_parent(args.out)
+    make_parent(args.out)
     result.mask_image().save(args.out)
     if args.overlay is not None:
         result.overlay(args.image).save(args.overlay)
@@ -262,7 +252,7 @@ def _novelty(args: argparse.Namespace) -> int:
         result = client.novelty(
             args.image, args.bank, method=args.method, aggregation=args.aggregate, k=args.k, size=args.size
         )
-    _make_parent(args.out)
+    make_parent(args.out)
     result.overlay(args.image, alpha=args.alpha).save(args.out)
     verdict = "uncalibrated" if result.is_novel is None else ("NOVEL" if result.is_novel else "in-distribution")
     threshold = "" if result.threshold is None else f" (threshold {result.threshold:.4f})"

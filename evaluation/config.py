@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from neco.atomic import make_parent
 from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE, ModelContract
 from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.datasets import DatasetKind
@@ -67,7 +68,7 @@ class EvalConfig(BaseModel):
     def write_report(self, report: dict[str, object]) -> None:
         """Write the JSON report to `out`, when one is configured."""
         if self.out is not None:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+            make_parent(self.out)
             self.out.write_text(json.dumps(report, indent=2))
             print(f"{report.get('evaluation', 'evaluation')}: wrote {self.out}")
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from neco.atomic import make_parent
 from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE
 from neco.evaluation.backends import BackendConfig
 from neco.evaluation.datasets import DatasetError, MissingDatasetFileError, read_image
@@ -220,6 +221,6 @@ def run_keypoints(cfg: KeypointConfig, backend: FeatureBackend | None = None) ->
         "seconds": round(time.perf_counter() - started, 2),
     }
     if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(cfg.out)
         cfg.out.write_text(json.dumps(report, indent=2))
     return report

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field, PositiveInt
 
+from neco.atomic import make_parent
 from neco.contract import IGNORE_INDEX
 from neco.evaluation.augment import SquareViews
 from neco.evaluation.backends import iter_features
@@ -131,6 +132,6 @@ def run_overcluster(cfg: OverclusterConfig, backend: FeatureBackend | None = Non
         "seconds": round(time.perf_counter() - started, 2),
     }
     if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(cfg.out)
         cfg.out.write_text(json.dumps(report, indent=2))
     return report

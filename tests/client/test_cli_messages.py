@@ -54,17 +54,17 @@ def test_the_bank_progress_bar_counts_features_received(colour_backend, scenes_2
 
 
 def test_out_outside_the_working_directory_is_announced(tmp_path: Path, monkeypatch, capsys) -> None:
-    from neco.client.cli import _make_parent
+    from neco.atomic import make_parent
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
     monkeypatch.chdir(work)
-    _make_parent(Path("results/masks/a.png"))  # inside the cwd: created silently
+    make_parent(Path("results/masks/a.png"))  # inside the cwd: created silently
     assert (work / "results" / "masks").is_dir() and capsys.readouterr().err == ""
-    _make_parent(elsewhere / "deep" / "a.png")
+    make_parent(elsewhere / "deep" / "a.png")
     assert (elsewhere / "deep").is_dir()
     assert capsys.readouterr().err.strip() == (
         f"note: creating folder {str(elsewhere / 'deep')!r} (outside the working directory)"
     )
-    _make_parent(elsewhere / "deep" / "b.png")  # exists now: nothing to say
+    make_parent(elsewhere / "deep" / "b.png")  # exists now: nothing to say
     assert capsys.readouterr().err == ""
