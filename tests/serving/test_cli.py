@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from neco.serving.embedded import pick_free_ports
 
 STARTUP_TIMEOUT_S = 180
@@ -29,12 +31,12 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise AssertionError(f"server at {url} not ready after {timeout_s} s")
 
 
-def test_module_entry_point_serves_until_sigterm_quietly(model_repository, tmp_path):
-    """One stdout line by default (Triton's 60-line tables go to a log file), SIGTERM ends it with 0."""
+def serve_until_sigterm(model_repository, tmp_path, *flags: str) -> tuple[str, str, tuple[int, int, int]]:
+    """Run `python -m neco.serving` until ready, check metrics, SIGTERM it (exit 0); its stdout and stderr."""
     http, grpc, metrics = pick_free_ports("127.0.0.1", 3)
     log, err = (tmp_path / "serve.log").open("w"), (tmp_path / "serve.err").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "neco.serving", "--repository", str(model_repository),
+        [sys.executable, "-m", "neco.serving", "--repository", str(model_repository), *flags,
          f"http_port={http}", f"grpc_port={grpc}", f"metrics_port={metrics}", "intra_op_threads=1"],
         stdout=log, stderr=err, env={k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"},
     )  # fmt: skip
@@ -50,13 +52,26 @@ def test_module_entry_point_serves_until_sigterm_quietly(model_repository, tmp_p
             process.wait()
         log.close()
         err.close()
-    stdout, stderr = (tmp_path / "serve.log").read_text(), (tmp_path / "serve.err").read_text()
+    return (tmp_path / "serve.log").read_text(), (tmp_path / "serve.err").read_text(), (http, grpc, metrics)
+
+
+def test_module_entry_point_serves_until_sigterm_quietly(model_repository, tmp_path):
+    """One stdout line by default (Triton's 60-line tables go to a log file), SIGTERM ends it with 0."""
+    stdout, stderr, (http, grpc, metrics) = serve_until_sigterm(model_repository, tmp_path)
     assert stdout.splitlines() == [
         f"serving neco_dinov2 v1 (CPUExecutionProvider) on http 127.0.0.1:{http}  grpc 127.0.0.1:{grpc}  "
         f"metrics http://127.0.0.1:{metrics}/metrics  (Ctrl+C or SIGTERM to stop)"
     ], stdout
     assert "received SIGTERM, shutting down" in stderr
     assert len(stderr.splitlines()) <= 3, stderr  # no PyTriton INFO lines, no Triton tables
+
+
+@pytest.mark.slow  # a second server start (~1 min on 2 cores)
+def test_verbose_shows_tritons_log(model_repository, tmp_path):
+    stdout, stderr, _ = serve_until_sigterm(model_repository, tmp_path, "--verbose")
+    assert "Started GRPCInferenceService" in stdout and len(stdout.splitlines()) > 10  # Triton's own log
+    assert "serving neco_dinov2 v1" in stdout
+    assert "pytriton" in stderr and " INFO " in stderr  # PyTriton's INFO lines
 
 
 def run_serve(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
