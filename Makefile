@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv clean bench deps-system
+.PHONY: demo test test-fast lint venv clean bench deps-system wheel
 
 demo: $(STAMP)
 	$(PY) -m neco.demo --config configs/demo.yaml
@@ -47,6 +47,21 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/segment.py
+
+# The wheel of the package (configs/*.yaml inside as neco.configs), built from a temporary copy of
+# the sources so nothing (build/, *.egg-info) is written into the checkout, which may be read-only:
+#   make wheel WHEEL_DIR=/tmp/wheels && pip install "/tmp/wheels/neco_dense-0.1.0-py3-none-any.whl[client]"
+# WHEEL_FLAGS=--no-build-isolation builds with the current environment's setuptools (offline).
+WHEEL_DIR ?= dist
+WHEEL_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+WHEEL_FLAGS ?=
+wheel:
+	@src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	tar -c --exclude-vcs --exclude=./.venv --exclude='./$(WHEEL_DIR)' --exclude=./build --exclude='*.egg-info' \
+	  --exclude=__pycache__ --exclude=./outputs --exclude=./demo_output --exclude=./model_repository . \
+	  | tar -x -C "$$src" && \
+	$(WHEEL_PYTHON) -m pip --disable-pip-version-check wheel -q --no-deps $(WHEEL_FLAGS) -w "$(abspath $(WHEEL_DIR))" "$$src"
+	@ls "$(abspath $(WHEEL_DIR))"/neco_dense-*.whl
 
 clean:
 	rm -rf $(VENV) outputs demo_output model_repository

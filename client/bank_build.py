@@ -72,10 +72,15 @@ def extract(
     out = Extracted()
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # (array, soft, chosen rows, image id)
 
+    # The bar counts images whose features came back, not images read: reading is fast, the
+    # server is the slow part, so a bar that ran ahead of it would end long before the build.
+    bar = tqdm(total=shard_length(support), desc="bank features", unit="img", disable=not progress)
+
     def flush() -> None:
         if not pending:
             return
         dense = batch_features(backend, [item[0] for item in pending])
+        bar.update(len(pending))
         for (_, soft, chosen, image_id), grid_feats in zip(pending, dense):
             # cast per image so an fp16 bank never holds all its features in float32 at once
             out.features.append(normalise(grid_feats.reshape(-1, grid_feats.shape[-1])[chosen]).astype(dtype))
@@ -83,8 +88,7 @@ def extract(
             out.image_ids.append(np.full(len(chosen), image_id, dtype=np.int64))
         pending.clear()
 
-    bar = tqdm(iter_pairs(support), total=shard_length(support), desc="bank", unit="img", disable=not progress)
-    for index, image_like, mask_like in bar:
+    for index, image_like, mask_like in iter_pairs(support):
         name = f"support item {index} ({describe(image_like)})"
         prepared = prepare_image(image_like, image_size, patch)
         mask = load_mask(mask_like)
@@ -104,4 +108,5 @@ def extract(
             flush()
         out.count += 1
     flush()
+    bar.close()
     return out

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from neco.atomic import make_parent
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 
 from .bank import DEFAULT_IMAGE_SIZE
@@ -58,7 +59,7 @@ def _server_options(
         help="host:port, a comma-separated list (round-robin with failover), or dns:///NAME:PORT for every "
         "address of NAME (default localhost:8001 for grpc, 8000 for http)",
     )
-    group.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    group.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="transport")
     group.add_argument("--model", default=DEFAULT_MODEL_NAME, help="Triton model name")
     group.add_argument("--size", type=_size, default=None, help=size_help)
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included")
@@ -66,6 +67,11 @@ def _server_options(
         "--retries", type=int, default=3, help="retries of a failed request on a retryable error (0: off)"
     )
     group.add_argument("--retry-backoff", type=float, default=0.1, help="first wait between retries, doubled up to 2 s")
+
+
+def _policy(size: int | tuple[int, int] | list[int]) -> str:
+    """A size policy as the user reads it: `448` resizes the shorter side, `448x448` is exact."""
+    return f"{size[0]}x{size[1]} (exact)" if isinstance(size, (tuple, list)) else f"{size} (shorter side)"
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -88,7 +94,7 @@ def _features(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         dense = client.features(args.image)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(args.out)
     np.save(args.out, dense.features, allow_pickle=False)
     if args.pca is not None:
         features_to_rgb(dense.features, size=dense.image.original_size).save(args.pca)
@@ -116,6 +122,7 @@ def _bank_build(args: argparse.Namespace) -> int:
     index = IndexSpec(kind=args.index)
     shard = parse_shard(args.shard)
     check_writable(args.out)  # fail before minutes of feature extraction, not after
+    make_parent(args.out)
     with _client(args) as client:
         bank = MemoryBank.build(
             client,
@@ -132,7 +139,8 @@ def _bank_build(args: argparse.Namespace) -> int:
             shard=shard,
         )
     bank.save(args.out)
-    print(f"{bank!r} -> {args.out}" + (f" (shard {args.shard})" if args.shard != "0/1" else ""))
+    shard = f" (shard {args.shard})" if args.shard != "0/1" else ""
+    print(f"{bank!r}, input size {_policy(bank.image_size)} -> {args.out}{shard}")
     return 0
 
 
@@ -141,6 +149,7 @@ def _bank_merge(args: argparse.Namespace) -> int:
     from .bank_io import check_writable
 
     check_writable(args.out)
+    make_parent(args.out)
     bank = MemoryBank.merge([MemoryBank.load(path) for path in args.shards])
     bank.save(args.out)
     print(f"{bank!r} <- {len(args.shards)} shards -> {args.out}")
@@ -224,13 +233,17 @@ def _segment(args: argparse.Namespace) -> int:
         result = client.segment(
             args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(args.out)
     result.mask_image().save(args.out)
     if args.overlay is not None:
         result.overlay(args.image).save(args.overlay)
     labels, counts = np.unique(result.mask, return_counts=True)
     shares = ", ".join(f"{result.class_names[lab]} {cnt / result.mask.size:.1%}" for lab, cnt in zip(labels, counts))
-    print(f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {args.out} ({shares})")
+    height, width = result.input_size
+    print(
+        f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {args.out} ({shares}); "
+        f"encoder input {height}x{width} (size {_policy(args.size) if args.size is not None else 'of the bank'})"
+    )
     return 0
 
 
@@ -239,7 +252,7 @@ def _novelty(args: argparse.Namespace) -> int:
         result = client.novelty(
             args.image, args.bank, method=args.method, aggregation=args.aggregate, k=args.k, size=args.size
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(args.out)
     result.overlay(args.image, alpha=args.alpha).save(args.out)
     verdict = "uncalibrated" if result.is_novel is None else ("NOVEL" if result.is_novel else "in-distribution")
     threshold = "" if result.threshold is None else f" (threshold {result.threshold:.4f})"
@@ -265,7 +278,7 @@ def register(subparsers: Any) -> None:
     build.add_argument("support", type=Path, help="folder with images/ and masks/ (optional classes.json)")
     build.add_argument("--out", type=Path, required=True, help="bank folder to write")
     build.add_argument("--classes", type=Path, default=None, help="JSON list of class names")
-    build.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
+    build.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat", help="faiss index of the bank")
     build.add_argument("--fp16", action="store_true", help="store features and labels as float16")
     build.add_argument("--shard", default="0/1", help="build only shard i/n (images i, i+n, ...); join with merge")
     build.add_argument("--num-classes", type=int, default=None, help="K without a class list (labels >= K fail)")

@@ -18,7 +18,7 @@ to give novel pixels an explicit "unknown" label.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ class SegmentationResult:
     """(H, W) float32 score of the chosen class (the transferred label mass, in [0, 1])."""
     scores: np.ndarray | None = None
     """(K, H, W) float32 per-class scores, when requested (`return_scores=True`)."""
+    input_size: tuple[int, int] | None = None
+    """(H, W) the query was resized to for the encoder (by the bank's size policy, or `size=`); results
+    depend on it, so it is reported with them. None for `segment_features`, which never saw the image."""
 
     def overlay(self, image: ImageLike, alpha: float = 0.5, legend: bool = True) -> Image.Image:
         """The input image with class colours blended in and a legend of the classes found."""
@@ -263,6 +266,11 @@ def resolve_bank(backend: FeatureBackend, support: Any, **build_options: Any) ->
         bank = support
     elif is_saved_bank(support):
         bank = MemoryBank.load(support, contract=backend.contract)
+    elif isinstance(support, (str, Path)) and not Path(support).exists():
+        raise BankError(
+            f"memory bank {str(support)!r} does not exist: give a bank folder written by `neco bank build` "
+            f"(or a folder with images/ and masks/ to build one on the fly)"
+        )
     else:
         bank = MemoryBank.build(backend, support, **build_options)
     check_contract(backend.contract, bank)
@@ -300,7 +308,7 @@ def segment(
         options["image_size"] = size
     bank = resolve_bank(backend, support, **options)
     prepared, features = _query_features(backend, image, bank, size)
-    return segment_features(
+    result = segment_features(
         features,
         bank,
         prepared.original_size,
@@ -309,6 +317,7 @@ def segment(
         return_scores=return_scores,
         unknown=unknown,
     )
+    return replace(result, input_size=prepared.size)
 
 
 def _query_features(

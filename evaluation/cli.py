@@ -200,16 +200,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     protocols = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     raw = argparse.RawDescriptionHelpFormatter
 
-    def evaluation(name: str, handler: Handler, flags: Flags, **parser_options: Any) -> None:
+    def evaluation(name: str, handler: Handler, flags: Flags, model: str, **parser_options: Any) -> None:
         parser = protocols.add_parser(name, **parser_options)
         _add_flags(parser, flags)
         _add_config(parser)
-        parser.set_defaults(handler=handler)
+        parser.set_defaults(handler=handler, config_model=model)  # --help shows the model's defaults
 
     evaluation(
         "hummingbird",
         _hummingbird,
         SEGMENTATION_FLAGS + HUMMINGBIRD_FLAGS,
+        "neco.evaluation.hummingbird:HummingbirdConfig",
         help="in-context k-NN segmentation mIoU",
         description=HUMMINGBIRD_HELP,
         formatter_class=raw,
@@ -218,6 +219,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "linear",
         _linear,
         SEGMENTATION_FLAGS + LINEAR_FLAGS,
+        "neco.evaluation.linear:LinearConfig",
         help="linear-probe segmentation mIoU (needs torch)",
         description="Linear probe: BatchNorm + 1x1 head on frozen features, logits upsampled to the full mask; "
         "mIoU over classes present (comparable with NeCo's linear column up to its training recipe).",
@@ -226,6 +228,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "overcluster",
         _overcluster,
         SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS,
+        "neco.evaluation.overcluster:OverclusterConfig",
         help="unsupervised overclustering mIoU (k-means on val patches)",
         description="Overclustering (NeCo's / Leopart's unsupervised column): faiss k-means (seeded) on the "
         "val patch features at the square input size for each K, clusters mapped to classes many-to-one "
@@ -235,6 +238,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "keypoints",
         _keypoints,
         KEYPOINT_FLAGS,
+        "neco.evaluation.keypoints:KeypointConfig",
         help="SPair-71k keypoint correspondence PCK",
         description="Keypoint correspondence on SPair-71k: each source keypoint's patch is matched to the "
         "most cosine-similar target patch (optional soft-argmax); PCK@0.1 and @0.05 of max(target bbox w, h), "
@@ -257,4 +261,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_flags(rep, REPORT_FLAGS)
     rep.add_argument("--config", default=None, help="YAML config file (flags and overrides win)")
     rep.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    rep.set_defaults(handler=_all)
+    rep.set_defaults(handler=_all, config_model="neco.evaluation.report:ReportConfig")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from neco.atomic import make_parent
 from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE, ModelContract
 from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.datasets import DatasetKind
@@ -44,10 +45,17 @@ class EvalConfig(BaseModel):
         """The client's resize-policy argument for this config."""
         return (self.input_size, self.input_size) if self.square else self.input_size
 
+    @property
+    def size_text(self) -> str:
+        """The resize policy as printed with every result (numbers depend on it: docs/client.md)."""
+        return f"{self.input_size}x{self.input_size}" if self.square else f"shorter side {self.input_size}"
+
     def report_header(self, evaluation: str, train: Any, val: Any, contract: ModelContract) -> dict[str, object]:
-        """The fields every evaluation report starts with (which data, which model, which config)."""
+        """The fields every evaluation report starts with (which data, which model, which size, which config)."""
         return {
             "evaluation": evaluation,
+            "input_size": self.input_size,
+            "resize": "square" if self.square else "shorter side",
             "dataset": self.dataset,
             "train_split": train.split,
             "val_split": val.split,
@@ -60,7 +68,7 @@ class EvalConfig(BaseModel):
     def write_report(self, report: dict[str, object]) -> None:
         """Write the JSON report to `out`, when one is configured."""
         if self.out is not None:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
+            make_parent(self.out)
             self.out.write_text(json.dumps(report, indent=2))
             print(f"{report.get('evaluation', 'evaluation')}: wrote {self.out}")
 

@@ -198,7 +198,7 @@ def run_strict(
     print(f"hummingbird[strict]: {bank!r}")
     result = evaluate_bank(backend, bank, val, k=cfg.k, temperature=cfg.temperature, batch_size=cfg.backend.batch_size)
     print(result.table())
-    return {**result.to_dict(), "matching": "none", "bank_patches": len(bank)}
+    return {**result.to_dict(), "matching": "none", "bank_patches": len(bank), "input_size": cfg.input_size}
 
 
 def run_hbird_eval(
@@ -247,7 +247,10 @@ def run_hummingbird(cfg: HummingbirdConfig, backend: FeatureBackend | None = Non
     train = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split, subset=cfg.train_subset, seed=cfg.seed)
     val = load_dataset(cfg.dataset, cfg.data_root, cfg.val_split, subset=cfg.val_subset, seed=cfg.seed)
     backend = backend if backend is not None else cfg.build_backend()
-    print(f"hummingbird: {len(train)} {train.name}/{train.split} support images -> memory, {len(val)} val images")
+    print(
+        f"hummingbird: {len(train)} {train.name}/{train.split} support images -> memory, {len(val)} val images, "
+        f"input {cfg.size_text} px"
+    )
     results = {
         name: {"description": PROTOCOL_HELP[name], **RUNNERS[name](cfg, backend, train, val)} for name in cfg.protocols
     }

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from neco.atomic import make_parent
 from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE
 from neco.evaluation.backends import BackendConfig
 from neco.evaluation.datasets import DatasetError, MissingDatasetFileError, read_image
@@ -206,7 +207,8 @@ def run_keypoints(cfg: KeypointConfig, backend: FeatureBackend | None = None) ->
         acc.update(pair.category, predicted, pair.target_kps, pair.target_bbox)
     result = acc.result()
     for alpha in cfg.alphas:
-        print(f"keypoints: PCK@{alpha:g} mean over categories {100 * result[f'pck@{alpha:g}']['mean']:.1f}")
+        pck = 100 * result[f"pck@{alpha:g}"]["mean"]
+        print(f"keypoints: PCK@{alpha:g} mean over categories {pck:.1f} (input {size}x{size} px)")
     report: dict[str, object] = {
         "evaluation": "keypoints",
         "protocol": "spair-pck-bbox",
@@ -219,6 +221,6 @@ def run_keypoints(cfg: KeypointConfig, backend: FeatureBackend | None = None) ->
         "seconds": round(time.perf_counter() - started, 2),
     }
     if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(cfg.out)
         cfg.out.write_text(json.dumps(report, indent=2))
     return report

@@ -138,5 +138,6 @@ def run_linear(cfg: LinearConfig, backend: FeatureBackend) -> dict[str, object]:
         "seconds": round(time.perf_counter() - started, 2),
     }
     cfg.write_report(report)
+    print(f"linear: input {cfg.size_text} px")
     print(result.table())
     return report

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field, PositiveInt
 
+from neco.atomic import make_parent
 from neco.contract import IGNORE_INDEX
 from neco.evaluation.augment import SquareViews
 from neco.evaluation.backends import iter_features
@@ -117,7 +118,7 @@ def run_overcluster(cfg: OverclusterConfig, backend: FeatureBackend | None = Non
         hungarian=cfg.hungarian, seed=cfg.seed, niter=cfg.niter,
     )  # fmt: skip
     for key, result in results.items():
-        print(f"overcluster[{key}, {result.matching}]: mIoU {100 * result.miou:.1f}")
+        print(f"overcluster[{key}, {result.matching}]: mIoU {100 * result.miou:.1f} (input {size}x{size} px)")
     report: dict[str, object] = {
         "evaluation": "overcluster",
         "protocol": "overcluster",
@@ -131,6 +132,6 @@ def run_overcluster(cfg: OverclusterConfig, backend: FeatureBackend | None = Non
         "seconds": round(time.perf_counter() - started, 2),
     }
     if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(cfg.out)
         cfg.out.write_text(json.dumps(report, indent=2))
     return report

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from neco.atomic import make_parent
 from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, DEFAULT_TEMPERATURE, PATCH_SIZE
 from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.config import build_backend
@@ -217,7 +218,7 @@ def run_report(cfg: ReportConfig) -> dict[str, object]:
         "results": results,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(cfg.out)
     cfg.out.with_suffix(".json").write_text(json.dumps(document, indent=2))
     table = markdown_table(cfg, results)
     cfg.out.with_suffix(".md").write_text(table)

@@ -19,6 +19,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def make_parent(path: Path) -> None:
+    """Create the folder of an output file a user named (`--out`); a new folder outside the cwd is announced.
+
+    `--out /somewhere/else/x.png` may create a whole tree; saying so on stderr keeps a typo in a
+    path from silently scattering results across the file system.
+    """
+    parent = Path(path).parent
+    if parent.is_dir():
+        return
+    if not parent.resolve().is_relative_to(Path.cwd().resolve()):
+        print(f"note: creating folder {str(parent.resolve())!r} (outside the working directory)", file=sys.stderr)
+    parent.mkdir(parents=True, exist_ok=True)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's data, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)

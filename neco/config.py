@@ -7,6 +7,7 @@ types and impossible values are rejected before any work starts, with the offend
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,11 +54,51 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
+SHIPPED_CONFIGS = "neco.configs"
+"""The package that holds the repository's configs/*.yaml in an installed distribution."""
+
+
+def shipped_config_dir() -> Path | None:
+    """The folder of the configs shipped with the package, or None when they are not installed.
+
+    An installed wheel maps `configs/` to `neco.configs` (package data); a source checkout run
+    without installing has them beside `neco/`.
+    """
+    try:
+        folder = Path(str(resources.files(SHIPPED_CONFIGS)))
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parent.parent / "configs"
+    return folder if folder.is_dir() else None
+
+
+def shipped_config_names() -> list[str]:
+    """Names (file stems) of the shipped configs, for `--config NAME` and error messages."""
+    folder = shipped_config_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder is not None else []
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """An existing file wins; otherwise `NAME`, `NAME.yaml` or `configs/NAME.yaml` name a shipped config.
+
+    So `--config configs/demo.yaml` as written in the README works from any folder once the
+    package is installed, and `--config demo` is a short form of it.
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    folder = shipped_config_dir()
+    if folder is not None and len(parts) == 1 and given.suffix in ("", ".yaml"):
+        shipped = folder / f"{Path(parts[0]).stem}.yaml"
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(shipped_config_names()) or "none installed"
+    raise ConfigError(f"config file {str(given)!r} does not exist (shipped configs by name: {names})")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; an empty file is an empty mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    """Read a YAML mapping (a path, or a shipped config's name); an empty file is an empty mapping."""
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -88,3 +129,19 @@ def load_config(
             where = ".".join(str(p) for p in err["loc"]) or "<root>"
             lines.append(f"  {where}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def field_defaults(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every field's default as `dotted.key -> value` (nested models flattened; required fields left out).
+
+    `--help` reads the defaults from here, so the pydantic model stays their one source.
+    """
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = field.annotation if isinstance(field.annotation, type) else None
+        if nested is not None and issubclass(nested, BaseModel):
+            out.update(field_defaults(nested, f"{key}."))
+        elif not field.is_required():
+            out[key] = field.get_default(call_default_factory=True)
+    return out

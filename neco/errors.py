@@ -29,6 +29,24 @@ class InputError(NecoError, ValueError):
     """A value given by the caller violates the contract (image shape, size limit, ...)."""
 
 
+class MissingExtraError(NecoError, ModuleNotFoundError):
+    """A command needs a third-party package of an extra that is not installed."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, command: str, module: str, extra: str | None) -> None:
+        self.module, self.extra = module, extra
+        if extra is None:
+            hint = "install the extra of this command"
+        else:
+            hint = (
+                f'install the `{extra}` extra: pip install -c constraints.txt "./neco[{extra}]" from a checkout '
+                f'named neco, or "neco_dense-<version>-py3-none-any.whl[{extra}]" from `make wheel`'
+            )
+        super().__init__(f"`{command}` needs the Python package {module!r}, which is not installed; {hint}")
+        self.name = module
+
+
 def exit_code(exc: BaseException) -> int | None:
     """The exit status for an expected error, or None for a bug (which keeps its traceback).
 

@@ -25,8 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--repository", type=Path, default=None, help="Triton model repository (from neco export)")
     parser.add_argument("--config", type=Path, default=None, help="YAML with ServeConfig fields (configs/serve_*.yaml)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="Triton's log and PyTriton's INFO lines on the console (verbose=true)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="ServeConfig overrides")
-    parser.set_defaults(handler=serve_command)
+    parser.set_defaults(handler=serve_command, config_model="neco.serving.config:ServeConfig")
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -37,17 +40,23 @@ def serve_command(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.repository is not None:
         overrides.append(f"repository={args.repository}")
+    if args.verbose:
+        overrides.append("verbose=true")
     cfg = load_config(ServeConfig, args.config, overrides)
     if not cfg.repository.is_dir():
         raise ConfigError(f"model repository {str(cfg.repository)!r} does not exist; run `neco export` first")
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Quiet by default: this project's INFO lines (start, stop), everybody else's warnings and errors.
+    logging.basicConfig(
+        level=logging.INFO if cfg.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("neco").setLevel(logging.INFO)
     from neco.serving.embedded import EmbeddedServer
 
     def announce(server: EmbeddedServer) -> None:
         print(
-            f"serving {server.model_name}: http {server.http_url}  grpc {server.grpc_url}  "
-            f"metrics {server.metrics_url}  (Ctrl+C or SIGTERM to stop)",
+            f"serving {server.model_name} v{server.version} ({', '.join(server.providers)}) on http {server.http_url}  "
+            f"grpc {server.grpc_url}  metrics {server.metrics_url}  (Ctrl+C or SIGTERM to stop)",
             flush=True,
         )
 

@@ -62,7 +62,12 @@ class ServeConfig(BaseModel):
         description="restart tritonserver when its python backend dies; False = stop, and `neco serve` exits 1",
     )
 
-    log_verbose: int = Field(default=0, ge=0)
+    log_verbose: int = Field(default=0, ge=0, description="Triton's verbose log level (with verbose=true)")
+    verbose: bool = Field(
+        default=False,
+        description="Triton's log and PyTriton's INFO lines on the console; false: Triton logs to a file in its "
+        "workspace and only its last lines are reported when it fails",
+    )
 
     @field_validator("providers")
     @classmethod

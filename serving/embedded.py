@@ -43,7 +43,7 @@ from pytriton.utils.workspace import Workspace
 from tritonclient.grpc import model_config_pb2
 
 from neco.contract import ModelContract
-from neco.errors import NecoError
+from neco.errors import EXIT_USAGE, NecoError
 from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
 from neco.serving.gateway import RequestGateway
 from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
@@ -53,6 +53,15 @@ from neco.signature import SPECS
 from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, config_problems, contract_from_config, read_model_config
 
 LOGGER = logging.getLogger(__name__)
+TRITON_LOG_FILENAME = "tritonserver.log"
+"""Triton's log inside its workspace unless `ServeConfig.verbose` (then it goes to stdout)."""
+LOG_TAIL_LINES = 20
+
+
+class PortInUseError(NecoError, OSError):
+    """A port the server is configured to bind is taken by another process (exit status 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 class ServingError(NecoError, RuntimeError):
@@ -87,6 +96,41 @@ def pick_free_ports(host: str, count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Fail before Triton starts when a configured port is taken (a second server, another service).
+
+    Otherwise tritonserver fails to bind while PyTriton's readiness check talks to whatever
+    listens there (e.g. another PyTriton: a 403 "expecting header 'triton-access-token'").
+    SO_REUSEADDR as Triton binds, so a port in TIME_WAIT after a restart is not reported.
+    """
+    for name, port in ports.items():
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise PortInUseError(
+                    f"port {port} ({name}) on {host} is in use ({exc.strerror}); stop the other server or choose "
+                    f"another port ({name}=PORT, 0 = a free one)"
+                ) from None
+
+
+def served_model_names(repository: Path) -> list[str]:
+    """Models of a repository: the folders holding a config.pbtxt."""
+    return (
+        sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file()) if repository.is_dir() else []
+    )
+
+
+def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of Triton's log file, for an error message ('' when there is none)."""
+    if path is None or not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def install_stub_guard(version_dir: Path) -> None:
@@ -143,6 +187,9 @@ class EmbeddedServer:
         self._lifecycle = threading.RLock()
         self._failure: str | None = None
         self.backend_failures = 0
+        self.version: int | None = None
+        self.providers: list[str] = []
+        self._log_file: Path | None = None
         """How many times the python backend died while serving (each answered by a restart or a stop)."""
 
     # --- endpoints ----------------------------------------------------------------------------
@@ -181,8 +228,22 @@ class EmbeddedServer:
             if self._triton is not None:
                 raise ServingError("the embedded server is already running")
             self._failure = None
+            check_ports_free(
+                self.cfg.host,
+                {
+                    "http_port": self.cfg.http_port,
+                    "grpc_port": self.cfg.grpc_port,
+                    "metrics_port": self.cfg.metrics_port,
+                },
+            )
             model_dir = self.cfg.repository / self.cfg.model_name
             if not (model_dir / CONFIG_FILENAME).is_file():
+                available = served_model_names(self.cfg.repository)
+                if available:
+                    raise FileNotFoundError(
+                        f"model {self.cfg.model_name!r} is not in {self.cfg.repository}; it holds {available} "
+                        f"(model_name=NAME)"
+                    )
                 raise FileNotFoundError(
                     f"{model_dir}/{CONFIG_FILENAME} not found: is {self.cfg.repository} a model repository?"
                 )
@@ -205,7 +266,8 @@ class EmbeddedServer:
                 self._supervisor.close()
                 self._stop_gateway()
                 raise
-            LOGGER.info(
+            self.version, self.providers = version, list(runner.providers)
+            LOGGER.debug(
                 "serving %s v%d (%s) on http %s, grpc %s, metrics %s with %s",
                 self.model_name, version, self.contract.arch, self.http_url, self.grpc_url, self.metrics_url,
                 runner.providers,
@@ -216,9 +278,12 @@ class EmbeddedServer:
         """Start tritonserver on the chosen ports and put its process tree under supervision."""
         ensure_stub_library_path()
         workspace = Workspace()  # sockets + generated model store; removed by Triton.stop()
+        self._log_file = None if self.cfg.verbose else workspace.path / TRITON_LOG_FILENAME
         try:
             triton = Triton(
-                config=self._triton_config(uses_gpu="CUDAExecutionProvider" in runner.providers),
+                config=self._triton_config(
+                    uses_gpu="CUDAExecutionProvider" in runner.providers, log_file=self._log_file
+                ),
                 workspace=workspace,
                 triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=True, local_model_store=True),
             )
@@ -241,15 +306,22 @@ class EmbeddedServer:
         previous_umask = os.umask(0o077)  # files tritonserver creates (shm regions) are the user's only
         try:
             triton.run()
+            if not self.cfg.verbose:  # what tritonserver still prints after its log file (e.g. on SIGINT)
+                triton._triton_server._verbose = False  # noqa: SLF001  (PyTriton 0.7: no public switch)
             self._tree = ProcessTree(tritonserver_pid(triton))
             self._supervisor.watch(self._tree)  # type: ignore[union-attr]
             self._check_served_contract()
             self._gateway.set_available(True)  # type: ignore[union-attr]
         except PyTritonClientTimeoutError as exc:
+            tail = log_tail(self._log_file)
             self._shutdown()
-            raise ServingError("tritonserver did not become ready; its log above says why") from exc
+            where = f"the end of its log:\n{tail}" if tail else "its log above says why"
+            raise ServingError(f"tritonserver did not become ready; {where}") from exc
         except BaseException:
+            tail = log_tail(self._log_file)
             self._shutdown()
+            if tail:
+                LOGGER.error("tritonserver failed to start; the end of its log:\n%s", tail)
             raise
         finally:
             os.umask(previous_umask)
@@ -287,6 +359,9 @@ class EmbeddedServer:
             return  # start() or stop() is running and decides the server's fate
         try:
             self.backend_failures += 1
+            tail = log_tail(self._log_file)
+            if tail:
+                LOGGER.error("the python backend died (%s); the end of tritonserver's log:\n%s", problem, tail)
             self._shutdown()
             if not self.cfg.restart_on_backend_failure:
                 self._failure = f"backend failed ({problem}); restart_on_backend_failure is off"
@@ -347,7 +422,7 @@ class EmbeddedServer:
         self.stop()
 
     # --- helpers --------------------------------------------------------------------------------
-    def _triton_config(self, uses_gpu: bool) -> TritonConfig:
+    def _triton_config(self, uses_gpu: bool, log_file: Path | None) -> TritonConfig:
         http_port, grpc_port = self._upstream  # type: ignore[misc]
         metrics_port = self._ports[2]  # type: ignore[index]
         return TritonConfig(
@@ -362,6 +437,7 @@ class EmbeddedServer:
             strict_readiness=True,
             exit_timeout_secs=5,
             log_verbose=self.cfg.log_verbose,
+            log_file=log_file,
         )
 
     @staticmethod

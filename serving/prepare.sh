@@ -6,17 +6,42 @@
 # mounted read-write at /models. Exits 0 without work when /models already holds the requested
 # model for the requested backend and device kind (set NECO_FORCE_EXPORT=1 to rebuild), so
 # `docker compose up` is cheap after the first run. Triton starts only if this exits 0.
+#
+# What is served (docs/serving.md): NECO_SOURCE if set; else the newest training artefact
+# under outputs/ (outputs/<run>/artefact/metadata.json) as model `neco_dinov2`; else the stock
+# DINOv2 weights NECO_STOCK_SOURCE as model `dinov2_stock`, so stock weights never pass for NeCo.
+# NECO_MODEL_NAME overrides the name. The chosen name is written to <repository>/.neco_model,
+# which the triton services read to load exactly that model.
 set -euo pipefail
 
-: "${NECO_SOURCE:?set NECO_SOURCE to a training artefact dir under the repo or a timm DINOv2 id}"
-NECO_MODEL_NAME="${NECO_MODEL_NAME:-neco_dinov2}"
+NECO_STOCK_SOURCE="${NECO_STOCK_SOURCE:-vit_small_patch14_reg4_dinov2.lvd142m}"
+NECO_OUTPUTS="${NECO_OUTPUTS:-outputs}"
+
+say() { echo "prepare: $*" >&2; }
+
+if [[ -z "${NECO_SOURCE:-}" ]]; then
+  newest_metadata="$(ls -1t "${NECO_OUTPUTS}"/*/artefact/metadata.json 2>/dev/null | head -n 1 || true)"
+  if [[ -n "${newest_metadata}" ]]; then
+    NECO_SOURCE="$(dirname "${newest_metadata}")"
+    default_name=neco_dinov2
+    say "serving the newest training artefact ${NECO_SOURCE} (set NECO_SOURCE to choose another)"
+  else
+    NECO_SOURCE="${NECO_STOCK_SOURCE}"
+    default_name=dinov2_stock
+    say "no training artefact under ${NECO_OUTPUTS}/*/artefact: serving the stock weights ${NECO_SOURCE} as ${default_name}"
+  fi
+elif [[ -e "${NECO_SOURCE}" ]]; then
+  default_name=neco_dinov2
+else
+  default_name=dinov2_stock  # a timm id: stock weights
+fi
+NECO_MODEL_NAME="${NECO_MODEL_NAME:-${default_name}}"
 NECO_BACKEND="${NECO_BACKEND:-tensorrt}"
 NECO_INSTANCE_KIND="${NECO_INSTANCE_KIND:-KIND_GPU}"
 NECO_FORCE_EXPORT="${NECO_FORCE_EXPORT:-0}"
 REPOSITORY="${NECO_REPOSITORY:-/models}"
 model_dir="${REPOSITORY}/${NECO_MODEL_NAME}"
-
-say() { echo "prepare: $*" >&2; }
+served_name_file="${REPOSITORY}/.neco_model"
 
 case "${NECO_BACKEND}" in
   onnxruntime) export_config=configs/export_onnx.yaml ;;
@@ -31,6 +56,7 @@ if [[ "${NECO_FORCE_EXPORT}" != 1 && -f "${model_dir}/config.pbtxt" ]] \
   && grep -q "backend: \"${NECO_BACKEND}\"" "${model_dir}/config.pbtxt" \
   && grep -q "kind: ${NECO_INSTANCE_KIND}" "${model_dir}/config.pbtxt"; then
   say "${model_dir} already serves ${NECO_BACKEND} on ${NECO_INSTANCE_KIND}; nothing to do (NECO_FORCE_EXPORT=1 rebuilds)"
+  echo "${NECO_MODEL_NAME}" > "${served_name_file}"
   exit 0
 fi
 
@@ -65,4 +91,5 @@ else
   say "checking the engine deserialises and runs with ${trtexec_bin}"
   "${trtexec_bin}" --loadEngine="${model_dir}/1/model.plan" --shapes=images:1x224x224x3 --iterations=5 --avgRuns=5
 fi
+echo "${NECO_MODEL_NAME}" > "${served_name_file}"
 say "done: $(neco export inspect "${model_dir}" | tr -d '\n' | cut -c1-200)"

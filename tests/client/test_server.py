@@ -166,6 +166,9 @@ def test_cli_end_to_end_without_torch(triton_server, tmp_path: Path) -> None:
     assert mask.shape == (SIZE, SIZE) and mask.max() < 4
     assert Image.open(tmp_path / "overlay.png").width == SIZE
     assert "MemoryBank(192 patches" in done.stdout
+    # the size policy is part of every result line: the bank's, and the query's encoder input
+    assert f"input size {SIZE} (shorter side) -> {tmp_path / 'bank'}" in done.stdout
+    assert f"encoder input {SIZE}x{SIZE} (size {SIZE} (shorter side))" in done.stdout
 
 
 def test_cli_reports_an_unreachable_server(tmp_path: Path) -> None:

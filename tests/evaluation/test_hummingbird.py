@@ -48,10 +48,13 @@ def test_augmented_passes_and_memory_bound(backend: TorchBackend, scene_dataset:
     assert bank.num_images == 2 * len(train)
 
 
-def test_run_writes_report(backend: TorchBackend, scene_dataset: Path, tmp_path: Path) -> None:
+def test_run_writes_report(backend: TorchBackend, scene_dataset: Path, tmp_path: Path, capsys) -> None:
     cfg = HummingbirdConfig(data_root=scene_dataset, input_size=56, val_subset=2, out=tmp_path / "hb.json")
     report = run_hummingbird(cfg, backend)
+    assert "input 56x56 px" in capsys.readouterr().out  # the size is part of every printed result
     on_disk = json.loads((tmp_path / "hb.json").read_text())
+    assert (on_disk["input_size"], on_disk["resize"]) == (56, "square")
+    assert all(result["input_size"] == 56 for result in on_disk["results"].values())
     assert on_disk["miou"] == pytest.approx(report["miou"]) and 0.0 <= on_disk["miou"] <= 1.0
     assert on_disk["num_val"] == 3 and on_disk["config"]["k"] == 30 and on_disk["config"]["temperature"] == 0.02
     assert set(on_disk["per_class_iou"]) == set(json.loads((scene_dataset / "classes.json").read_text()))

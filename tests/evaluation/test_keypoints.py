@@ -99,10 +99,11 @@ def _spair_tree(root: Path) -> None:
         (root / "PairAnnotation" / "test" / f"{category}.json").write_text(json.dumps(pair))
 
 
-def test_run_on_spair_tree(tmp_path: Path) -> None:
+def test_run_on_spair_tree(tmp_path: Path, capsys) -> None:
     _spair_tree(tmp_path)
     cfg = KeypointConfig(data_root=tmp_path, input_size=SIZE, out=tmp_path / "kp.json")
     report = run_keypoints(cfg, PatchContentBackend())
+    assert report["input_size"] == SIZE and f"(input {SIZE}x{SIZE} px)" in capsys.readouterr().out
     # cat: errors 0, 0, 9.9 -> 3/3 at 0.1, 2/3 at 0.05; dog: errors 20, 20, ~21 -> 0.
     assert report["pck@0.1"]["per_category"] == {"cat": 1.0, "dog": 0.0}
     assert report["pck@0.05"]["per_category"]["cat"] == pytest.approx(2 / 3)

@@ -58,7 +58,7 @@ def test_kmeans_recovers_separable_classes() -> None:
         kmeans_labels(np.zeros((4, 16), dtype=np.float32), 5)
 
 
-def test_cli(random_artefact: Path, scene_dataset: Path, tmp_path: Path) -> None:
+def test_cli(random_artefact: Path, scene_dataset: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "oc.json"
     args = ["eval", "overcluster", "--data-root", str(scene_dataset), "--model", str(random_artefact)]
     args += ["--device", "cpu", "--input-size", "56", "--clusters", "5,10", "--out", str(out)]
@@ -67,3 +67,4 @@ def test_cli(random_artefact: Path, scene_dataset: Path, tmp_path: Path) -> None
     assert set(report["results"]) == {"k=5", "k=10", "hungarian"}
     assert all(0.0 <= r["miou"] <= 1.0 for r in report["results"].values())
     assert report["results"]["k=10"]["matching"] == "many-to-one"
+    assert report["input_size"] == 56 and "mIoU" in capsys.readouterr().out.split("(input 56x56 px)")[0]

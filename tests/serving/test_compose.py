@@ -76,9 +76,12 @@ def test_triton_services_are_deliberately_configured(services):
     for name in TRITON_SERVICES:
         service = services[name]
         command = service["command"]
-        assert command[0] == "tritonserver"
+        # the model prepare chose (its name in /models/.neco_model) is the one model loaded
+        assert service["entrypoint"][:2] == ["bash", "-c"]
+        assert 'exec tritonserver --load-model="$$(cat /models/.neco_model)" "$$@"' == service["entrypoint"][2]
         assert "--model-repository=/models" in command
-        assert "--model-control-mode=explicit" in command and "--load-model=neco_dinov2" in command
+        assert "--model-control-mode=explicit" in command
+        assert not any(arg.startswith("--load-model") for arg in command)
         assert "--strict-model-config=true" in command
         assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
         assert service["restart"] == "unless-stopped"
@@ -142,11 +145,64 @@ def test_prepare_script_references_existing_files():
         assert (REPO / copied).exists(), copied
 
 
+def test_the_triton_entrypoint_loads_the_prepared_model(services, tmp_path):
+    """The entrypoint, run by bash as Docker would (with a stand-in tritonserver), passes the name prepare wrote."""
+    (tmp_path / ".neco_model").write_text("neco_dinov2\n")
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "tritonserver"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    entrypoint = [
+        part.replace("$$", "$").replace("/models", str(tmp_path)) for part in services["triton"]["entrypoint"]
+    ]
+    result = subprocess.run(
+        [*entrypoint, *services["triton"]["command"]], env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    args = result.stdout.splitlines()
+    assert args[0] == "--load-model=neco_dinov2" and args[1:] == services["triton"]["command"]
+
+
+def run_prepare(tmp_path: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """prepare.sh up to its export: the repository already holds the model it chooses."""
+    base = {"PATH": os.environ["PATH"], "NECO_REPOSITORY": str(tmp_path / "repo"), "NECO_BACKEND": "onnxruntime",
+            "NECO_INSTANCE_KIND": "KIND_CPU"}  # fmt: skip
+    for name in ("neco_dinov2", "dinov2_stock", "mine"):
+        (tmp_path / "repo" / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "repo" / name / "config.pbtxt").write_text(
+            'backend: "onnxruntime"\ninstance_group { kind: KIND_CPU }\n'
+        )
+    return subprocess.run(
+        ["bash", str(REPO / "serving" / "prepare.sh")], env={**base, **env}, cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_prepare_serves_the_newest_training_artefact_else_names_stock_weights(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    stock = run_prepare(tmp_path, work)
+    assert stock.returncode == 0, stock.stderr
+    assert "no training artefact" in stock.stderr and "as dinov2_stock" in stock.stderr
+    assert (tmp_path / "repo" / ".neco_model").read_text().strip() == "dinov2_stock"
+    for run, age in (("old", 100), ("new", 0)):
+        artefact = work / "outputs" / run / "artefact"
+        artefact.mkdir(parents=True)
+        (artefact / "metadata.json").write_text("{}")
+        os.utime(artefact / "metadata.json", (1e9 - age, 1e9 - age))
+    trained = run_prepare(tmp_path, work)
+    assert trained.returncode == 0, trained.stderr
+    assert "serving the newest training artefact outputs/new/artefact" in trained.stderr
+    assert (tmp_path / "repo" / ".neco_model").read_text().strip() == "neco_dinov2"
+    named = run_prepare(tmp_path, work, NECO_SOURCE="outputs/old/artefact", NECO_MODEL_NAME="mine")
+    assert named.returncode == 0 and (tmp_path / "repo" / ".neco_model").read_text().strip() == "mine"
+
+
 def test_prepare_script_skips_an_already_prepared_repository(tmp_path):
     model_dir = tmp_path / "neco_dinov2"
     model_dir.mkdir()
     (model_dir / "config.pbtxt").write_text('backend: "onnxruntime"\ninstance_group { kind: KIND_CPU }\n')
-    env = {"PATH": os.environ["PATH"], "NECO_SOURCE": "unused", "NECO_REPOSITORY": str(tmp_path),
+    env = {"PATH": os.environ["PATH"], "NECO_SOURCE": "unused", "NECO_MODEL_NAME": "neco_dinov2", "NECO_REPOSITORY": str(tmp_path),
            "NECO_BACKEND": "onnxruntime", "NECO_INSTANCE_KIND": "KIND_CPU"}  # fmt: skip
     result = subprocess.run(
         ["bash", str(REPO / "serving" / "prepare.sh")], env=env, cwd=REPO, capture_output=True, text=True

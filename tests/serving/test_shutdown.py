@@ -36,7 +36,7 @@ def start_serve(model_repository: Path, log_path: Path, *overrides: str) -> tupl
     )  # fmt: skip
     wait_ready(f"127.0.0.1:{http}", process, STARTUP_TIMEOUT_S)
     deadline = time.monotonic() + 60  # Triton is ready a moment before PyTriton has connected to it
-    while "serving neco_dinov2:" not in log_path.read_text() and time.monotonic() < deadline:
+    while "serving neco_dinov2 v" not in log_path.read_text() and time.monotonic() < deadline:
         assert process.poll() is None, log_path.read_text()[-2000:]
         time.sleep(0.1)
     return process, http, grpc_port

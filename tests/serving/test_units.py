@@ -190,3 +190,30 @@ def test_runner_returns_only_requested_outputs(model_repository_model_dir, refer
     assert set(first) == {"cls_token"} and set(second) == {"features", "features_raw", "cls_token"}
     np.testing.assert_allclose(first["cls_token"], expected["cls_token"][:1], atol=1e-5)
     np.testing.assert_allclose(second["features"], expected["features"][1:], atol=1e-5)
+
+
+def test_port_check_passes_free_ports_and_names_a_taken_one():
+    import socket
+
+    from neco.serving.embedded import PortInUseError, check_ports_free
+
+    free = pick_free_ports("127.0.0.1", 1)[0]
+    check_ports_free("127.0.0.1", {"http_port": free, "grpc_port": 0})  # 0 = chosen later: not checked
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"port {port} \\(metrics_port\\) on 127.0.0.1 is in use") as info:
+            check_ports_free("127.0.0.1", {"http_port": free, "metrics_port": port})
+    assert info.value.exit_code == 2
+
+
+def test_triton_config_carries_the_log_file_and_its_tail_is_read(tmp_path):
+    from neco.serving.embedded import EmbeddedServer, log_tail
+
+    quiet = EmbeddedServer(ServeConfig(repository=tmp_path))
+    quiet._ports = (1, 2, 3)
+    assert quiet._triton_config(uses_gpu=False, log_file=tmp_path / "t.log").log_file == tmp_path / "t.log"
+    assert log_tail(tmp_path / "absent.log") == ""
+    (tmp_path / "t.log").write_text("".join(f"line {i}\n" for i in range(50)))
+    assert log_tail(tmp_path / "t.log", lines=2) == "line 48\nline 49"
