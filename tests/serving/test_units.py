@@ -212,7 +212,7 @@ def test_triton_config_carries_the_log_file_and_its_tail_is_read(tmp_path):
     from neco.serving.embedded import EmbeddedServer, log_tail
 
     quiet = EmbeddedServer(ServeConfig(repository=tmp_path))
-    quiet._ports = (1, 2, 3)
+    quiet._ports, quiet._upstream = (1, 2, 3), (4, 5)
     assert quiet._triton_config(uses_gpu=False, log_file=tmp_path / "t.log").log_file == tmp_path / "t.log"
     assert log_tail(tmp_path / "absent.log") == ""
     (tmp_path / "t.log").write_text("".join(f"line {i}\n" for i in range(50)))
