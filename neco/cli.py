@@ -19,6 +19,7 @@ STAGE_CLIS: tuple[str, ...] = (
     "neco.export.cli",
     "neco.serving.cli",
     "neco.client.cli",
+    "neco.client.app_cli",
     "neco.evaluation.cli",
     "neco.demo.cli",
 )
