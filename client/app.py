@@ -47,6 +47,7 @@ from .app_inputs import (
 from .app_page import PAGE
 from .backend import FeatureBackend, batch_features
 from .bank import MemoryBank
+from .bank_io import MANIFEST
 from .errors import (
     BankContractError,
     ContractError,
@@ -160,7 +161,7 @@ class Segmenter:
     def saved_bank(self, name: str) -> MemoryBank:
         """Bank `name`, loaded (and checksummed) again only when its manifest changed."""
         folder = bank_folder(self.config.banks, name)
-        stamp = (folder / "manifest.json").stat().st_mtime_ns
+        stamp = (folder / MANIFEST).stat().st_mtime_ns
         cached = self._banks.get(name)
         if cached is not None and cached[0] == stamp:
             self._banks.move_to_end(name)

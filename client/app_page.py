@@ -24,7 +24,7 @@ PAGE = """<!doctype html>
   body[data-state="done"] #result { display: block; }
   .pictures { display: flex; flex-wrap: wrap; gap: 1rem; }
   figure { margin: 0; }
-  figure img { min-width: 16rem; max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }
+  figure img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }
   figcaption { font-size: 0.9rem; color: #444; }
   #legend { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 0.4rem 1.2rem; font-size: 1rem; }
   .swatch { display: inline-block; width: 1rem; height: 1rem; border: 1px solid #000; vertical-align: -0.15rem;
@@ -104,7 +104,11 @@ async function load() {
 }
 
 function showResult(result) {
-  for (const id of ["overlay", "confidence", "pca", "mask"]) $(id).src = result[id];
+  const zoom = Math.max(1, Math.floor(320 / result.size[1]));  // one pixel scale for all pictures (nearest)
+  for (const id of ["overlay", "confidence", "pca", "mask"]) {
+    $(id).onload = () => { $(id).style.width = $(id).naturalWidth * zoom + "px"; };
+    $(id).src = result[id];
+  }
   $("download").href = result.mask;
   $("summary").textContent = result.bank + ": " + result.size[0] + "x" + result.size[1] + " px, " +
     result.grid[0] + "x" + result.grid[1] + " patches, mean confidence " + result.mean_confidence.toFixed(2);
