@@ -25,14 +25,17 @@ lint: $(STAMP)
 
 venv: $(STAMP)
 
-# System tools some tests run (tests/deploy: `kubectl kustomize`, kustomize v5). Idempotent: installs
-# only what is missing, as the Debian package `kubectl`. Debian's own archive does not carry it (its
-# kubernetes-client is 1.20, too old): the apt source is the Kubernetes (pkgs.k8s.io) or Google Cloud
-# SDK repository. .ci/run calls this first.
+# System tools some tests run (tests/deploy: `kubectl kustomize`, kustomize v5; tests/client/test_app.py: a
+# headless browser). Idempotent: installs only what is missing, as Debian packages: `chromium` and `chromium-driver`
+# from Debian's archive, and `kubectl`, which Debian's own archive does not carry (its kubernetes-client is 1.20,
+# too old): its apt source is the Kubernetes (pkgs.k8s.io) or Google Cloud SDK repository. .ci/run calls this first.
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 deps-system:
 	@command -v kubectl >/dev/null || { $(APT_GET) update && $(APT_GET) install -y kubectl; } \
 	  || echo "deps-system: no apt source offers kubectl (add pkgs.k8s.io, docs/scaling.md); its tests will skip" >&2
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+	  || { $(APT_GET) update && $(APT_GET) install -y chromium chromium-driver; } \
+	  || echo "deps-system: cannot install chromium + chromium-driver; the browser test of neco app will skip" >&2
 
 # torch first, alone and pinned, so that no later resolver step can pick another build.
 $(STAMP): pyproject.toml constraints.txt

@@ -1,0 +1,56 @@
+"""`AppConfig`: every setting of `neco app`, the in-context segmentation web page.
+
+Kept free of FastAPI/uvicorn imports so that `neco --help` and config validation work in a
+client-only install; `neco.client.app` (the `app` extra) is imported only to run the page.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
+
+from .bank import DEFAULT_IMAGE_SIZE
+
+MIB = 1024 * 1024
+
+
+class AppConfig(BaseModel):
+    """The page's address, the Triton server it talks to, where saved banks live, upload limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="address the page binds to; loopback unless set on purpose")
+    port: int = Field(default=7860, ge=0, le=65535, description="HTTP port of the page (0 = pick a free one)")
+
+    url: str | None = Field(default=None, description="Triton host:port; None = localhost:8001 (grpc) / 8000 (http)")
+    protocol: Literal["grpc", "http"] = "grpc"
+    model: str = Field(default=DEFAULT_MODEL_NAME, description="Triton model name")
+    timeout_s: float = Field(default=60.0, gt=0, description="seconds per server request, retries included")
+    size: Union[int, tuple[int, int]] = Field(
+        default=DEFAULT_IMAGE_SIZE,
+        description="resize policy of banks built from uploads (saved banks bring their own)",
+    )
+
+    banks: Path = Field(
+        default=Path("banks"), description="folder whose sub-folders are saved banks (`neco bank build`)"
+    )
+    bank_cache: int = Field(default=4, ge=0, description="saved banks kept loaded in memory")
+
+    max_upload_mb: float = Field(default=16.0, gt=0, description="largest request body (all files together), MiB")
+    max_unpacked_mb: float = Field(default=64.0, gt=0, description="largest total size of the files inside a zip, MiB")
+    max_support_images: int = Field(default=32, ge=1, description="most support images one upload may hold")
+
+    k: int = Field(default=DEFAULT_K, ge=1, description="default neighbours per patch shown on the page")
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, gt=0, description="default softmax temperature")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MIB)
+
+    @property
+    def max_unpacked_bytes(self) -> int:
+        return int(self.max_unpacked_mb * MIB)
