@@ -257,6 +257,9 @@ class MilvusStore:
                     for i in range(start, stop)
                 ]
                 self.client.insert(self.collection, rows)
+            # Seal the rows into indexed segments: Milvus Lite otherwise rescans its unindexed
+            # in-memory table in Python on every search (seconds per call at a few thousand rows).
+            self.client.flush(self.collection)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, keys), both (Q, k), by exact inner product; missing hits are key -1, similarity -inf."""
@@ -277,7 +280,7 @@ class MilvusStore:
                     limit=k,
                     anns_field="vector",
                     search_params={"metric_type": "IP"},
-                    output_fields=[],
+                    output_fields=["key"],  # [] returns every field, vectors included
                 )
                 for row, hits in enumerate(found, start=start):
                     keys[row, : len(hits.ids)] = hits.ids
