@@ -82,6 +82,17 @@ class BankContractError(BankError, ContractError):
     """A bank was built with a different model/contract than the one it is used with."""
 
 
+class BankStoreError(BankError):
+    """A vector store (a Milvus collection) refused an operation, or lacks a feature asked of it
+    (e.g. FLOAT16 vectors on Milvus Lite), or holds a collection this project did not write."""
+
+
+class BankStoreUnavailableError(BankStoreError, RuntimeError):
+    """The vector store at the given URI cannot be reached (no server, wrong port, timeout)."""
+
+    retryable = True
+
+
 class SupportSetError(ClientError, ValueError):
     """A support set is empty or holds a mask that does not fit its image or class list."""
 
