@@ -1,6 +1,8 @@
-"""`neco serve` (also `python -m neco.serving`): run the embedded Triton until SIGINT/SIGTERM.
+"""`neco serve` (also `python -m neco.serving`): run the embedded Triton until SIGINT/SIGTERM;
+`neco gateway`: the same request gateway alone, in front of a Triton it does not start.
 
     neco serve --repository model_repository/ [--config configs/serve_cpu.yaml] [key=value ...]
+    neco gateway upstream_host=triton host=0.0.0.0 [--config configs/gateway.yaml] [key=value ...]
 
 Torch-, onnxruntime- and pytriton-free at import: the handler imports the server lazily so that
 `neco --help` and the client commands work in a client-only install.
@@ -30,6 +32,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="ServeConfig overrides")
     parser.set_defaults(handler=serve_command, config_model="neco.serving.config:ServeConfig")
+
+    gateway = subparsers.add_parser(
+        "gateway",
+        help="check every request before a separately started Triton sees it (docker compose, sidecars)",
+        description="The embedded server's request gateway alone: public HTTP/gRPC ports that refuse requests "
+        "breaking the image rules or the limits, forwarding the rest to upstream_host. GatewayConfig fields as "
+        "key=value (upstream_host is required).",
+    )
+    gateway.add_argument("--config", type=Path, default=None, help="YAML with GatewayConfig fields")
+    gateway.add_argument("overrides", nargs="*", metavar="key=value", help="GatewayConfig overrides")
+    gateway.set_defaults(handler=gateway_command, config_model="neco.serving.config:GatewayConfig")
+
+
+def gateway_command(args: argparse.Namespace) -> int:
+    """Start the gateway, print its endpoints, block until SIGINT/SIGTERM, then close it."""
+    import signal
+    import threading
+
+    from neco.config import load_config
+    from neco.serving.config import GatewayConfig
+    from neco.serving.gateway import RequestGateway
+
+    cfg = load_config(GatewayConfig, args.config, list(args.overrides))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    gateway = RequestGateway(
+        cfg.host, (cfg.http_port, cfg.grpc_port), (cfg.upstream_http_port, cfg.upstream_grpc_port), cfg.limits,
+        upstream_host=cfg.upstream_host,
+    ).start()  # fmt: skip
+    gateway.set_available(True)  # the upstream's own answers (or 503 when unreachable) say the rest
+    try:
+        http, grpc = gateway.bound_ports
+        print(
+            f"gateway on http {cfg.host}:{http}  grpc {cfg.host}:{grpc} -> {cfg.upstream_host}:"
+            f"{cfg.upstream_http_port}/{cfg.upstream_grpc_port}  (Ctrl+C or SIGTERM to stop)",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        gateway.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def serve_command(args: argparse.Namespace) -> int:

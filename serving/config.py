@@ -101,3 +101,21 @@ class ServeConfig(BaseModel):
                 f"(got {self.http_port}, {self.grpc_port}, {self.metrics_port})"
             )
         return self
+
+
+class GatewayConfig(BaseModel):
+    """The request gateway alone, in front of a Triton it does not start (docker compose, a sidecar).
+
+    The embedded server runs the same gateway itself; this is for the official Triton image,
+    which would otherwise allocate whatever a request declares (see neco.serving.gateway).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    upstream_host: str = Field(description="host of the Triton the gateway forwards to (e.g. the compose service)")
+    upstream_http_port: int = Field(default=8000, ge=1, le=65535, description="that Triton's HTTP port")
+    upstream_grpc_port: int = Field(default=8001, ge=1, le=65535, description="that Triton's gRPC port")
+    host: str = Field(default="127.0.0.1", description="address the gateway binds to")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="public HTTP port (0 = a free one)")
+    grpc_port: int = Field(default=8001, ge=0, le=65535, description="public gRPC port (0 = a free one)")
+    limits: InputLimits = Field(default_factory=InputLimits, description="largest side / pixels a request may hold")

@@ -208,15 +208,23 @@ class _GrpcProxy(grpc.GenericRpcHandler):
 class RequestGateway:
     """Public HTTP + gRPC endpoints that check requests, forwarding to tritonserver's private ports."""
 
-    def __init__(self, host: str, ports: tuple[int, int], upstream_ports: tuple[int, int], limits: InputLimits):
+    def __init__(
+        self,
+        host: str,
+        ports: tuple[int, int],
+        upstream_ports: tuple[int, int],
+        limits: InputLimits,
+        upstream_host: str = "127.0.0.1",
+    ):
         self.host, self.ports, self.limits = host, ports, limits
         self._state = _Upstream()
-        self._http = _HttpProxy(f"http://127.0.0.1:{upstream_ports[0]}", limits, self._state)
-        self._grpc = _GrpcProxy(f"127.0.0.1:{upstream_ports[1]}", limits, self._state)
+        self._http = _HttpProxy(f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state)
+        self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="neco-gateway", daemon=True)
         self._runner: web.AppRunner | None = None
         self._server: grpc.aio.Server | None = None
+        self._bound = (0, 0)
 
     def set_available(self, available: bool) -> None:
         """Forward requests (True) or answer 503 / UNAVAILABLE while tritonserver is down (False)."""
@@ -242,8 +250,9 @@ class RequestGateway:
         await self._grpc.open()
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.ports[0])
         try:
-            await web.TCPSite(self._runner, self.host, self.ports[0]).start()
+            await site.start()
         except OSError as exc:
             raise GatewayError(
                 f"cannot serve HTTP on {self.host}:{self.ports[0]}: port in use ({exc.strerror})"
@@ -257,6 +266,12 @@ class RequestGateway:
         if not bound:
             raise GatewayError(f"cannot serve gRPC on {self.host}:{self.ports[1]}: port in use")
         await self._server.start()
+        self._bound = (site._server.sockets[0].getsockname()[1], bound)  # type: ignore[union-attr]  # noqa: SLF001
+
+    @property
+    def bound_ports(self) -> tuple[int, int]:
+        """The HTTP and gRPC ports actually bound (port 0 resolved)."""
+        return self._bound
 
     def stop(self) -> None:
         """Close both endpoints and the loop; safe to call twice."""

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 TRITON_SERVICES = ("triton", "triton-cpu")
 PREPARE_OF = {"triton": "prepare", "triton-cpu": "prepare-cpu"}
+GATEWAY_OF = {"triton": "gateway", "triton-cpu": "gateway-cpu"}
 
 
 def compose_binary() -> str:
@@ -47,8 +48,8 @@ def services() -> dict:
 
 
 def test_profiles_select_gpu_by_default_and_cpu_on_request(services):
-    assert set(compose_config()["services"]) == {"prepare", "triton"}
-    assert set(services) == {"prepare", "triton", "prepare-cpu", "triton-cpu"}
+    assert set(compose_config()["services"]) == {"prepare", "triton", "gateway"}
+    assert set(services) == {"prepare", "triton", "gateway", "prepare-cpu", "triton-cpu", "gateway-cpu"}
 
 
 def test_images_are_pinned_to_one_ngc_release(services):
@@ -62,14 +63,34 @@ def test_images_are_pinned_to_one_ngc_release(services):
 
 
 def test_published_ports_are_loopback_and_configurable(services):
+    """Clients reach Triton only through the gateway; Triton publishes its metrics alone."""
     for name in TRITON_SERVICES:
-        ports = services[name]["ports"]
-        assert {(p["target"], p["published"]) for p in ports} == {(8000, "8000"), (8001, "8001"), (8002, "8002")}
-        assert all(p["host_ip"] == "127.0.0.1" for p in ports)
+        assert {(p["target"], p["published"]) for p in services[name]["ports"]} == {(8002, "8002")}
+        assert set(services[name]["expose"]) == {"8000", "8001"}
+    for name in GATEWAY_OF.values():
+        assert {(p["target"], p["published"]) for p in services[name]["ports"]} == {(8000, "8000"), (8001, "8001")}
+    assert all(p["host_ip"] == "127.0.0.1" for name in services for p in services[name].get("ports", []))
     for name in ("prepare", "prepare-cpu"):
         assert not services[name].get("ports")
     moved = compose_config(env={"NECO_HTTP_PORT": "9000", "NECO_GRPC_PORT": "9001", "NECO_METRICS_PORT": "9002"})
-    assert sorted(p["published"] for p in moved["services"]["triton"]["ports"]) == ["9000", "9001", "9002"]
+    assert sorted(p["published"] for p in moved["services"]["gateway"]["ports"]) == ["9000", "9001"]
+    assert [p["published"] for p in moved["services"]["triton"]["ports"]] == ["9002"]
+
+
+def test_a_gateway_checks_requests_before_each_triton(services):
+    from neco.config import load_config
+    from neco.serving.config import GatewayConfig
+
+    for triton, name in GATEWAY_OF.items():
+        gateway = services[name]
+        assert gateway["entrypoint"] == ["neco", "gateway", "--config", "configs/gateway.yaml"]
+        assert gateway["command"] == [f"upstream_host={triton}"]
+        assert gateway["depends_on"][triton]["condition"] == "service_healthy"
+        assert gateway["image"] == services["prepare"]["image"]
+        assert "/v2/health/ready" in " ".join(gateway["healthcheck"]["test"])
+        cfg = load_config(GatewayConfig, REPO / "configs" / "gateway.yaml", gateway["command"])
+        assert (cfg.upstream_host, cfg.upstream_http_port, cfg.upstream_grpc_port) == (triton, 8000, 8001)
+        assert (cfg.host, cfg.http_port, cfg.grpc_port) == ("0.0.0.0", 8000, 8001)
 
 
 def test_triton_services_are_deliberately_configured(services):
