@@ -3,6 +3,7 @@
 Also importable (`neco.training.run.train(cfg) -> artefact dir`), reachable as `neco train` and
 `python -m neco.training`, and launchable with `torchrun --nproc-per-node N training/run.py`.
 Outputs under `cfg.output_dir`: `checkpoints/step_XXXXXXXX.pt` (resumable), `tensorboard/`,
+`curve.jsonl` + `curve.png` (loss and learning rate against the step, `neco.training.curve`),
 and `artefact/` (backbone.safetensors + metadata.json) for `neco export`.
 """
 
@@ -34,6 +35,7 @@ from neco.training.checkpoint import (
     save_checkpoint,
 )
 from neco.training.config import TrainConfig, load_train_config
+from neco.training.curve import CURVE_FILE, CURVE_PICTURE, append_point, keep_until, write_picture
 from neco.training.data import ImageFolderSource, NeCoDataset, ResumableBatchSampler, SceneSource, make_loader
 from neco.training.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
 from neco.training.run_args import add_train_arguments
@@ -115,6 +117,10 @@ def _train(
         world_size=dist_info.world_size,
     )
     loader = iter(make_loader(dataset, sampler, cfg.data, pin_memory=device.type == "cuda"))
+    curve = cfg.output_dir / CURVE_FILE
+    if dist_info.is_main:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        keep_until(curve, trainer.step)
     writer = None
     if dist_info.is_main and cfg.runtime.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -141,7 +147,10 @@ def _train(
         stats["loss"] = float(mean_over_ranks(torch.tensor(stats["loss"], device=device), dist_info))
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", img_s=f"{stats['img_per_s']:.1f}")
-        if writer is not None and (trainer.step % cfg.runtime.log_every == 0 or trainer.step == total):
+        logged = trainer.step % cfg.runtime.log_every == 0 or trainer.step == total
+        if dist_info.is_main and logged:
+            append_point(curve, trainer.step, stats["loss"], stats["lr"])
+        if writer is not None and logged:
             for key, value in stats.items():
                 writer.add_scalar(f"train/{key}", value, trainer.step)
             writer.add_scalar("data/skipped_images", skipped, trainer.step)
@@ -157,6 +166,7 @@ def _train(
     artefact = cfg.output_dir / ARTEFACT_DIR
     if dist_info.is_main:
         save_artefact(trainer.model.backbone, ModelContract.for_arch(cfg.model.arch), artefact, cfg.to_dict())
+        log.info("training curve: %s", write_picture(curve, cfg.output_dir / CURVE_PICTURE))
     barrier(dist_info)
     return artefact
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -182,3 +183,28 @@ def test_recipe_variants_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert stats["loss"] > 0 and stats["grad_norm"] > 0
     assert torch.equal(trainer.model.backbone.blocks[0].attn.qkv.weight, frozen)
     assert not torch.equal(trainer.model.backbone.blocks[1].attn.qkv.weight, trained)
+
+
+def test_training_curve_survives_a_resume_and_is_drawn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """curve.jsonl of a run killed after its step-3 log but with only the step-2 checkpoint left,
+    then resumed, equals the curve of a run that went straight through; curve.png is drawn."""
+    import json
+
+    from PIL import Image
+
+    use_tiny_backbone(monkeypatch)
+    runtime = {"log_every": 1}
+    straight = tiny_config(tmp_path / "a", runtime=runtime)
+    train(straight)
+    split = tiny_config(tmp_path / "b", runtime=runtime)
+    train(split, stop_at=3)
+    (tmp_path / "b" / "checkpoints" / "step_00000003.pt").unlink()  # killed before this write finished
+    train(split, resume=True)
+    lines = [json.loads(line) for line in (tmp_path / "a" / "curve.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "b" / "curve.jsonl").read_text() == (tmp_path / "a" / "curve.jsonl").read_text()
+    with Image.open(tmp_path / "b" / "curve.png") as picture:
+        assert picture.size == (560, 440)
+        pixels = np.asarray(picture.convert("RGB"))
+    assert ((pixels == (31, 119, 180)).all(axis=-1)).sum() > 50  # the loss line is drawn
+    assert ((pixels == (214, 39, 40)).all(axis=-1)).sum() > 50  # and the learning-rate line
