@@ -11,6 +11,9 @@ from neco.contract import IGNORE_INDEX
 
 from .images import ImageLike, load_rgb
 
+LEGEND_FONT_PX = 14
+"""Legend text height: readable on a screen without zooming (Pillow's scalable default font)."""
+
 
 def palette(num_classes: int) -> np.ndarray:
     """(num_classes, 3) uint8 colours, Pascal-VOC style: bits of the index spread over R, G, B.
@@ -69,9 +72,9 @@ def overlay(
 
 
 def _add_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]]) -> Image.Image:
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=LEGEND_FONT_PX)  # the bitmap default is ~8 px: unreadable
     probe = ImageDraw.Draw(picture)
-    line_height, swatch, pad = 16, 12, 6
+    line_height, swatch, pad = LEGEND_FONT_PX + 8, LEGEND_FONT_PX, 6
     lines: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
     x = pad
     for name, colour in entries:
@@ -88,7 +91,7 @@ def _add_legend(picture: Image.Image, entries: list[tuple[str, tuple[int, ...]]]
         top = picture.height + pad // 2 + row * line_height
         for name, colour, left in line:
             draw.rectangle([left, top + 2, left + swatch, top + 2 + swatch], fill=colour, outline="black")
-            draw.text((left + swatch + 4, top + 1), name, fill="black", font=font)
+            draw.text((left + swatch + 4, top + 2), name, fill="black", font=font)
     return canvas
 
 

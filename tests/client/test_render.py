@@ -57,3 +57,15 @@ def test_features_to_rgb_follows_the_main_variation() -> None:
     assert abs(np.corrcoef(red.mean(axis=0), ramp)[0, 1]) > 0.99  # first component = the ramp
     with pytest.raises(ValueError, match=r"\(h, w, C\)"):
         features_to_rgb(np.zeros((4, 4)))
+
+
+def test_legend_text_is_readable_size() -> None:
+    """The legend's text is drawn at LEGEND_FONT_PX (Pillow's default, 10 px, was hard to read)."""
+    from neco.client.render import LEGEND_FONT_PX, overlay
+
+    image = np.full((40, 200, 3), 128, np.uint8)
+    mask = np.zeros((40, 200), np.int64)
+    picture = overlay(image, mask, ["background"])
+    text = np.asarray(picture)[40:, 6 + LEGEND_FONT_PX + 4 :]  # right of the colour swatch
+    dark_rows = np.flatnonzero((text.min(axis=-1) < 100).any(axis=1))
+    assert dark_rows.max() - dark_rows.min() + 1 >= LEGEND_FONT_PX - 1  # "background": ascender to descender
