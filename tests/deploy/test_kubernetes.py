@@ -104,7 +104,7 @@ def test_every_rendered_object_validates(rendered, kustomization: str, version: 
 def test_validators_reject_broken_objects(rendered) -> None:
     """The validation above is not vacuous: a misspelt field or a malformed duration fails."""
     deployment = one(rendered["base"], "Deployment")
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {"path": "/"}
+    deployment["spec"]["template"]["spec"]["containers"][1]["readinessProbe"]["httpGett"] = {"path": "/"}
     with pytest.raises(kubernetes_validate.ValidationError, match="httpGett"):
         validate(deployment, KUBERNETES_VERSIONS[-1])
     monitor = one(rendered["base"], "ServiceMonitor")
@@ -131,12 +131,14 @@ def test_labels_selectors_and_ports_agree(rendered, overlay: str) -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels)
     assert selects(one(manifests, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
-    ports = {p["name"]: p["containerPort"] for p in container(manifests, "triton")["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    ports = {p["name"]: p["containerPort"] for c in ("triton", "gateway") for p in container(manifests, c)["ports"]}
+    assert ports == {"http": 8010, "grpc": 8011, "metrics": 8002}  # clients reach Triton through the gateway
     service = one(manifests, "Service", "neco-triton")
     assert selects(service["spec"]["selector"], pod_labels)
     assert {(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
-        (name, port, name) for name, port in ports.items()
+        ("http", 8000, "http"),
+        ("grpc", 8001, "grpc"),
+        ("metrics", 8002, "metrics"),
     }
     headless = one(manifests, "Service", "neco-triton-pods")
     assert headless["spec"]["clusterIP"] == "None" and selects(headless["spec"]["selector"], pod_labels)
@@ -158,13 +160,22 @@ def test_labels_selectors_and_ports_agree(rendered, overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_and_model_repository(rendered, overlay: str) -> None:
     manifests = rendered[overlay]
-    triton = container(manifests, "triton")
-    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
-    assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    triton, gateway = container(manifests, "triton"), container(manifests, "gateway")
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert "http://127.0.0.1:8000/v2/health/live" in triton["livenessProbe"]["exec"]["command"]
+    assert "http://127.0.0.1:8000/v2/health/ready" in triton["startupProbe"]["exec"]["command"]
     args = triton["args"]
     assert "--model-repository=/models" in args and "--model-control-mode=explicit" in args
     assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= set(args)
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1"} <= set(args)  # only the gateway reaches it
+    from neco.config import load_config
+    from neco.serving.config import GatewayConfig
+
+    assert gateway["command"] == ["neco", "gateway", "--config", "configs/gateway.yaml"]
+    cfg = load_config(GatewayConfig, REPO / "configs" / "gateway.yaml", gateway["args"])
+    assert (cfg.upstream_host, cfg.upstream_http_port, cfg.upstream_grpc_port) == ("127.0.0.1", 8000, 8001)
+    assert (cfg.host, cfg.http_port, cfg.grpc_port) == ("0.0.0.0", 8010, 8011)
+    assert gateway["image"] == container(manifests, "export")["image"]
     export = container(manifests, "export")
     assert {m["name"]: m.get("readOnly", False) for m in triton["volumeMounts"]}["model-repository"] is True
     assert {m["name"]: (m["mountPath"], m.get("readOnly", False)) for m in export["volumeMounts"]}[
