@@ -12,8 +12,8 @@ after several step counts are scored with
 Each (variant, seed) is ONE training run of max(--steps) steps; smaller step counts are its
 intermediate checkpoints (they share the longest run's schedule). Training cost is reported in
 CPU seconds of this process (`time.process_time`, all threads; loader workers are off), which
-stays meaningful on a shared machine where wall time is not. The start on the other scene family
-is scored too, so the two families' difficulty can be compared.
+stays meaningful on a shared machine where wall time is not. For the first --compare-seeds seeds
+the start is scored on the other scene family too, so the two families' difficulty can be compared.
 
 Variants: cosine (the recipe), no_teacher (teacher momentum 0), euclidean (euclidean patch
 similarity). Results: a table on stdout and benchmarks/results/neco_effect_<device>.json
@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=4)
     parser.add_argument("--size", type=int, default=112, help="scene side (px)")
     parser.add_argument("--input-size", type=int, default=112, help="square encoder input for the metrics")
+    parser.add_argument(
+        "--compare-seeds", type=int, default=1, help="first N seeds also score the start on the other family"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/neco_effect_<device>.json")
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.steps) or not args.seeds:
@@ -193,7 +196,17 @@ def write_report(args, device: str, machine: dict, rows: list, seconds: float, o
         "starting_weights": args.weights or "random init (seed = run seed)",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    results = {"summary": summary, "rows": rows, "total_wall_seconds": round(seconds, 1)}
+    starts: dict[str, list[float]] = {}
+    for r in rows:
+        if str(r["variant"]).startswith("start"):
+            starts.setdefault(str(r["family"]), []).append(float(r["miou"]))  # type: ignore[arg-type]
+    start_by_family = {family: {"miou_mean": float(np.mean(v)), "seeds": len(v)} for family, v in starts.items()}
+    results = {
+        "summary": summary,
+        "start_by_family": start_by_family,
+        "rows": rows,
+        "total_wall_seconds": round(seconds, 1),
+    }
     goal = goal_of(summary, len(args.seeds))
     write_result(make_result("neco_effect", settings, results, goal=goal, machine=machine), out)
     return summary
@@ -206,15 +219,16 @@ def run_seed(args, seed: int, device: str, work: Path, rows: list[dict[str, obje
 
     splits = {"train": args.train_images, "val": args.val_images}
     other = "shapes" if args.family == "textures" else "textures"
+    compare = seed in args.seeds[: args.compare_seeds]
     datasets = {}
-    for family in (args.family, other):
+    for family in (args.family, other) if compare else (args.family,):
         root = write_scene_dataset(
             work / f"scenes_{family}_{seed}", splits, (args.size, args.size), args.num_classes, seed, family
         )
         datasets[family] = (root, load_dataset("folder", root, "train"), load_dataset("folder", root, "val"))
     root, train_set, val_set = datasets[args.family]
     start = starting_weights(args, seed, work / f"start_{seed}")
-    for family, variant in ((args.family, "start"), (other, f"start_{other}")):
+    for family, variant in ((args.family, "start"), (other, f"start_{other}"))[: 2 if compare else 1]:
         result = evaluate(start, args, device, *datasets[family][1:], seed)
         rows.append({"variant": variant, "seed": seed, "steps": 0, "family": family, **result})
         order = result["ordering"]["mean_spearman"]  # type: ignore[index]
