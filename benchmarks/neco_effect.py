@@ -26,6 +26,7 @@ CPU default = the demo's recipe (configs/train_demo_cpu.yaml), seeds 0 1 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import tempfile
@@ -67,11 +68,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-seeds", type=int, default=1, help="first N seeds also score the start on the other family"
     )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="keep the seeds already measured in these results (default --out; same settings), run the others",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/neco_effect_<device>.json")
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.steps) or not args.seeds:
         parser.error("--steps must be >= 0 and --seeds non-empty")
     return args
+
+
+RESUME_KEYS = (
+    "family", "device", "weights", "arch", "train_config", "set", "variants",
+    "train_images", "val_images", "num_classes", "size", "input_size",
+)  # fmt: skip
+"""Arguments that must match for rows of an earlier run to be kept (--steps may differ)."""
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, object]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def earlier_rows(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """--resume: (rows, argument sets) of earlier runs, refused if their settings differ.
+
+    A seed measured in several files is kept from the first one only.
+    """
+    if args.resume is None:
+        return [], []
+    rows: list[dict[str, object]] = []
+    earlier: list[dict[str, object]] = []
+    for path in args.resume or [out]:
+        if not path.is_file():
+            if args.resume:
+                raise SystemExit(f"--resume: {path} does not exist")
+            continue
+        document = json.loads(path.read_text())
+        before, now = document["settings"]["args"], plain_args(args)
+        differs = [k for k in RESUME_KEYS if before.get(k) != now[k]]
+        if differs:
+            raise SystemExit(f"--resume: {path} was measured with other {', '.join(differs)}")
+        seen = {r["seed"] for r in rows}
+        rows += [r for r in document["results"]["rows"] if r["seed"] not in seen]
+        earlier += [*document["settings"].get("earlier_args", []), before]
+    return rows, earlier
 
 
 def starting_weights(args: argparse.Namespace, seed: int, out: Path) -> Path | str:
@@ -185,7 +230,9 @@ def goal_of(summary: list[dict[str, object]], seeds: int) -> dict[str, object]:
     }
 
 
-def write_report(args, device: str, machine: dict, rows: list, seconds: float, out: Path) -> list[dict[str, object]]:
+def write_report(
+    args, device: str, machine: dict, rows: list, seconds: float, out: Path, earlier: list
+) -> list[dict[str, object]]:
     """Rewritten after every run, so a long run that is cut short keeps what it measured."""
     summary = summarise(rows)
     settings = {
@@ -194,7 +241,8 @@ def write_report(args, device: str, machine: dict, rows: list, seconds: float, o
         "cost": "train_cpu_seconds = time.process_time() of the training call (all threads, no loader workers)",
         "device": device,
         "starting_weights": args.weights or "random init (seed = run seed)",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": plain_args(args),
+        "earlier_args": earlier,  # --resume: the argument sets of the runs whose rows were kept
     }
     starts: dict[str, list[float]] = {}
     for r in rows:
@@ -207,7 +255,7 @@ def write_report(args, device: str, machine: dict, rows: list, seconds: float, o
         "rows": rows,
         "total_wall_seconds": round(seconds, 1),
     }
-    goal = goal_of(summary, len(args.seeds))
+    goal = goal_of(summary, len({r["seed"] for r in rows}))
     write_result(make_result("neco_effect", settings, results, goal=goal, machine=machine), out)
     return summary
 
@@ -264,14 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="neco-effect-"))
     started = time.perf_counter()
-    rows: list[dict[str, object]] = []
+    rows, earlier = earlier_rows(args, out)
+    done = {r["seed"] for r in rows}
     try:
         for seed in args.seeds:
+            if seed in done:
+                print(f"seed {seed}: kept from {out}", flush=True)
+                continue
             run_seed(args, seed, device, work, rows)
-            write_report(args, device, machine, rows, time.perf_counter() - started, out)
+            write_report(args, device, machine, rows, time.perf_counter() - started, out, earlier)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = write_report(args, device, machine, rows, time.perf_counter() - started, out)
+    summary = write_report(args, device, machine, rows, time.perf_counter() - started, out, earlier)
     print(f"\n{'variant':<12} {'steps':>6} {'CPU-min':>8} {'mIoU':>6} {'gain':>6} {'ordering':>14}")
     for s in summary:
         print(
