@@ -12,8 +12,8 @@ after several step counts are scored with
 Each (variant, seed) is ONE training run of max(--steps) steps; smaller step counts are its
 intermediate checkpoints (they share the longest run's schedule). Training cost is reported in
 CPU seconds of this process (`time.process_time`, all threads; loader workers are off), which
-stays meaningful on a shared machine where wall time is not. The start on the other scene family
-is scored too, so the two families' difficulty can be compared.
+stays meaningful on a shared machine where wall time is not. For the first --compare-seeds seeds
+the start is scored on the other scene family too, so the two families' difficulty can be compared.
 
 Variants: cosine (the recipe), no_teacher (teacher momentum 0), euclidean (euclidean patch
 similarity). Results: a table on stdout and benchmarks/results/neco_effect_<device>.json
@@ -26,6 +26,7 @@ CPU default = the demo's recipe (configs/train_demo_cpu.yaml), seeds 0 1 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import tempfile
@@ -64,11 +65,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=4)
     parser.add_argument("--size", type=int, default=112, help="scene side (px)")
     parser.add_argument("--input-size", type=int, default=112, help="square encoder input for the metrics")
+    parser.add_argument(
+        "--compare-seeds", type=int, default=1, help="first N seeds also score the start on the other family"
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="keep the seeds already measured in these results (default --out; same settings), run the others",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/neco_effect_<device>.json")
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.steps) or not args.seeds:
         parser.error("--steps must be >= 0 and --seeds non-empty")
     return args
+
+
+RESUME_KEYS = (
+    "family", "device", "weights", "arch", "train_config", "set", "variants",
+    "train_images", "val_images", "num_classes", "size", "input_size",
+)  # fmt: skip
+"""Arguments that must match for rows of an earlier run to be kept (--steps may differ)."""
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, object]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def earlier_rows(args: argparse.Namespace, out: Path) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """--resume: (rows, argument sets) of earlier runs, refused if their settings differ.
+
+    A seed measured in several files is kept from the first one only.
+    """
+    if args.resume is None:
+        return [], []
+    rows: list[dict[str, object]] = []
+    earlier: list[dict[str, object]] = []
+    for path in args.resume or [out]:
+        if not path.is_file():
+            if args.resume:
+                raise SystemExit(f"--resume: {path} does not exist")
+            continue
+        document = json.loads(path.read_text())
+        before, now = document["settings"]["args"], plain_args(args)
+        differs = [k for k in RESUME_KEYS if before.get(k) != now[k]]
+        if differs:
+            raise SystemExit(f"--resume: {path} was measured with other {', '.join(differs)}")
+        seen = {r["seed"] for r in rows}
+        rows += [r for r in document["results"]["rows"] if r["seed"] not in seen]
+        earlier += [*document["settings"].get("earlier_args", []), before]
+    return rows, earlier
 
 
 def starting_weights(args: argparse.Namespace, seed: int, out: Path) -> Path | str:
@@ -182,7 +230,9 @@ def goal_of(summary: list[dict[str, object]], seeds: int) -> dict[str, object]:
     }
 
 
-def write_report(args, device: str, machine: dict, rows: list, seconds: float, out: Path) -> list[dict[str, object]]:
+def write_report(
+    args, device: str, machine: dict, rows: list, seconds: float, out: Path, earlier: list
+) -> list[dict[str, object]]:
     """Rewritten after every run, so a long run that is cut short keeps what it measured."""
     summary = summarise(rows)
     settings = {
@@ -191,10 +241,21 @@ def write_report(args, device: str, machine: dict, rows: list, seconds: float, o
         "cost": "train_cpu_seconds = time.process_time() of the training call (all threads, no loader workers)",
         "device": device,
         "starting_weights": args.weights or "random init (seed = run seed)",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": plain_args(args),
+        "earlier_args": earlier,  # --resume: the argument sets of the runs whose rows were kept
     }
-    results = {"summary": summary, "rows": rows, "total_wall_seconds": round(seconds, 1)}
-    goal = goal_of(summary, len(args.seeds))
+    starts: dict[str, list[float]] = {}
+    for r in rows:
+        if str(r["variant"]).startswith("start"):
+            starts.setdefault(str(r["family"]), []).append(float(r["miou"]))  # type: ignore[arg-type]
+    start_by_family = {family: {"miou_mean": float(np.mean(v)), "seeds": len(v)} for family, v in starts.items()}
+    results = {
+        "summary": summary,
+        "start_by_family": start_by_family,
+        "rows": rows,
+        "total_wall_seconds": round(seconds, 1),
+    }
+    goal = goal_of(summary, len({r["seed"] for r in rows}))
     write_result(make_result("neco_effect", settings, results, goal=goal, machine=machine), out)
     return summary
 
@@ -206,15 +267,16 @@ def run_seed(args, seed: int, device: str, work: Path, rows: list[dict[str, obje
 
     splits = {"train": args.train_images, "val": args.val_images}
     other = "shapes" if args.family == "textures" else "textures"
+    compare = seed in args.seeds[: args.compare_seeds]
     datasets = {}
-    for family in (args.family, other):
+    for family in (args.family, other) if compare else (args.family,):
         root = write_scene_dataset(
             work / f"scenes_{family}_{seed}", splits, (args.size, args.size), args.num_classes, seed, family
         )
         datasets[family] = (root, load_dataset("folder", root, "train"), load_dataset("folder", root, "val"))
     root, train_set, val_set = datasets[args.family]
     start = starting_weights(args, seed, work / f"start_{seed}")
-    for family, variant in ((args.family, "start"), (other, f"start_{other}")):
+    for family, variant in ((args.family, "start"), (other, f"start_{other}"))[: 2 if compare else 1]:
         result = evaluate(start, args, device, *datasets[family][1:], seed)
         rows.append({"variant": variant, "seed": seed, "steps": 0, "family": family, **result})
         order = result["ordering"]["mean_spearman"]  # type: ignore[index]
@@ -250,14 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="neco-effect-"))
     started = time.perf_counter()
-    rows: list[dict[str, object]] = []
+    rows, earlier = earlier_rows(args, out)
+    done = {r["seed"] for r in rows}
     try:
         for seed in args.seeds:
+            if seed in done:
+                print(f"seed {seed}: kept from {out}", flush=True)
+                continue
             run_seed(args, seed, device, work, rows)
-            write_report(args, device, machine, rows, time.perf_counter() - started, out)
+            write_report(args, device, machine, rows, time.perf_counter() - started, out, earlier)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = write_report(args, device, machine, rows, time.perf_counter() - started, out)
+    summary = write_report(args, device, machine, rows, time.perf_counter() - started, out, earlier)
     print(f"\n{'variant':<12} {'steps':>6} {'CPU-min':>8} {'mIoU':>6} {'gain':>6} {'ordering':>14}")
     for s in summary:
         print(

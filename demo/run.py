@@ -3,11 +3,14 @@
     python -m neco.demo --config configs/demo.yaml [key=value ...]      (also `neco demo`)
 
 1. generate a small scene dataset (train = support set, val = queries + scoring)
-2. post-pretrain with NeCo from the smoke config, starting from saved starting weights
+   (by default the "textures" family: colour says nothing about the class, texture and shape do)
+2. post-pretrain with NeCo (configs/train_demo_cpu.yaml), starting from saved starting weights
 3. export both the starting and the post-pretrained backbone to ONNX in one Triton repository
 4-5. for each model: start the embedded Triton server, build a memory bank from the support
    set through `NecoClient`, `segment()` the queries, score val (Hummingbird mIoU), stop it
-6. print both mIoUs side by side; write overlays, PCA feature pictures and summary.json
+   and measure ordering agreement (the quantity NeCo optimises, `neco.evaluation.ordering`)
+6. print per-class IoU, mIoU and ordering agreement side by side; write panel.png (image | ground
+   truth | start | after NeCo), pca.png, per-model overlays and summary.json
 
 The starting weights are written first and handed to training as `model.weights`, so "before"
 and "after" differ only by the NeCo run. Uses CUDA for training when present. This is the one
@@ -21,8 +24,8 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE, PATCH_SIZE
@@ -39,6 +42,7 @@ class SceneSettings(BaseModel):
     val: int = Field(12, ge=1, description="scored query images")
     size: int = Field(112, ge=PATCH_SIZE)
     num_classes: int = Field(4, ge=2)
+    family: Literal["textures", "shapes"] = Field("textures", description="neco.scenes family")
 
 
 class DemoConfig(BaseModel):
@@ -50,7 +54,7 @@ class DemoConfig(BaseModel):
     seed: int = 0
     arch: str = "vit_small_patch14_reg4_dinov2"
     scenes: SceneSettings = SceneSettings()
-    train_config: Path = Path("configs/train_smoke.yaml")
+    train_config: Path = Path("configs/train_demo_cpu.yaml")
     train_overrides: list[str] = Field(default_factory=list, description="key=value overrides of the train config")
     device: str = Field("auto", description="auto | cpu | cuda (training; the server picks CUDA itself)")
     input_size: int = Field(112, ge=PATCH_SIZE, description="square encoder input for bank and queries")
@@ -62,7 +66,8 @@ class DemoConfig(BaseModel):
         description="softmax temperature",
     )
     memory_size: int | None = Field(None, ge=1)
-    pictures: int = Field(4, ge=0, description="query images rendered as overlays and PCA pictures")
+    pictures: int = Field(4, ge=0, description="query images in the panel, the PCA sheet and the overlays")
+    ordering_references: int = Field(4, ge=1, description="support images the ordering metric's references come from")
     export_parity: bool = Field(True, description="check each ONNX export against PyTorch")
 
 
@@ -93,7 +98,7 @@ def save_starting_weights(cfg: DemoConfig, out: Path) -> Path:
 
 
 def post_pretrain(cfg: DemoConfig, start: Path, images: Path, device: str) -> Path:
-    """NeCo from the smoke config on the demo's own training images; returns the artefact dir."""
+    """NeCo from `cfg.train_config` on the demo's own training images; returns the artefact dir."""
     from neco.training.config import load_train_config
     from neco.training.run import train
 
@@ -134,34 +139,40 @@ def export(cfg: DemoConfig, source: Path, repository: Path, name: str, device: s
 
 def evaluate_served(
     cfg: DemoConfig, repository: Path, name: str, train, val, pictures: Path, stages: Stages
-) -> dict[str, object]:
-    """Serve one model, bank the support set through the client, segment and score the queries."""
+) -> tuple[dict[str, object], dict[str, list]]:
+    """Serve one model, bank the support set through the client, segment and score the queries.
+
+    Returns (scores, picture material: predicted masks and PCA pictures of the first queries).
+    """
     from neco.client import NecoClient, batch_features, features_to_rgb, prepare_image, segment
     from neco.evaluation.hummingbird import build_bank, evaluate_bank
+    from neco.evaluation.ordering import ordering_agreement
     from neco.serving import EmbeddedServer, ServeConfig
 
     size = (cfg.input_size, cfg.input_size)
     serve_cfg = ServeConfig(repository=repository, model_name=name, http_port=0, grpc_port=0, metrics_port=0)
     stages.note(f"starting the embedded Triton server for {name!r}")
+    material: dict[str, list] = {"masks": [], "pca": []}
     with EmbeddedServer(serve_cfg) as server, NecoClient(server.grpc_url, "grpc", model=name, size=size) as client:
         stages.note(f"serving on grpc {server.grpc_url} / http {server.http_url}; building the bank")
         bank = build_bank(client, train, train.class_names, size, memory_size=cfg.memory_size, seed=cfg.seed)
         bank.save(cfg.output_dir / "banks" / name)
         stages.note(f"{bank!r}; segmenting {len(val)} val images")
         result = evaluate_bank(client, bank, val, k=cfg.k, temperature=cfg.temperature)
-        pca = []
+        references = [train[i][0] for i in range(min(cfg.ordering_references, len(train)))]
+        queries = [val[i][0] for i in range(len(val))]
+        ordering = ordering_agreement(client, queries, references, size=cfg.input_size, seed=cfg.seed)
+        stages.note(f"ordering agreement {ordering.mean_spearman:.3f} over {ordering.points} aligned patches")
         for i in range(min(cfg.pictures, len(val))):
             image, _ = val[i]
             seg = segment(client, image, bank, k=cfg.k, temperature=cfg.temperature)
             seg.overlay(image).save(pictures / f"query{i}_{name}_overlay.png")
+            material["masks"].append(seg.mask)
             feats = batch_features(client, [prepare_image(image, size).array])[0]
-            pca.append(np.asarray(features_to_rgb(feats, size=image.shape[:2])))
-        if pca:
-            from PIL import Image
-
-            Image.fromarray(np.concatenate(pca, axis=1)).save(pictures / f"pca_{name}.png")
+            material["pca"].append(features_to_rgb(feats, size=(2 * image.shape[0], 2 * image.shape[1])))
     stages.note(f"server for {name!r} stopped")
-    return {"model": name, "bank_patches": len(bank), **result.to_dict()}
+    scores = {"model": name, "bank_patches": len(bank), **result.to_dict(), "ordering": ordering.to_dict()}
+    return scores, material
 
 
 def write_ground_truth(val, count: int, pictures: Path) -> None:
@@ -184,8 +195,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
     pictures.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device).type
 
+    scenes = cfg.scenes
     stages(
-        f"generating {cfg.scenes.train}+{cfg.scenes.val} scenes ({cfg.scenes.size}px, {cfg.scenes.num_classes} classes)"
+        f"generating {scenes.train}+{scenes.val} '{scenes.family}' scenes ({scenes.size}px, {scenes.num_classes} classes)"
     )
     root = write_scene_dataset(
         out / "scenes",
@@ -193,6 +205,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
         size=(cfg.scenes.size, cfg.scenes.size),
         num_classes=cfg.scenes.num_classes,
         seed=cfg.seed,
+        family=cfg.scenes.family,
     )
     train, val = load_dataset("folder", root, "train"), load_dataset("folder", root, "val")
     stages.note(f"wrote {root}")
@@ -209,11 +222,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
         stages.note(f"{name} <- {source}")
         export(cfg, source, repository, name, device, stages)
 
-    results = {}
+    results, material = {}, {}
     for label, name in (("starting weights", START_MODEL_NAME), ("after NeCo", DEFAULT_MODEL_NAME)):
-        stages(f"{label}: serve -> bank -> segment() -> mIoU")
-        results[label] = evaluate_served(cfg, repository, name, train, val, pictures, stages)
+        stages(f"{label}: serve -> bank -> segment() -> mIoU, ordering agreement")
+        results[label], material[label] = evaluate_served(cfg, repository, name, train, val, pictures, stages)
     write_ground_truth(val, cfg.pictures, pictures)
+    write_summary_pictures(val, results, material, pictures)
 
     stages("results")
     names = train.class_names
@@ -224,6 +238,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
         b, a = before["per_class_iou"][cls], after["per_class_iou"][cls]  # type: ignore[index]
         print(f"      {cls:<{width}}  {_pct(b):>7}  {_pct(a):>7}")
     print(f"      {'mIoU':<{width}}  {_pct(before['miou']):>7}  {_pct(after['miou']):>7}")
+    agreement = [float(r["ordering"]["mean_spearman"]) for r in (before, after)]  # type: ignore[index]
+    print(f"      {'ordering':<{width}}  {agreement[0]:>7.3f}  {agreement[1]:>7.3f}   (mean Spearman, two views)")
+    gain = 100 * (float(after["miou"]) - float(before["miou"]))  # type: ignore[arg-type]
+    print(f"      NeCo changed mIoU by {gain:+.1f} points on held-out '{cfg.scenes.family}' scenes")
     summary = {
         "config": cfg.model_dump(mode="json"),
         "device": device,
@@ -234,6 +252,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     stages.note(f"pictures in {pictures}/, summary in {out / 'summary.json'}")
     return summary
+
+
+def write_summary_pictures(val, results: dict, material: dict, pictures: Path) -> None:
+    """panel.png (image | ground truth | start | after NeCo) and pca.png (image | PCA maps)."""
+    from .pictures import pca_sheet, segmentation_panel
+
+    count = len(next(iter(material.values()))["masks"])
+    if not count:
+        return
+    images = [val[i][0] for i in range(count)]
+    truths = [val[i][1] for i in range(count)]
+    titles = {"starting weights": "start", "after NeCo": "after NeCo"}
+    predictions = {
+        f"{titles[label]}  mIoU {_pct(results[label]['miou'])}": material[label]["masks"] for label in material
+    }
+    segmentation_panel(images, truths, predictions, val.class_names).save(pictures / "panel.png")
+    pca_sheet(images, {f"PCA {titles[label]}": material[label]["pca"] for label in material}).save(pictures / "pca.png")
 
 
 def _pct(value: object) -> str:

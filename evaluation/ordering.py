@@ -126,9 +126,14 @@ def _view(image: np.ndarray, box: Box, size: int) -> np.ndarray:
     return np.asarray(crop)
 
 
+def feature_maps(backend, images: Sequence[np.ndarray]) -> np.ndarray:
+    """(B, h, w, C) features; a backend may answer with an array or a list of maps (`NecoClient`)."""
+    return np.stack([np.asarray(m, dtype=np.float32) for m in backend.features(list(images))])
+
+
 def reference_features(backend, images: Sequence[np.ndarray], size: int, num_references: int, seed: int) -> np.ndarray:
     """(num_references, C) patch features drawn without replacement from the images' patch maps."""
-    maps = backend.features([_view(im, (0, 0, *im.shape[:2]), size) for im in images])
+    maps = feature_maps(backend, [_view(im, (0, 0, *im.shape[:2]), size) for im in images])
     flat = maps.reshape(-1, maps.shape[-1])
     if num_references > len(flat):
         raise OrderingError(f"num_references={num_references} but the reference images have {len(flat)} patches")
@@ -162,7 +167,7 @@ def ordering_agreement(
         rng = np.random.default_rng([seed, index])
         boxes = _overlapping_boxes(*image.shape[:2], rng, min_scale)
         views = [jitter(_view(image, box, size), rng, jitter_strength) for box in boxes]
-        maps = backend.features(views)
+        maps = feature_maps(backend, views)
         points = intersection_points(*boxes, grid)
         sims = [sample_features(m, to_view(points, box, size, patch)) @ refs.T for m, box in zip(maps, boxes)]
         scores.append(spearman_rows(*sims))

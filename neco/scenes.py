@@ -20,6 +20,7 @@ Two families (`family=`):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,28 @@ def _random_palette(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return light, light * rng.uniform(0.2, 0.5)
 
 
+@dataclass(frozen=True)
+class SceneObject:
+    """Geometry of one painted object: its class's shape centred at (cy, cx), size r, turned by angle."""
+
+    label: int
+    cy: float
+    cx: float
+    r: float
+    angle: float
+
+
+def texture_scene(
+    rng: np.random.Generator, size: tuple[int, int], num_classes: int = 4, max_objects: int = 3
+) -> tuple[np.ndarray, np.ndarray, list[SceneObject]]:
+    """A "textures" scene and the geometry of its objects in painting order (for exactness checks)."""
+    objects: list[SceneObject] = []
+    image, mask = _texture_scene(rng, *size, num_classes, max_objects, objects)
+    return image, mask, objects
+
+
 def _texture_scene(
-    rng: np.random.Generator, h: int, w: int, num_classes: int, max_objects: int
+    rng: np.random.Generator, h: int, w: int, num_classes: int, max_objects: int, objects: list | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The "textures" family; colour never depends on the label, the pattern and shape do."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -124,9 +145,12 @@ def _texture_scene(
         kind, period = _TEXTURE_STYLE[label]
         r = min(h, w) * rng.uniform(0.18, 0.32)
         cy, cx = rng.uniform(r * 0.5, h - r * 0.5), rng.uniform(r * 0.5, w - r * 0.5)
-        footprint = _shape_mask(label, yy, xx, cy, cx, r, angle=rng.uniform(-0.3, 0.3))
+        angle = rng.uniform(-0.3, 0.3)
+        footprint = _shape_mask(label, yy, xx, cy, cx, r, angle)
         if not footprint.any():
             continue
+        if objects is not None:
+            objects.append(SceneObject(label, cy, cx, r, angle))
         light, dark = _random_palette(rng)
         texture = dark + (light - dark) * _pattern(kind, yy, xx, period * scale, rng)[..., None]
         image[footprint] = texture[footprint]

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from neco.demo.pictures import GAP, TITLE_HEIGHT
 from neco.demo.run import DemoConfig, main, run_demo
 
 REPO = Path(__file__).resolve().parents[2]
 REDUCED = {
     "train_config": REPO / "configs" / "train_smoke.yaml",
-    "scenes": {"train": 6, "val": 3, "size": 112, "num_classes": 3},
+    "scenes": {"train": 6, "val": 3, "size": 112, "num_classes": 3, "family": "textures"},
     "train_overrides": [
         "optim.steps=2",
         "optim.batch_size=2",
@@ -34,13 +35,14 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     for stage in range(1, 7):
         assert f"[{stage}/6]" in printed
-    assert "mIoU" in printed
+    assert "mIoU" in printed and "ordering" in printed and "NeCo changed mIoU by" in printed
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["results"] == summary["results"]
     for label in ("starting weights", "after NeCo"):
         result = on_disk["results"][label]
         assert 0.0 <= result["miou"] <= 1.0
         assert result["bank_patches"] == 6 * 4 * 4
+        assert -1.0 <= result["ordering"]["mean_spearman"] <= 1.0 and result["ordering"]["images"] == 3
     assert (tmp_path / "train" / "artefact" / "backbone.safetensors").is_file()
     assert (tmp_path / "model_repository" / "neco_start" / "1" / "model.onnx").is_file()
     assert (tmp_path / "model_repository" / "neco_dinov2" / "1" / "model.onnx").is_file()
@@ -50,13 +52,17 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
         "query0_ground_truth.png",
         "query0_neco_start_overlay.png",
         "query0_neco_dinov2_overlay.png",
-        "pca_neco_start.png",
-        "pca_neco_dinov2.png",
+        "panel.png",
+        "pca.png",
     } <= names
     for path in pictures:
         with Image.open(path) as image:
             image.verify()
             assert image.format == "PNG"
+    # one query row: 4 columns (image | truth | start | after) and 3 (image | PCA start | PCA after) of 2x cells
+    with Image.open(tmp_path / "pictures" / "panel.png") as panel, Image.open(tmp_path / "pictures" / "pca.png") as pca:
+        assert panel.width == 4 * 224 + 5 * GAP and panel.height > TITLE_HEIGHT + 224 + GAP
+        assert pca.size == (3 * 224 + 4 * GAP, TITLE_HEIGHT + 224 + 2 * GAP)
 
 
 def test_bad_config_is_reported(tmp_path: Path, capsys) -> None:

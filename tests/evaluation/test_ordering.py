@@ -99,3 +99,36 @@ def test_bad_arguments():
         ordering_agreement(backend, [], images, size=56)
     with pytest.raises(OrderingError, match="shape"):
         spearman_rows(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+class RecordingBackend(ColourPatchBackend):
+    """Colour features plus fresh noise per call, answered as a list of maps (as `NecoClient` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[np.ndarray] = []
+
+    def features(self, images):
+        clean = super().features(images)
+        feats = clean + 0.3 * self.rng.normal(size=clean.shape).astype(np.float32)
+        self.calls.append(feats)
+        return list(feats)
+
+
+def test_agreement_equals_an_independent_scipy_computation():
+    """Whole-image views (min_scale=1) and a grid on the patch centres: the metric is the mean of scipy's
+    Spearman over patches of the two views' similarities to the seeded reference draw."""
+    images, refs, seed = _scenes(3), _scenes(2, seed=1), 5
+    backend = RecordingBackend()
+    result = ordering_agreement(backend, images, refs, size=56, num_references=12, grid=4, min_scale=1.0, seed=seed)
+    reference_maps, *view_maps = backend.calls
+    flat = reference_maps.reshape(-1, reference_maps.shape[-1])
+    chosen = flat[np.random.default_rng(seed).choice(len(flat), 12, replace=False)]
+    expected = []
+    for pair in view_maps:  # one call per image: its two views
+        a, b = (m.reshape(-1, m.shape[-1]) for m in pair)
+        a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+        expected += [spearmanr(x @ chosen.T, y @ chosen.T).statistic for x, y in zip(a, b)]
+    assert result.points == len(expected) == 3 * 16
+    assert result.mean_spearman == pytest.approx(np.mean(expected), abs=1e-9)
+    assert result.std_spearman == pytest.approx(np.std(expected), abs=1e-9)
