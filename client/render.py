@@ -11,7 +11,7 @@ from neco.contract import IGNORE_INDEX
 
 from .images import ImageLike, load_rgb
 
-LEGEND_FONT_PX = 14
+LEGEND_FONT_PX = 15
 """Legend text height: readable on a screen without zooming (Pillow's scalable default font)."""
 
 

@@ -57,7 +57,7 @@ def grid_sheet(
     height = TITLE_HEIGHT + len(rows) * (cell_h + GAP) + GAP + (footer.height if footer else 0)
     sheet = Image.new("RGB", (width, height), PAPER)
     draw = ImageDraw.Draw(sheet)
-    font = _font(14)
+    font = _font(15)
     for col, title in enumerate(titles):
         left = GAP + col * (cell_w + GAP)
         text_w = draw.textlength(title, font=font)
@@ -74,7 +74,7 @@ def grid_sheet(
 
 def legend(class_names: Sequence[str], width: int) -> Image.Image:
     """A strip of colour swatches with the class names, wrapped to `width`."""
-    font, swatch, pad, line = _font(14), 16, 8, 24
+    font, swatch, pad, line = _font(15), 16, 8, 24
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     placed: list[tuple[int, int, str, tuple[int, int, int]]] = []
     x, row = pad, 0

@@ -46,7 +46,7 @@ def _panel(title: str, steps: np.ndarray, values: np.ndarray, colour: tuple[int,
     left, top, right, bottom = _MARGIN
     picture = Image.new("RGB", _PANEL, "white")
     draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default(size=14)
+    font = ImageFont.load_default(size=15)
     draw.text((left, 8), title, fill="black", font=font)
     box = (left, top, width - right, height - bottom)
     draw.rectangle(box, outline="black")
