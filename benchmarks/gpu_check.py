@@ -106,58 +106,27 @@ def train_config(args: argparse.Namespace, compiled: bool):
 
 def train_step_figures(args: argparse.Namespace, compiled: bool, device: torch.device) -> dict[str, object]:
     """images/s, per-phase seconds, peak memory and MFU of the real `Trainer.train_step`."""
-    from torch.utils.flop_counter import FlopCounterMode
-    from train_step import peak_flops
+    from train_step import measure_steps, peak_flops
 
-    from neco.training.data import ResumableBatchSampler, make_loader
     from neco.training.run import build_dataset
-    from neco.training.trainer import PhaseTimer, Trainer
 
     cfg = train_config(args, compiled)
     torch.manual_seed(cfg.seed)
-    dataset = build_dataset(cfg)
-    sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
-    loader = iter(make_loader(dataset, sampler, cfg.data, pin_memory=device.type == "cuda"))
-    horizon = (args.steps + args.warmup + 1) * 100
-    eager_cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"compile": False})})
-    counting = Trainer(eager_cfg, horizon, device)
-    with FlopCounterMode(display=False) as counter:
-        counting.train_step([next(loader)])
-    flops = counter.get_total_flops()
-    del counting
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    trainer = Trainer(cfg, horizon, device)
-    warm = time.perf_counter()
-    for _ in range(args.warmup):
-        trainer.train_step([next(loader)])
-    warmup_s = time.perf_counter() - warm
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    trainer.timer = timer = PhaseTimer(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        with timer("data"):
-            batch = next(loader)
-        trainer.train_step([batch])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    measured = measure_steps(cfg, build_dataset(cfg), device, args.steps, args.warmup)
+    elapsed, flops = float(measured["elapsed_s"]), float(measured["flops_per_step"])
     step_s = elapsed / args.steps
     peak = peak_flops(device, None)
-    del trainer
     return {
         "compile": compiled,
         "batch_size": cfg.optim.batch_size,
         "images_per_s": args.steps * cfg.optim.batch_size / elapsed,
         "step_s": step_s,
-        "warmup_s": warmup_s,
-        "phase_s_per_step": {name: secs / args.steps for name, secs in timer.seconds.items()},
+        "warmup_s": measured["warmup_s"],
+        "phase_s_per_step": {name: secs / args.steps for name, secs in measured["phase_s"].items()},
         "model_flops_per_step": flops,
         "achieved_tflops": flops / step_s / 1e12,
         "mfu": flops / step_s / peak if peak else None,
-        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "peak_memory_mib": measured["peak_memory_mib"],
     }
 
 

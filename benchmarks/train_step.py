@@ -56,6 +56,49 @@ def loader_throughput(dataset, cfg, batches: int) -> float:
     return batches * cfg.optim.batch_size / (time.perf_counter() - start)
 
 
+def measure_steps(cfg, dataset, device: torch.device, steps: int, warmup: int) -> dict[str, object]:
+    """Time `steps` real `Trainer.train_step`s after `warmup` untimed ones (compile, queue fill).
+
+    Model FLOPs per step are counted on an eager twin first: the counter cannot see inside
+    compiled graphs. The schedule's horizon is 100x the steps run, so lr and momentum stay near
+    their start values. Shared by this benchmark and benchmarks/gpu_check.py.
+    """
+    sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
+    loader = iter(make_loader(dataset, sampler, cfg.data, pin_memory=device.type == "cuda"))
+    accumulation = cfg.optim.accumulation
+    horizon = max(steps + warmup, 1) * 100
+    eager_cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"compile": False})})
+    counting = Trainer(eager_cfg, horizon, device)
+    with FlopCounterMode(display=False) as counter:
+        counting.train_step([next(loader) for _ in range(accumulation)])
+    del counting
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    trainer = Trainer(cfg, horizon, device)
+    warm = time.perf_counter()
+    for _ in range(warmup):
+        trainer.train_step([next(loader) for _ in range(accumulation)])
+    warmup_s = time.perf_counter() - warm
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.timer = timer = PhaseTimer(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        with timer("data"):
+            batches = [next(loader) for _ in range(accumulation)]
+        trainer.train_step(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {
+        "elapsed_s": time.perf_counter() - start,
+        "warmup_s": warmup_s,
+        "phase_s": dict(timer.seconds),
+        "flops_per_step": counter.get_total_flops(),
+        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "train_smoke.yaml")
@@ -79,35 +122,9 @@ def main() -> None:
     dataset = build_dataset(cfg)
     loader_ips = loader_throughput(dataset, cfg, args.loader_batches)
 
-    sampler = ResumableBatchSampler(len(dataset), cfg.optim.batch_size, seed=cfg.seed)
-    loader = iter(make_loader(dataset, sampler, cfg.data, pin_memory=device.type == "cuda"))
+    measured = measure_steps(cfg, dataset, device, args.steps, args.warmup)
+    elapsed, timer_seconds, flops_per_step = measured["elapsed_s"], measured["phase_s"], measured["flops_per_step"]
     accumulation = cfg.optim.accumulation
-    horizon = max(args.steps + args.warmup, 1) * 100  # lr/momentum stay near their start values
-    # FLOPs are counted on an eager twin (the counter cannot see inside compiled graphs).
-    eager_cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"compile": False})})
-    eager = Trainer(eager_cfg, horizon, device)
-    with FlopCounterMode(display=False) as counter:
-        eager.train_step([next(loader) for _ in range(accumulation)])
-    flops_per_step = counter.get_total_flops()
-    del eager
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    trainer = Trainer(cfg, horizon, device)
-    for _ in range(args.warmup):
-        trainer.train_step([next(loader) for _ in range(accumulation)])
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    trainer.timer = timer = PhaseTimer(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        with timer("data"):
-            batches = [next(loader) for _ in range(accumulation)]
-        trainer.train_step(batches)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
 
     images = args.steps * cfg.optim.batch_size * accumulation
     step_s = elapsed / args.steps
@@ -133,13 +150,13 @@ def main() -> None:
     result = {
         "images_per_s": images / elapsed,
         "step_s": step_s,
-        "phase_s_per_step": {name: secs / args.steps for name, secs in timer.seconds.items()},
+        "phase_s_per_step": {name: secs / args.steps for name, secs in timer_seconds.items()},
         "loader_images_per_s": loader_ips,
         "model_flops_per_step": flops_per_step,
         "achieved_tflops": flops_per_step / step_s / 1e12,
         "mfu": flops_per_step / step_s / peak if peak else None,
         "peak_memory_mib": (
-            torch.cuda.max_memory_allocated(device) / 2**20
+            measured["peak_memory_mib"]
             if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ),
