@@ -119,7 +119,7 @@ def train_step_figures(args: argparse.Namespace, compiled: bool, device: torch.d
     return {
         "compile": compiled,
         "batch_size": cfg.optim.batch_size,
-        "images_per_s": args.steps * cfg.optim.batch_size / elapsed,
+        "images_per_s": args.steps * cfg.optim.batch_size * cfg.optim.accumulation / elapsed,
         "step_s": step_s,
         "warmup_s": measured["warmup_s"],
         "phase_s_per_step": {name: secs / args.steps for name, secs in measured["phase_s"].items()},
