@@ -43,7 +43,10 @@ GRPC_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_CHECKED = {GRPC_SERVICE + "ModelInfer"}
 GRPC_STREAM = GRPC_SERVICE + "ModelStreamInfer"
 UNAVAILABLE = "model server unavailable (starting or restarting); retry"
-_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+_HOP_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+)
+_ANSWER_DROPPED = _HOP_HEADERS - {"content-encoding"}  # a compressed answer keeps its encoding
 MAX_BODY = web.AppKey("max_body", int)
 _UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
@@ -108,8 +111,7 @@ class _HttpProxy:
         if request.method == "POST" and _is_infer(request.path):
             try:
                 problem = request_problem(
-                    http_inputs(body, request.headers.get("Inference-Header-Content-Length"), self.limits),
-                    self.limits,
+                    http_inputs(body, request.headers.get("Inference-Header-Content-Length"), self.limits)
                 )
             except RequestRefused as exc:
                 problem = str(exc)
@@ -122,7 +124,7 @@ class _HttpProxy:
                 request.method, self.upstream + request.path_qs, data=body, headers=headers
             ) as answer:
                 payload = await answer.read()
-                kept = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS - {"content-encoding"}}
+                kept = {k: v for k, v in answer.headers.items() if k.lower() not in _ANSWER_DROPPED}
                 return web.Response(status=answer.status, body=payload, headers=kept)
         except ClientConnectionError:
             return self._error(503, UNAVAILABLE)
@@ -145,7 +147,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
     def _problem(self, message: bytes) -> str | None:
         try:
             request = service_pb2.ModelInferRequest.FromString(message)
-            return request_problem(grpc_inputs(request), self.limits)
+            return request_problem(grpc_inputs(request, self.limits))
         except RequestRefused as exc:
             return str(exc)
         except Exception as exc:  # a protobuf that does not parse  # noqa: BLE001
@@ -168,8 +170,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
             try:
                 return await call(message, timeout=context.time_remaining(), metadata=self._metadata(context))
             except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
-            raise AssertionError("unreachable: abort raises")
+                await context.abort(exc.code(), exc.details() or "")  # raises: the caller sees Triton's status
 
         return forward
 

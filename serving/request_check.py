@@ -50,24 +50,35 @@ def request_byte_budget(limits: InputLimits) -> int:
     return limits.max_request_pixels * 3
 
 
-def input_problem(tensor: DeclaredInput, limits: InputLimits) -> str | None:
-    """One line saying why this input is refused, or None when it may go on to Triton."""
-    shape = list(tensor.shape)
-    if any(d < 0 for d in shape):
-        return f"input {tensor.name!r}: negative dimension in shape {shape}"
-    if tensor.name == INPUT_IMAGES:
+def declaration_problem(name: str, datatype: str, shape: tuple[int, ...], limits: InputLimits) -> str | None:
+    """Why a declared input is refused before any of its data is looked at, or None.
+
+    Both parsers call this as soon as they read a declaration, so what they count afterwards
+    (JSON elements) is bounded by the limits.
+    """
+    dims = list(shape)
+    if any(d < 0 for d in dims):
+        return f"input {name!r}: negative dimension in shape {dims}"
+    if name == INPUT_IMAGES:
         try:
-            check_image_shape(shape, limits)
+            check_image_shape(dims, limits)
         except InputError as exc:
             return str(exc)
-    elements = math.prod(shape)
-    declared = elements * TRITON_DTYPE_BYTES.get(tensor.datatype, 1)
+    declared = math.prod(dims) * TRITON_DTYPE_BYTES.get(datatype, 1)
     budget = request_byte_budget(limits)
     if declared > budget:
         return (
-            f"input {tensor.name!r}: shape {shape} ({tensor.datatype}) declares {declared} bytes, above the "
+            f"input {name!r}: shape {dims} ({datatype}) declares {declared} bytes, above the "
             f"{budget} a request may carry (max_request_pixels={limits.max_request_pixels})"
         )
+    return None
+
+
+def data_problem(tensor: DeclaredInput) -> str | None:
+    """Why the data received for an (already accepted) declaration does not match it, or None."""
+    shape = list(tensor.shape)
+    elements = math.prod(shape)
+    declared = elements * TRITON_DTYPE_BYTES.get(tensor.datatype, 1)
     if tensor.nbytes is not None and tensor.datatype in TRITON_DTYPE_BYTES and tensor.nbytes != declared:
         return (
             f"input byte size mismatch for input {tensor.name!r}: shape {shape} ({tensor.datatype}) needs "
@@ -81,13 +92,22 @@ def input_problem(tensor: DeclaredInput, limits: InputLimits) -> str | None:
     return None
 
 
-def request_problem(inputs: Sequence[DeclaredInput], limits: InputLimits) -> str | None:
-    """The first problem of any input, else None."""
+def request_problem(inputs: Sequence[DeclaredInput]) -> str | None:
+    """The first input whose data does not match its declaration, else None.
+
+    `inputs` come from `http_inputs` / `grpc_inputs`, which already refused bad declarations.
+    """
     for tensor in inputs:
-        problem = input_problem(tensor, limits)
+        problem = data_problem(tensor)
         if problem is not None:
             return problem
     return None
+
+
+def _checked(name: str, datatype: str, shape: tuple[int, ...], limits: InputLimits) -> None:
+    problem = declaration_problem(name, datatype, shape, limits)
+    if problem is not None:
+        raise RequestRefused(problem)
 
 
 def _int(value: object, what: str) -> int:
@@ -140,10 +160,8 @@ def http_inputs(body: bytes, header_length: str | None, limits: InputLimits) -> 
         params = raw.get("parameters") or {}
         if not isinstance(params, dict):
             raise RequestRefused(f"input {name!r}: 'parameters' must be an object")
+        _checked(name, datatype, shape, limits)
         tensor = DeclaredInput(name, datatype, shape)
-        problem = input_problem(tensor, limits)
-        if problem is not None:
-            raise RequestRefused(problem)
         if "binary_data_size" in params:
             size = _int(params["binary_data_size"], f"input {name!r} binary_data_size")
             binary_total += size
@@ -165,7 +183,7 @@ _CONTENT_FIELDS = (
 )  # fmt: skip
 
 
-def grpc_inputs(request: service_pb2.ModelInferRequest) -> list[DeclaredInput]:
+def grpc_inputs(request: service_pb2.ModelInferRequest, limits: InputLimits) -> list[DeclaredInput]:
     """The inputs of a gRPC ModelInferRequest, with the size of the data each one carries."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -173,6 +191,7 @@ def grpc_inputs(request: service_pb2.ModelInferRequest) -> list[DeclaredInput]:
     declared = []
     for index, tensor in enumerate(request.inputs):
         shape = tuple(int(d) for d in tensor.shape)
+        _checked(tensor.name, tensor.datatype, shape, limits)
         nbytes = count = None
         if raw:
             nbytes = len(raw[index])

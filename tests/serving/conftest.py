@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,3 +29,10 @@ def reference_features(model_repository_model_dir: Path) -> Callable[[np.ndarray
 
 def random_images(seed: int, batch: int, height: int, width: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+
+
+def reap(process: subprocess.Popen) -> None:
+    """Kill a server that a failed assertion left running, so no process outlives its test."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()

@@ -14,6 +14,8 @@ import pytest
 
 from neco.serving.embedded import pick_free_ports
 
+from .conftest import reap
+
 STARTUP_TIMEOUT_S = 180
 
 
@@ -47,9 +49,7 @@ def serve_until_sigterm(model_repository, tmp_path, *flags: str) -> tuple[str, s
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
         log.close()
         err.close()
     return (tmp_path / "serve.log").read_text(), (tmp_path / "serve.err").read_text(), (http, grpc, metrics)

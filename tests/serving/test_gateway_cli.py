@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
 from neco.serving.embedded import pick_free_ports
 
-from .conftest import random_images
+from .conftest import random_images, reap
 
 ANNOUNCED = re.compile(r"gateway on http [\d.]+:(\d+)  grpc [\d.]+:(\d+) ->")
 
@@ -44,9 +44,7 @@ def start_gateway(upstream_http: str, upstream_grpc: str) -> tuple[subprocess.Po
 def gateway(triton_server) -> Iterator[tuple[subprocess.Popen, str, str]]:
     process, http, grpc = start_gateway(*triton_server.upstream_urls)
     yield process, http, grpc
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    reap(process)
 
 
 def post(url: str, body: bytes) -> tuple[int, str]:
@@ -98,6 +96,4 @@ def test_unreachable_upstream_is_a_retryable_503_and_sigterm_stops_it():
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)

@@ -30,7 +30,7 @@ def binary_body(inputs: list[tuple[str, str, list[int], int]]) -> tuple[bytes, s
 def problem_of_binary(inputs: list[tuple[str, str, list[int], int]]) -> str | None:
     body, split = binary_body(inputs)
     try:
-        return request_problem(http_inputs(body, split, LIMITS), LIMITS)
+        return request_problem(http_inputs(body, split, LIMITS))
     except RequestRefused as exc:
         return str(exc)
 
@@ -80,7 +80,7 @@ def test_binary_total_must_match_the_body():
 
 def test_json_element_count_is_checked_after_the_shape():
     body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 14, 14, 3], "data": [[1, 2]]}]})
-    problem = request_problem(http_inputs(body.encode(), None, LIMITS), LIMITS)
+    problem = request_problem(http_inputs(body.encode(), None, LIMITS))
     assert "needs 588 elements, the request carries 2" in problem
     huge = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 59990, 59990, 3], "data": [1]}]})
     with pytest.raises(RequestRefused, match="exceeds max_side=224"):
@@ -107,17 +107,28 @@ def test_grpc_inputs_carry_raw_or_typed_sizes():
     request = service_pb2.ModelInferRequest(model_name="m")
     request.inputs.add(name="images", datatype="UINT8").shape.extend([1, 28, 28, 3])
     request.raw_input_contents.append(bytes(7))
-    assert "needs 2352 bytes, the request carries 7" in request_problem(grpc_inputs(request), LIMITS)
+    assert "needs 2352 bytes, the request carries 7" in request_problem(grpc_inputs(request, LIMITS))
     typed = service_pb2.ModelInferRequest(model_name="m")
     tensor = typed.inputs.add(name="images", datatype="UINT8")
     tensor.shape.extend([1, 14, 14, 3])
     tensor.contents.uint_contents.extend(range(588))
-    assert request_problem(grpc_inputs(typed), LIMITS) is None
+    assert request_problem(grpc_inputs(typed, LIMITS)) is None
     tensor.contents.uint_contents.append(0)
-    assert "needs 588 elements, the request carries 589" in request_problem(grpc_inputs(typed), LIMITS)
+    assert "needs 588 elements, the request carries 589" in request_problem(grpc_inputs(typed, LIMITS))
     mixed = service_pb2.ModelInferRequest(model_name="m")
     mixed.inputs.add(name="a", datatype="UINT8").shape.append(1)
     mixed.inputs.add(name="b", datatype="UINT8").shape.append(1)
     mixed.raw_input_contents.append(b"x")
     with pytest.raises(RequestRefused, match="2 inputs but 1 raw_input_contents"):
-        grpc_inputs(mixed)
+        grpc_inputs(mixed, LIMITS)
+
+
+def test_grpc_declarations_are_refused_while_parsing():
+    huge = service_pb2.ModelInferRequest(model_name="m")
+    huge.inputs.add(name="images", datatype="UINT8").shape.extend([1, 59990, 59990, 3])
+    with pytest.raises(RequestRefused, match="exceeds max_side=224"):
+        grpc_inputs(huge, LIMITS)
+    other = service_pb2.ModelInferRequest(model_name="m")
+    other.inputs.add(name="other", datatype="FP32").shape.extend([BUDGET])
+    with pytest.raises(RequestRefused, match=f"declares {4 * BUDGET} bytes"):
+        grpc_inputs(other, LIMITS)

@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from neco.contract import INPUT_IMAGES
 from neco.serving.embedded import pick_free_ports
 
+from .conftest import reap
 from .procfs import alive, descendants, shm_mapped_by
 from .test_cli import STARTUP_TIMEOUT_S, wait_ready
 
@@ -93,9 +94,7 @@ def test_sigterm_under_load_ends_every_child_and_segment(model_repository, tmp_p
         stop.set()
         for worker in workers:
             worker.join(timeout=60)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     assert outcomes.count("ok") >= 4
     assert_nothing_left(children, segments)
 
@@ -110,9 +109,7 @@ def test_dead_backend_without_restart_exits_nonzero_and_cleans_up(model_reposito
         os.kill(stubs[0], signal.SIGKILL)  # requests cannot kill it through the gateway any more
         assert process.wait(timeout=30) == 1
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     assert "backend failed (the python-backend stub process died)" in log.read_text()
     assert_nothing_left(children, segments)
 
