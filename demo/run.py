@@ -243,8 +243,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
     gain = 100 * (float(after["miou"]) - float(before["miou"]))  # type: ignore[arg-type]
     print(f"      NeCo changed mIoU by {gain:+.1f} points on held-out '{cfg.scenes.family}' scenes")
     if gain <= 0:
-        print("      (from random weights NeCo distils a random teacher; the measured search and why it does not raise")
-        print("      mIoU here are in docs/evaluation.md, 'NeCo effect on generated scenes')")
+        print("      (from random weights NeCo needs far more steps than the demo's; measured settings, seeds and a")
+        print("      30-CPU-minute curve: docs/evaluation.md, 'NeCo effect on generated scenes')")
     summary = {
         "config": cfg.model_dump(mode="json"),
         "device": device,

@@ -49,6 +49,11 @@ def gateway(triton_server) -> Iterator[tuple[subprocess.Popen, str, str]]:
     reap(process)
 
 
+def json_infer_body(shape: list[int], data: list[int]) -> bytes:
+    """A KServe v2 JSON infer request carrying `images` (uint8) with this declared shape and data."""
+    return json.dumps({"inputs": [{"name": INPUT_IMAGES, "shape": shape, "datatype": "UINT8", "data": data}]}).encode()
+
+
 def post(url: str, body: bytes) -> tuple[int, str]:
     request = urllib.request.Request(url, data=body, method="POST")
     try:
@@ -61,8 +66,7 @@ def post(url: str, body: bytes) -> tuple[int, str]:
 def test_good_requests_pass_unchanged(gateway, triton_server, reference_features):
     _, http, grpc = gateway
     images = random_images(3, 2, 28, 42)
-    body = json.dumps({"inputs": [{"name": INPUT_IMAGES, "shape": list(images.shape), "datatype": "UINT8",
-                                   "data": images.ravel().tolist()}]}).encode()  # fmt: skip
+    body = json_infer_body(list(images.shape), images.ravel().tolist())
     status, text = post(f"http://{http}/v2/models/{triton_server.model_name}/infer", body)
     assert status == 200, text
     output = next(o for o in json.loads(text)["outputs"] if o["name"] == OUTPUT_FEATURES)
@@ -80,8 +84,7 @@ def test_answers_are_compressed_only_when_the_client_asks(gateway, triton_server
     """The gateway adds no Accept-Encoding of its own (Triton gzipping features cost ~110 ms per batch of 8)."""
     _, http_url, _ = gateway
     images = random_images(4, 1, 28, 28)
-    body = json.dumps({"inputs": [{"name": INPUT_IMAGES, "shape": list(images.shape), "datatype": "UINT8",
-                                   "data": images.ravel().tolist()}]}).encode()  # fmt: skip
+    body = json_infer_body(list(images.shape), images.ravel().tolist())
     answers = {}
     for asked in (None, "gzip"):
         connection = http.client.HTTPConnection(http_url, timeout=60)
@@ -100,8 +103,7 @@ def test_answers_are_compressed_only_when_the_client_asks(gateway, triton_server
 
 def test_declared_huge_request_is_refused_before_triton(gateway, triton_server):
     _, http, _ = gateway
-    body = json.dumps({"inputs": [{"name": INPUT_IMAGES, "shape": [1, 59990, 59990, 3], "datatype": "UINT8",
-                                   "data": [1, 2, 3]}]}).encode()  # fmt: skip
+    body = json_infer_body([1, 59990, 59990, 3], [1, 2, 3])
     status, text = post(f"http://{http}/v2/models/{triton_server.model_name}/infer", body)
     assert status == 400 and "exceeds max_side=224" in text, (status, text)
 
