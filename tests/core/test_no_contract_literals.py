@@ -1,5 +1,5 @@
 """No stage spells the contract itself: tensor names, dtypes, patch size, mean/std and the
-repository/dataset file names are written only in the core (`neco/`).
+repository/dataset file names are written only in the core (`core/`, the package `neco`).
 
 An AST scan (not a text grep) over the stage folders and benchmarks: docstrings and comments
 may mention the names; code may not contain them as literals. A literal that reappears in a
@@ -98,6 +98,6 @@ def test_the_scan_finds_literals(tmp_path: Path) -> None:
 @pytest.mark.parametrize("folder", STAGE_FOLDERS)
 def test_no_contract_literal_outside_the_core(folder: str) -> None:
     hits = [hit for path in sorted((REPO / folder).rglob("*.py")) for hit in contract_literals(path)]
-    assert not hits, "contract literals outside neco/ (import them from neco.contract / neco.signature):\n" + "\n".join(
+    assert not hits, "contract literals outside core/ (import them from neco.contract / neco.signature):\n" + "\n".join(
         hits
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -137,3 +138,20 @@ def test_the_image_replaces_only_pins_of_constraints_txt():
     assert replaced and set(replaced) <= set(project), sorted(set(replaced) - set(project))
     assert all(replaced[name] != project[name] for name in replaced)  # a pin that needs no replacing is left alone
     assert not {"torch", "torchvision", "tensorrt"} & set(replaced)  # one torch; the image's own TensorRT
+
+
+@pytest.mark.slow
+def test_the_checkout_root_does_not_shadow_the_installed_package(installed_wheel):
+    """A script run from the checkout root imports the installed `neco`, stages included.
+
+    `python -c` puts the working directory first on sys.path; a core folder named `neco/` there
+    would be imported instead of the installed package, and `neco.client` would not exist.
+    """
+    _, target = installed_wheel
+    probe = "import neco, neco.client; print(neco.__file__)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(target)), result.stdout

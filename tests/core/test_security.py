@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FOLDERS = ("neco", "model", "training", "export", "serving", "client", "evaluation", "demo", "benchmarks")
+FOLDERS = ("core", "model", "training", "export", "serving", "client", "evaluation", "demo", "benchmarks")
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader"}
 
 
