@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv clean bench deps-system wheel
+.PHONY: demo test test-fast lint venv clean bench deps-system wheel gpu-wheels
 
 demo: $(STAMP)
 	$(PY) -m neco.demo --config configs/demo.yaml
@@ -65,6 +65,18 @@ wheel:
 	  | tar -x -C "$$src" && \
 	$(WHEEL_PYTHON) -m pip --disable-pip-version-check wheel -q --no-deps $(WHEEL_FLAGS) -w "$(abspath $(WHEEL_DIR))" "$$src"
 	@ls "$(abspath $(WHEEL_DIR))"/neco_dense-*.whl
+
+# What benchmarks/gpu_check.sh --wheels DIR installs on the lent GPU machine (Python 3.12, torch/timm/onnx
+# there already, no network): the packages it lacks (tritonclient for the contract's config.pbtxt; grpcio and
+# protobuf are there), pinned as in constraints.txt, and this project's wheel.
+GPU_WHEELS ?= .whl
+GPU_PACKAGES := pydantic pydantic_core annotated-types typing-inspection typing_extensions diffsort tritonclient python-rapidjson
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -c constraints.txt -d $(GPU_WHEELS) $(GPU_PACKAGES)
+	$(MAKE) -s wheel WHEEL_DIR=$(GPU_WHEELS) WHEEL_FLAGS=--no-build-isolation
 
 clean:
 	rm -rf $(VENV) outputs demo_output model_repository
