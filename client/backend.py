@@ -2,8 +2,6 @@
 
 `NecoClient` (Triton), and the evaluation stage's ONNX and torch backends, all implement
 `FeatureBackend`, so `MemoryBank.build` and `segment` never care where features come from.
-Callers go through `batch_features`, which checks the answer once for every backend, and
-prepare their images with `prepare_for`, which resizes within the backend's own limits.
 """
 
 from __future__ import annotations
@@ -25,9 +23,7 @@ class FeatureBackend(Protocol):
 
     `batch` is uint8 [B, H, W, 3] RGB with H and W multiples of the contract's patch size (see
     `neco.client.images.prepare_image`); the result is [B, H/p, W/p, C] float32 with unit-norm
-    patch vectors. A backend that refuses requests beyond some `InputLimits` says so with a
-    `limits` attribute (`NecoClient` does), and `prepare_for` then never prepares an image
-    it would refuse.
+    patch vectors. A backend with request limits has a `limits` attribute (`NecoClient` does).
     """
 
     contract: ModelContract
@@ -36,12 +32,8 @@ class FeatureBackend(Protocol):
 
 
 def prepare_for(backend: FeatureBackend, image: ImageLike, size: SizeSpec) -> PreparedImage:
-    """Decode and resize `image` by the policy for `backend`: its patch size and its limits.
-
-    Limits are optional on the protocol (the evaluation backends have none), hence the
-    default; without this, a query could be refused by the server after it was decoded and
-    resized, or refused here by limits the backend does not have.
-    """
+    """Decode and resize `image` by the policy with `backend`'s patch size, within its limits (the
+    defaults for a backend without any), so no image is prepared that the backend would refuse."""
     limits: InputLimits | None = getattr(backend, "limits", DEFAULT_LIMITS)
     return prepare_image(image, size, backend.contract.patch_size, limits=limits)
 

@@ -68,8 +68,7 @@ class PreparedImage:
     """(rows, cols) of the patch grid: the (h, w) of the dense features."""
     patch_size: int = PATCH_SIZE
     original: np.ndarray | None = field(default=None, repr=False, compare=False)
-    """The decoded input (original_size x 3 uint8 RGB), kept so that an overlay is drawn without
-    decoding the image again; the same array as `array` when no resize was needed."""
+    """The decoded input, kept so that overlays need not decode it again (`array` when not resized)."""
 
     @property
     def size(self) -> tuple[int, int]:

@@ -71,15 +71,10 @@ class SegmentationResult:
     """The query as `segment` prepared it (None for `segment_features`): what `overlay` draws on."""
 
     def overlay(self, image: ImageLike | None = None, alpha: float = 0.5, legend: bool = True) -> Image.Image:
-        """The input image with class colours blended in and a legend of the classes found.
-
-        Without `image`, the query `segment` already decoded is used, so nothing is read twice.
-        """
-        if image is None:
-            if self.image is None or self.image.original is None:
-                raise ValueError("this result holds no image (segment_features never saw one): pass the image")
-            image = self.image.original
-        return overlay(image, self.mask, self.class_names, alpha=alpha, legend=legend)
+        """The input image (by default the query `segment` decoded) with class colours and a legend."""
+        if image is None and (self.image is None or self.image.original is None):
+            raise ValueError("this result holds no image (segment_features never saw one): pass the image")
+        return overlay(self.image.original if image is None else image, self.mask, self.class_names, alpha, legend)
 
     def mask_image(self) -> Image.Image:
         """A palette image whose pixel values are the class indices (save it as PNG)."""

@@ -219,7 +219,6 @@ class NecoClient:
 
     # --- features -------------------------------------------------------------------------
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        """One request; its answer's shape is checked by `batch_features`, the caller of `features`."""
         if self.protocol == "grpc":
             import tritonclient.grpc as triton
         else:
