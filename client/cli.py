@@ -90,7 +90,7 @@ def _client(args: argparse.Namespace) -> Any:
 def _features(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .render import features_to_rgb
+    from neco.client.render import features_to_rgb
 
     with _client(args) as client:
         dense = client.features(args.image)
@@ -236,7 +236,7 @@ def _segment(args: argparse.Namespace) -> int:
     make_parent(args.out)
     result.mask_image().save(args.out)
     if args.overlay is not None:
-        result.overlay(args.image).save(args.overlay)
+        result.overlay().save(args.overlay)  # the query segment() decoded, not a second read
     labels, counts = np.unique(result.mask, return_counts=True)
     shares = ", ".join(f"{result.class_names[lab]} {cnt / result.mask.size:.1%}" for lab, cnt in zip(labels, counts))
     height, width = result.input_size

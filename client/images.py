@@ -26,17 +26,16 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from neco.client.errors import ImageError, SupportSetError
 from neco.contract import PATCH_SIZE
 from neco.signature import DEFAULT_LIMITS, InputLimits
-
-from .errors import ImageError, SupportSetError
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """Anything `load_rgb` accepts: a file path, encoded bytes, a PIL image or a uint8 array."""
@@ -68,6 +67,8 @@ class PreparedImage:
     grid: tuple[int, int]
     """(rows, cols) of the patch grid: the (h, w) of the dense features."""
     patch_size: int = PATCH_SIZE
+    original: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The decoded input, kept so that overlays need not decode it again (`array` when not resized)."""
 
     @property
     def size(self) -> tuple[int, int]:
@@ -154,17 +155,18 @@ def prepare_image(
         # the pixel and side limits are symmetric, so an EXIF rotation cannot change the verdict
         target_size(declared, size, patch_size, limits)
 
-    rgb = _load_rgb(image_like, max_decoded_pixels, fits)
-    original = (rgb.shape[0], rgb.shape[1])
-    new_h, new_w = target_size(original, size, patch_size, limits)
-    if (new_h, new_w) != original:
-        resized = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
-        rgb = np.asarray(resized, dtype=np.uint8)
+    original = _load_rgb(image_like, max_decoded_pixels, fits)
+    height, width = original.shape[:2]
+    new_h, new_w = target_size((height, width), size, patch_size, limits)
+    rgb = original
+    if (new_h, new_w) != (height, width):
+        rgb = np.asarray(Image.fromarray(original).resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
     return PreparedImage(
         array=np.ascontiguousarray(rgb),
-        original_size=original,
+        original_size=(height, width),
         grid=(new_h // patch_size, new_w // patch_size),
         patch_size=patch_size,
+        original=original,
     )
 
 

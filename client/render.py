@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from neco.client.images import ImageLike, load_rgb
 from neco.contract import IGNORE_INDEX
-
-from .images import ImageLike, load_rgb
 
 LEGEND_FONT_PX = 15
 """Legend text height: readable on a screen without zooming (Pillow's scalable default font)."""

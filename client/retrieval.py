@@ -18,21 +18,19 @@ to give novel pixels an explicit "unknown" label.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
-
-from .backend import FeatureBackend, batch_features
-from .bank import MemoryBank
-from .bank_io import MANIFEST
-from .errors import BankContractError, BankError, NoveltyError, NoveltyNotCalibratedError
-from .images import ImageLike, PreparedImage, SizeSpec, prepare_image
-from .novelty import (
+from neco.client.backend import FeatureBackend, batch_features, prepare_for
+from neco.client.bank import MemoryBank
+from neco.client.bank_io import MANIFEST
+from neco.client.errors import BankContractError, BankError, NoveltyError, NoveltyNotCalibratedError
+from neco.client.images import ImageLike, PreparedImage, SizeSpec
+from neco.client.novelty import (
     DEFAULT_ACCEPTANCE,
     DEFAULT_AGGREGATION,
     DEFAULT_KNN_K,
@@ -48,7 +46,8 @@ from .novelty import (
     require_model,
     stored_calibration,
 )
-from .render import heatmap_overlay, mask_to_image, overlay
+from neco.client.render import heatmap_overlay, mask_to_image, overlay
+from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 
 UNKNOWN_LABEL = "unknown"
 """Class name `segment(..., unknown=...)` appends for novel pixels (their mask value is K)."""
@@ -68,10 +67,14 @@ class SegmentationResult:
     input_size: tuple[int, int] | None = None
     """(H, W) the query was resized to for the encoder (by the bank's size policy, or `size=`); results
     depend on it, so it is reported with them. None for `segment_features`, which never saw the image."""
+    image: PreparedImage | None = field(default=None, repr=False, compare=False)
+    """The query as `segment` prepared it (None for `segment_features`): what `overlay` draws on."""
 
-    def overlay(self, image: ImageLike, alpha: float = 0.5, legend: bool = True) -> Image.Image:
-        """The input image with class colours blended in and a legend of the classes found."""
-        return overlay(image, self.mask, self.class_names, alpha=alpha, legend=legend)
+    def overlay(self, image: ImageLike | None = None, alpha: float = 0.5, legend: bool = True) -> Image.Image:
+        """The input image (by default the query `segment` decoded) with class colours and a legend."""
+        if image is None and (self.image is None or self.image.original is None):
+            raise ValueError("this result holds no image (segment_features never saw one): pass the image")
+        return overlay(self.image.original if image is None else image, self.mask, self.class_names, alpha, legend)
 
     def mask_image(self) -> Image.Image:
         """A palette image whose pixel values are the class indices (save it as PNG)."""
@@ -317,15 +320,15 @@ def segment(
         return_scores=return_scores,
         unknown=unknown,
     )
-    return replace(result, input_size=prepared.size)
+    return replace(result, input_size=prepared.size, image=prepared)
 
 
 def _query_features(
     backend: FeatureBackend, image: ImageLike, bank: MemoryBank, size: SizeSpec | None
 ) -> tuple[PreparedImage, np.ndarray]:
-    """Resize a query by the bank's policy (or `size`) and return its (h, w, C) features."""
-    prepared = prepare_image(image, size if size is not None else bank.image_size, backend.contract.patch_size)
-    return prepared, batch_features(backend, [prepared.array])[0]
+    """Resize a query by the bank's policy (or `size`) within the backend's limits; return its (h, w, C) features."""
+    prepared = prepare_for(backend, image, size if size is not None else bank.image_size)
+    return prepared, batch_features(backend, prepared.array[None])[0]
 
 
 def novelty(

@@ -18,13 +18,9 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
-from neco.errors import InputError
-from neco.signature import INPUT, InputLimits, check_images, output_shape
-from neco.triton_config import config_problems, contract_from_config
-
-from .bank import MemoryBank
-from .errors import (
+from neco.client.backend import batch_features, prepare_for
+from neco.client.bank import MemoryBank
+from neco.client.errors import (
     ClientError,
     ContractError,
     ImageError,
@@ -33,9 +29,13 @@ from .errors import (
     ModelNotReadyError,
     ServerUnavailableError,
 )
-from .images import ImageLike, PreparedImage, SizeSpec, prepare_image
-from .retrieval import NoveltyResult, SegmentationResult, is_saved_bank, novelty, segment
-from .transport import Endpoints, RetryPolicy, call_with_retries, parse_urls, translate
+from neco.client.images import ImageLike, PreparedImage, SizeSpec
+from neco.client.retrieval import NoveltyResult, SegmentationResult, is_saved_bank, novelty, segment
+from neco.client.transport import Endpoints, RetryPolicy, call_with_retries, parse_urls, translate
+from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
+from neco.errors import InputError
+from neco.signature import INPUT, InputLimits, check_images
+from neco.triton_config import config_problems, contract_from_config
 
 Protocol = Literal["grpc", "http"]
 DEFAULT_URLS: dict[str, str] = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -236,27 +236,7 @@ class NecoClient:
         features = result.as_numpy(OUTPUT_FEATURES)
         if features is None:
             raise InferenceError(f"model {self.model!r} on {self.url!r} returned no {OUTPUT_FEATURES!r} output")
-        expected = output_shape(OUTPUT_FEATURES, *batch.shape[:3], self.contract.embed_dim)
-        if features.shape != expected:
-            raise ContractError(
-                f"model {self.model!r} on {self.url!r} returned {OUTPUT_FEATURES!r} of shape {features.shape} "
-                f"for input {batch.shape}; its contract implies {expected}"
-            )
-        return np.asarray(features, dtype=np.float32)
-
-    def _features_of_prepared(self, prepared: Sequence[PreparedImage]) -> list[np.ndarray]:
-        """Infer same-size images together (one request per size, at most `batch_size` each)."""
-        out: list[np.ndarray | None] = [None] * len(prepared)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for position, item in enumerate(prepared):
-            by_size.setdefault(item.size, []).append(position)
-        for positions in by_size.values():
-            for start in range(0, len(positions), self.batch_size):
-                chunk = positions[start : start + self.batch_size]
-                batch = np.stack([prepared[i].array for i in chunk])
-                for i, grid in zip(chunk, self._infer(batch)):
-                    out[i] = grid
-        return [grid for grid in out if grid is not None]
+        return features
 
     def prepare(self, image: ImageLike) -> PreparedImage:
         """Decode and resize one image with this client's size, limits and the served patch size.
@@ -264,40 +244,35 @@ class NecoClient:
         The limits are checked from the image header, before decoding, so a file the server
         would refuse costs no memory here either.
         """
-        return prepare_image(image, self.size, self.contract.patch_size, limits=self.limits)
+        return prepare_for(self, image, self.size)
 
-    def features(self, images: ImageLike | Sequence[ImageLike]) -> DenseFeatures | list[DenseFeatures]:
-        """Dense features of one image (-> DenseFeatures) or a list (-> list, batched requests).
+    def features(
+        self, images: ImageLike | PreparedImage | Sequence[ImageLike | PreparedImage]
+    ) -> np.ndarray | DenseFeatures | list[DenseFeatures]:
+        """Dense features of a batch, of one image (-> DenseFeatures) or of a list (-> list).
 
-        Paths, bytes and PIL images are decoded and resized by the client's policy (`size`).
-        A uint8 HxWx3 array whose sides are multiples of the patch size is taken as already
-        prepared and sent unchanged: that is what `FeatureBackend` callers (bank building,
-        `segment`) pass, and resizing it again would break their patch/mask alignment. Other
-        arrays follow the policy. `np.stack(client.features(batch))` is the protocol's
-        (B, h, w, C) array.
+        A uint8 [B, H, W, 3] array is the `FeatureBackend` call: images already prepared by
+        the policy, sent unchanged in requests of at most `batch_size`, answered with the
+        [B, h, w, C] array (use `batch_features`, which checks it). Anything else is decoded
+        and resized by the client's policy (`size`), except a `PreparedImage`, which is sent
+        as it is; same-size images share requests. `np.stack(client.features(images))` is the
+        protocol's [B, h, w, C] array.
         """
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            chunks = range(0, len(images) or 1, self.batch_size)  # an empty batch is refused by _infer
+            return np.concatenate([self._infer(images[start : start + self.batch_size]) for start in chunks])
         single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        if not items:
-            return []
-        prepared = [self._prepare_or_keep(item) for item in items]
-        dense = [DenseFeatures(grid, image) for grid, image in zip(self._features_of_prepared(prepared), prepared)]
-        return dense[0] if single else dense
-
-    def _prepare_or_keep(self, image: ImageLike) -> PreparedImage:
-        """FeatureBackend callers pass arrays already resized by the policy: do not resize twice."""
-        patch = self.contract.patch_size
-        if (
-            isinstance(image, np.ndarray)
-            and image.dtype == np.uint8
-            and image.ndim == 3
-            and image.shape[2] == 3
-            and image.shape[0] % patch == 0
-            and image.shape[1] % patch == 0
-        ):
-            size = (image.shape[0], image.shape[1])
-            return PreparedImage(np.ascontiguousarray(image), size, (size[0] // patch, size[1] // patch), patch)
-        return self.prepare(image)
+        prepared = [
+            item if isinstance(item, PreparedImage) else self.prepare(item) for item in ([images] if single else images)
+        ]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for position, item in enumerate(prepared):
+            by_size.setdefault(item.size, []).append(position)
+        dense: dict[int, DenseFeatures] = {}
+        for positions in by_size.values():
+            grids = batch_features(self, np.stack([prepared[i].array for i in positions]))
+            dense.update((i, DenseFeatures(grid, prepared[i])) for i, grid in zip(positions, grids))
+        return dense[0] if single else [dense[i] for i in range(len(prepared))]
 
     def segment(self, image: ImageLike, support: Any, **options: Any) -> SegmentationResult:
         """Segment `image` against a bank, a saved bank folder or (image, mask) pairs.

@@ -127,8 +127,8 @@ def _view(image: np.ndarray, box: Box, size: int) -> np.ndarray:
 
 
 def feature_maps(backend, images: Sequence[np.ndarray]) -> np.ndarray:
-    """(B, h, w, C) features; a backend may answer with an array or a list of maps (`NecoClient`)."""
-    return np.stack([np.asarray(m, dtype=np.float32) for m in backend.features(list(images))])
+    """(B, h, w, C) features of equal-size views; a backend may answer with an array or a list of maps."""
+    return np.stack([np.asarray(m, dtype=np.float32) for m in backend.features(np.stack(images))])
 
 
 def reference_features(backend, images: Sequence[np.ndarray], size: int, num_references: int, seed: int) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neco.client import ImageError, MemoryBank, NecoClient, SupportSetError, prepare_image
+from neco.client import ContractError, ImageError, MemoryBank, NecoClient, SupportSetError, prepare_image
 from neco.contract import OUTPUT_FEATURES, PATCH_SIZE, ModelContract
 from neco.signature import InputLimits, check_images, output_shape
 
@@ -212,6 +212,35 @@ def test_the_client_prepares_images_with_its_own_limits(offline) -> None:
     assert offline.sent == []
     client.size = (224, 224)
     assert client.features(encode(_noise(20, 20))).grid == (16, 16)
+
+
+def test_client_segment_prepares_the_query_with_the_clients_limits(offline, scenes_224) -> None:
+    """Regression: `segment` prepared the query with the default limits, not the client's."""
+    client = offline()
+    bank = MemoryBank.build(ColourBackend(), scenes_224, image_size=224, class_names=["a", "b", "c", "d"])
+    client.limits = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
+    with pytest.raises(ImageError, match="would be resized to 238x238.*max_image_pixels=50176"):
+        client.segment(scenes_224[0][0], bank, size=(238, 238))
+    assert offline.sent == []
+
+
+def test_arrays_follow_the_policy_and_prepared_images_are_sent_unchanged(offline) -> None:
+    """No guessing from dtype and shape: only a `PreparedImage` or a [B, H, W, 3] batch skips the policy."""
+    client = offline()
+    array = np.zeros((224, 224, 3), np.uint8)
+    assert client.features(array).image.size == (448, 448)  # size=448: resized like a file would be
+    assert client.features(prepare_image(array, 224)).image.size == (224, 224)
+    assert offline.sent == [(1, 448, 448, 3), (1, 224, 224, 3)]
+    offline.sent = []
+    batch = client.features(np.zeros((10, 28, 42, 3), np.uint8))
+    assert batch.shape == (10, 2, 3, 384) and offline.sent == [(8, 28, 42, 3), (2, 28, 42, 3)]  # batch_size 8
+
+
+def test_a_wrong_answer_shape_is_a_contract_error(offline, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = offline(size=28)
+    monkeypatch.setattr(client, "_infer", lambda batch: np.ones((len(batch), 1, 1, 384), np.float32))
+    with pytest.raises(ContractError, match=r"shape \(1, 1, 1, 384\) .* implies \(1, 2, 2, 384\)"):
+        client.features(np.zeros((28, 28, 3), np.uint8))
 
 
 def test_limits_are_configurable_and_named(tmp_path: Path) -> None:

@@ -148,3 +148,14 @@ def test_resize_mask_is_nearest_neighbour() -> None:
     mask = np.array([[0, 1], [2, 3]])
     np.testing.assert_array_equal(resize_mask(mask, (4, 4)), np.kron(mask, np.ones((2, 2), int)))
     assert set(np.unique(resize_mask(np.array([[0, 300]]), (3, 7)))) == {0, 300}
+
+
+def test_a_prepared_image_keeps_the_decoded_input(tmp_path: Path) -> None:
+    """What overlays draw on, so a query is decoded once; no copy when no resize was needed."""
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    prepared = prepare_image(tmp_path / "image.png", 14)
+    assert prepared.size == (14, 14) and prepared.original_size == (30, 40)
+    np.testing.assert_array_equal(prepared.original, pixels)
+    unchanged = prepare_image(pixels[:28, :28], (28, 28))
+    assert unchanged.original is unchanged.array

@@ -8,10 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from neco.client import BankContractError, MemoryBank, SupportSetError, segment, segment_features, transfer_labels
+from neco.client import (
+    BankContractError,
+    ImageError,
+    MemoryBank,
+    SupportSetError,
+    segment,
+    segment_features,
+    transfer_labels,
+)
 from neco.client.retrieval import _argmax_upsampled, upsample_bilinear
 from neco.contract import ModelContract
+from neco.signature import InputLimits
 
 from .conftest import ARCH, ColourBackend, miou
 
@@ -112,3 +122,30 @@ def test_segment_refuses_a_bank_of_another_model(colour_backend, scenes_224) -> 
     other = ColourBackend(ModelContract.for_arch(ARCH, training_hash="abc"))
     with pytest.raises(BankContractError, match="rebuild the bank"):
         segment(other, scenes_224[0][0], bank)
+
+
+def test_segment_prepares_the_query_within_the_backends_own_limits(colour_backend, scenes_224) -> None:
+    """Regression: segment() used the default InputLimits, whatever limits the backend has."""
+    bank = MemoryBank.build(colour_backend, scenes_224, image_size=224)
+    tight = ColourBackend()
+    tight.limits = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
+    with pytest.raises(ImageError, match="max_image_pixels=50176"):
+        segment(tight, scenes_224[0][0], bank, size=(238, 238))
+    assert tight.calls == []  # refused before anything was sent
+    roomy = ColourBackend()
+    roomy.limits = InputLimits(max_image_pixels=1036 * 1036, max_request_pixels=1036 * 1036)
+    assert segment(roomy, scenes_224[0][0], bank, size=(1036, 1036)).input_size == (1036, 1036)  # > 1 MP default
+
+
+def test_the_overlay_draws_the_query_segment_already_decoded(colour_backend, scenes_224, tmp_path: Path) -> None:
+    image, _ = scenes_224[0]
+    path = tmp_path / "query.png"
+    Image.fromarray(image).save(path)
+    bank = MemoryBank.build(colour_backend, scenes_224, image_size=224)
+    result = segment(colour_backend, path, bank, size=112)
+    assert result.image.size == (112, 112) and result.image.original_size == (224, 224)
+    expected = np.asarray(result.overlay(path))
+    path.unlink()  # a second read would now fail
+    np.testing.assert_array_equal(np.asarray(result.overlay()), expected)
+    with pytest.raises(ValueError, match="pass the image"):
+        segment_features(np.asarray(colour_backend.features(image[None]))[0], bank, (224, 224)).overlay()

@@ -73,7 +73,11 @@ def test_list_requests_are_batched_per_size(client: NecoClient, scenes) -> None:
     assert [d.features.shape[:2] for d in batch] == [(8, 8), (8, 16), (8, 8)]
     single = client.features(scenes[2][0])
     np.testing.assert_allclose(batch[2].features, single.features, atol=1e-4)
-    assert np.stack(client.features([scenes[0][0], scenes[2][0]])).shape == (2, 8, 8, 384)  # FeatureBackend form
+    stacked = np.stack(client.features([scenes[0][0], scenes[2][0]]))
+    assert stacked.shape == (2, 8, 8, 384)
+    protocol = client.features(np.stack([scenes[0][0], scenes[2][0]]))  # the FeatureBackend call: one batch
+    assert isinstance(protocol, np.ndarray) and protocol.shape == (2, 8, 8, 384)
+    np.testing.assert_allclose(protocol, stacked, atol=1e-4)
 
 
 def test_self_retrieval_recovers_the_support_mask(client: NecoClient, scenes) -> None:
