@@ -48,9 +48,12 @@ class AppConfig(BaseModel):
         default=4096 * 4096, ge=1, description="largest decoded image or mask (height x width), checked from its header"
     )
     max_request_pixels: int = Field(
-        default=3 * 4096 * 4096, ge=1, description="decoded pixels of one request's images and masks together"
+        default=5 * 4096 * 4096, ge=1, description="decoded pixels of one request's images and masks together"
     )
     max_classes: int = Field(default=256, ge=1, description="most classes of a bank the page segments with")
+    max_transfer_mb: float = Field(
+        default=128.0, gt=0, description="label transfer's query patches x k x classes float32 scores, MiB"
+    )
 
     k: int = Field(default=DEFAULT_K, ge=1, description="default neighbours per patch shown on the page")
     temperature: float = Field(
@@ -64,3 +67,7 @@ class AppConfig(BaseModel):
     @property
     def max_unpacked_bytes(self) -> int:
         return int(self.max_unpacked_mb * MIB)
+
+    @property
+    def max_transfer_bytes(self) -> int:
+        return int(self.max_transfer_mb * MIB)

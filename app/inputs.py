@@ -233,6 +233,16 @@ def check_class_count(count: int, max_classes: int, source: str) -> None:
         )
 
 
+def check_label_transfer(patches: int, k: int, classes: int, max_bytes: int) -> None:
+    """Refuse a label transfer whose (patches, k, classes) float32 gather would exceed `max_bytes`."""
+    need = patches * k * classes * 4
+    if need > max_bytes:
+        raise UploadTooLargeError(
+            f"k={k} neighbours x {classes} classes x {patches} query patches need {need / 2**20:,.2f} MiB for label "
+            f"transfer; the page allows {max_bytes / 2**20:,.2f} MiB (max_transfer_mb): lower k"
+        )
+
+
 def inferred_class_count(masks: Sequence[np.ndarray]) -> int:
     """K a bank built without class names gets: the largest label (ignore excluded) + 1."""
     tops = [int(m[m != IGNORE_INDEX].max(initial=-1)) for m in masks]

@@ -28,14 +28,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from neco.app.config import MAX_TEMPERATURE, MIB, MIN_TEMPERATURE, AppConfig
+from neco.app.config import AppConfig
+from neco.app.forms import BodyLimit, InvalidFormError, SegmentForm, error, form_fields, form_files, read_form
 from neco.app.inputs import (
     FormError,
     PixelBudget,
@@ -44,6 +41,7 @@ from neco.app.inputs import (
     UploadTooLargeError,
     bank_folder,
     check_class_count,
+    check_label_transfer,
     decode,
     inferred_class_count,
     list_banks,
@@ -79,10 +77,6 @@ Connect = Callable[[], FeatureBackend]
 """Makes the feature backend on first use (a `NecoClient`; tests pass another backend)."""
 
 
-class InvalidFormError(FormError):
-    """A form field of the wrong type or out of range (answered 422, like FastAPI's own checks)."""
-
-
 def status_of(exc: Exception) -> int:
     """The HTTP status of an expected error: the caller's input is 4xx, the server's state 5xx."""
     if isinstance(exc, UploadTooLargeError):
@@ -98,108 +92,6 @@ def status_of(exc: Exception) -> int:
     if isinstance(exc, (ModelNotFoundError, InferenceError, ContractError)):
         return 502
     return 400
-
-
-def one_line(exc: BaseException | str) -> str:
-    """The message as one line (multi-line config errors joined), bounded in length."""
-    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
-def error(status: int, message: BaseException | str) -> JSONResponse:
-    return JSONResponse({"error": one_line(message)}, status_code=status)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body beyond `max_bytes` is answered 413 before anything parses it.
-
-    The declared Content-Length is checked first; chunked bodies are counted as they arrive,
-    and a body within the limit is buffered and replayed to the application.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, int(declared) if declared.isdigit() else None)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._refuse(scope, receive, send, None)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
-        got = f"{size / MIB:.1f} MiB" if size is not None else "more than that"
-        message = f"upload too large: {got}; the limit is {self.max_bytes / MIB:.1f} MiB (max_upload_mb)"
-        await error(413, message)(scope, receive, send)
-
-
-class InMemoryMultiPartParser(MultiPartParser):
-    """starlette's multipart parser with every file kept in memory, never in a temporary file.
-
-    A `SpooledTemporaryFile` with `max_size=0` never rolls over to disk; memory stays bounded
-    because `BodyLimit` has already refused any body over `max_upload_mb`.
-    """
-
-    spool_max_size = 0
-
-
-class SegmentForm(BaseModel):
-    """The plain fields of `POST /api/segment` (files are read separately)."""
-
-    bank: str = ""
-    classes: str = ""
-    k: int = Field(ge=1, le=1024)
-    temperature: float = Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
-
-
-async def read_form(request: Request) -> FormData:
-    """The request's multipart form, parsed in memory; a malformed one is a one-line 400."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise FormError("send the form as multipart/form-data with a query image file")
-    try:
-        return await InMemoryMultiPartParser(request.headers, request.stream()).parse()
-    except MultiPartException as exc:
-        raise FormError(f"malformed form: {exc.message}") from None
-
-
-def form_fields(form: FormData, config: AppConfig) -> SegmentForm:
-    """Validated text fields; an empty field (a cleared number input) takes the configured default."""
-    given = {key: value for key, value in form.multi_items() if isinstance(value, str) and value != ""}
-    try:
-        return SegmentForm.model_validate({"k": config.k, "temperature": config.temperature, **given})
-    except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'form'}: {e['msg']}" for e in exc.errors()]
-        raise InvalidFormError("invalid form: " + "; ".join(problems)) from None
-
-
-async def form_files(form: FormData, field: str) -> list[Upload]:
-    """The files a form field really carried: browsers send an empty part for an empty file input."""
-    chosen = [f for f in form.getlist(field) if isinstance(f, UploadFile) and f.filename]
-    return [Upload(f.filename or "", await f.read()) for f in chosen]
 
 
 class Segmenter:
@@ -264,6 +156,8 @@ class Segmenter:
         check_contract(backend.contract, bank)
         rgb = decode(query, "query image", self.config.max_image_pixels)
         prepared = prepare_image(rgb, bank.image_size, backend.contract.patch_size)
+        patches = prepared.grid[0] * prepared.grid[1]
+        check_label_transfer(patches, k, len(bank.class_names), self.config.max_transfer_bytes)
         features = batch_features(backend, [prepared.array])[0]
         result = segment_features(features, bank, prepared.original_size, k=k, temperature=temperature)
         colours = palette(len(result.class_names))
