@@ -251,3 +251,14 @@ def test_the_app_imports_only_the_clients_public_names() -> None:
             elif isinstance(node, ast.ImportFrom) and node.level > 0:
                 offenders.append(f"{source.name}: relative import from {node.module}")
     assert offenders == []
+
+
+def test_a_rewritten_saved_bank_is_loaded_again(tmp_path: Path, scenes) -> None:
+    """The bank cache keys on the bank folder's inode and mtime, which every `MemoryBank.save` replaces."""
+    client = api(tmp_path)
+    query = {"query": ("q.png", png(scenes[2][0]), "image/png")}
+    MemoryBank.build(ColourBackend(), scenes[:2], class_names=CLASSES, image_size=SIZE).save(tmp_path / "live")
+    assert client.post("/api/segment", data={"bank": "live"}, files=query).json()["classes"] == CLASSES
+    renamed = [name.upper() for name in CLASSES]
+    MemoryBank.build(ColourBackend(), scenes[:2], class_names=renamed, image_size=SIZE).save(tmp_path / "live")
+    assert client.post("/api/segment", data={"bank": "live"}, files=query).json()["classes"] == renamed
