@@ -100,7 +100,7 @@ class SegmentForm(BaseModel):
 
 async def read_form(request: Request) -> FormData:
     """The request's multipart form, parsed in memory; a malformed one is a one-line 400."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise FormError("send the form as multipart/form-data with a query image file")
     try:
         return await InMemoryMultiPartParser(request.headers, request.stream()).parse()
