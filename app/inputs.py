@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,17 +64,19 @@ class PixelBudget:
 
     def charge(self, upload: Upload, what: str) -> None:
         """Count `upload`'s declared pixels; an unreadable header is left to `decode` to report."""
-        try:
-            with Image.open(io.BytesIO(upload.data)) as image:
-                width, height = image.size
-        except Exception:  # any header Pillow cannot read fails again in decode(), with its name
-            return
+        too_many = f"the page decodes at most {self.max_image_pixels:,} px per image (max_image_pixels)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit here is stricter
+            try:
+                with Image.open(io.BytesIO(upload.data)) as image:
+                    width, height = image.size
+            except Image.DecompressionBombError:  # beyond twice Pillow's own limit: refused on open
+                raise UploadTooLargeError(f"{what} {upload.name!r} declares a gigantic size; {too_many}") from None
+            except Exception:  # any header Pillow cannot read fails again in decode(), with its name
+                return
         pixels = width * height
         if pixels > self.max_image_pixels:
-            raise UploadTooLargeError(
-                f"{what} {upload.name!r} is {width}x{height} = {pixels:,} px; the page decodes at most "
-                f"{self.max_image_pixels:,} px per image (max_image_pixels)"
-            )
+            raise UploadTooLargeError(f"{what} {upload.name!r} is {width}x{height} = {pixels:,} px; {too_many}")
         self.used += pixels
         if self.used > self.max_request_pixels:
             raise UploadTooLargeError(

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import textwrap
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,12 @@ def test_pixel_limits_per_image_and_per_request(banks: Path, scenes) -> None:
     assert answer.json()["error"] == (
         "query image 'q.png' is 112x112 = 12,544 px; the page decodes at most 12,543 px per image (max_image_pixels)"
     )
+    header = bytearray(png(np.zeros((1, 1), np.uint8)))  # IHDR declares 40000 x 40000: Pillow refuses it on open
+    header[16:24] = (40_000).to_bytes(4, "big") * 2
+    header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
+    answer = api(banks).post("/api/segment", data={"bank": "scenes"}, files={"query": ("bomb.png", bytes(header), "x")})
+    assert answer.status_code == 413
+    assert answer.json()["error"].startswith("query image 'bomb.png' declares a gigantic size; the page decodes")
     # the query and one pair fit; a second pair does not, and nothing of it is decoded
     client = api(banks, max_request_pixels=3 * SIZE * SIZE)
     assert client.post("/api/segment", data={"classes": "a,b,c,d"}, files=[query, *support_files(scenes)]).is_success
