@@ -25,7 +25,7 @@ lint: $(STAMP)
 
 venv: $(STAMP)
 
-# System tools some tests run (tests/deploy: `kubectl kustomize`, kustomize v5; tests/client/test_app.py: a
+# System tools some tests run (tests/deploy: `kubectl kustomize`, kustomize v5; tests/app/test_app.py: a
 # headless browser). Idempotent: installs only what is missing, as Debian packages: `chromium` and `chromium-driver`
 # from Debian's archive, and `kubectl`, which Debian's own archive does not carry (its kubernetes-client is 1.20,
 # too old): its apt source is the Kubernetes (pkgs.k8s.io) or Google Cloud SDK repository. .ci/run calls this first.

@@ -23,7 +23,7 @@ STAGE_CLIS: tuple[str, ...] = (
     "neco.export.cli",
     "neco.serving.cli",
     "neco.client.cli",
-    "neco.client.app_cli",
+    "neco.app.cli",
     "neco.evaluation.cli",
     "neco.demo.cli",
 )
@@ -35,7 +35,7 @@ STAGE_EXTRAS: dict[str, str] = {
     "neco.client.cli": "client",
     "neco.evaluation.cli": "eval",
     "neco.demo.cli": "all",
-    "neco.client.app_cli": "app",
+    "neco.app.cli": "app",
 }
 """The extra that holds a stage's third-party dependencies, named when one of them is missing."""
 

@@ -33,6 +33,7 @@ def build_namespace_tree(target: Path) -> Path:
 def test_import_contracts_hold(tmp_path: Path) -> None:
     tree = build_namespace_tree(tmp_path / "src")
     assert sorted(p.name for p in (tree / "neco").iterdir() if p.is_dir()) == [
+        "app",
         "client",
         "configs",  # package data (the shipped YAML), no imports
         "demo",

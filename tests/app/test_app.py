@@ -29,13 +29,13 @@ from fastapi.testclient import TestClient
 from packaging.requirements import Requirement
 from PIL import Image
 
+from neco.app.config import AppConfig
+from neco.app.server import create_app
 from neco.client import MemoryBank, NecoClient, segment
-from neco.client.app import create_app
-from neco.client.app_config import AppConfig
 from neco.config import load_config
+from neco.errors import MissingExtraError
 from neco.scenes import SCENE_CLASSES, generate_scene
-
-from .conftest import FORBIDDEN, ColourBackend
+from tests.client.conftest import FORBIDDEN, ColourBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 112
@@ -240,8 +240,8 @@ def test_server_errors_are_5xx_messages(banks: Path, scenes) -> None:
 
 
 def test_config_yaml_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    from neco.app import cli as app_cli
     from neco.cli import build_parser
-    from neco.client import app_cli
 
     shipped = load_config(AppConfig, ROOT / "configs" / "app.yaml")
     assert shipped.model_dump(exclude={"url"}) == AppConfig().model_dump(exclude={"url"})
@@ -250,7 +250,7 @@ def test_config_yaml_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     config = app_cli.load_app_config(args)
     assert (config.port, config.k, config.host) == (9000, 5, "127.0.0.1")
     monkeypatch.setattr(app_cli, "_importable", lambda name: name != "uvicorn")
-    with pytest.raises(app_cli.MissingExtraError, match=r"missing: uvicorn\): pip install 'neco-dense\[app\]'"):
+    with pytest.raises(MissingExtraError, match=r"needs the Python package 'uvicorn'.*install the `app` extra"):
         app_cli.app_command(args)
 
 
@@ -282,8 +282,8 @@ def test_app_extra_pulls_no_heavy_package() -> None:
                 if name.split(".")[0] in {FORBIDDEN!r}:
                     raise ImportError(name + " is forbidden in the app")
         sys.meta_path.insert(0, Block())
-        import neco.client.app, neco.cli
-        neco.client.app.create_app(neco.client.app.AppConfig())
+        import neco.app.server, neco.cli
+        neco.app.server.create_app(neco.app.server.AppConfig())
         print(sorted({{m.split(".")[0] for m in sys.modules}} & set({FORBIDDEN!r})))
         """
     )

@@ -8,18 +8,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from neco.errors import EXIT_FAILURE, NecoError
-
-from .app_config import AppConfig
+from neco.app.config import AppConfig
+from neco.errors import MissingExtraError
 
 APP_MODULES = ("fastapi", "uvicorn", "multipart")
-"""What `neco.client.app` needs beyond the client extra: FastAPI, uvicorn, python-multipart."""
+"""What `neco.app.server` needs beyond the client extra: FastAPI, uvicorn, python-multipart.
 
-
-class MissingExtraError(NecoError):
-    """A command needs packages of an extra that is not installed."""
-
-    exit_code = EXIT_FAILURE
+Checked up front because starlette imports python-multipart optionally and would fail only on
+the first form it parses, with an assertion rather than an error naming the extra."""
 
 
 def register(subparsers: Any) -> None:
@@ -57,10 +53,8 @@ def app_command(args: argparse.Namespace) -> int:
     config = load_app_config(args)
     missing = [name for name in APP_MODULES if not _importable(name)]
     if missing:
-        raise MissingExtraError(
-            f"neco app needs the `app` extra (missing: {', '.join(missing)}): pip install 'neco-dense[app]'"
-        )
-    from .app import serve
+        raise MissingExtraError("neco app", missing[0], "app")
+    from neco.app.server import serve
 
     serve(config)
     return 0

@@ -1,6 +1,6 @@
 """`neco app`: a small web page for in-context segmentation against a running Triton server.
 
-    GET  /              the page (plain HTML + JS, `app_page.PAGE`)
+    GET  /              the page (plain HTML + JS, `neco.app.page.PAGE`)
     GET  /api/config    limits and defaults the page shows
     GET  /api/banks     saved banks under the configured root
     POST /api/segment   multipart: query (file), bank (name) or support (files / zip),
@@ -8,8 +8,9 @@
 
 Every expected failure is JSON `{"error": "<one line>"}` with a 4xx/5xx status that the page
 shows as text; a bug is logged here with its traceback and answered with a one-line 500.
-Request bodies are bounded before any parsing (`BodyLimit`), uploads are never written to
-disk, and the page binds to 127.0.0.1 unless told otherwise. Needs the `app` extra.
+Request bodies are bounded before any parsing (`BodyLimit`) and parsed in memory (uploads are
+never written to disk), images are refused from their headers beyond the pixel limits, banks
+beyond `max_classes`, and the page binds to 127.0.0.1 unless told otherwise. Needs the `app` extra.
 """
 
 from __future__ import annotations
@@ -20,46 +21,56 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from neco.errors import NecoError
-
-from .app_config import MIB, AppConfig
-from .app_inputs import (
+from neco.app.config import AppConfig
+from neco.app.forms import BodyLimit, InvalidFormError, SegmentForm, error, form_fields, form_files, read_form
+from neco.app.inputs import (
     FormError,
+    PixelBudget,
     UnknownBankError,
     Upload,
     UploadTooLargeError,
     bank_folder,
+    check_class_count,
+    check_label_transfer,
     decode,
+    inferred_class_count,
     list_banks,
     parse_class_names,
     support_pairs,
 )
-from .app_page import PAGE
-from .backend import FeatureBackend, batch_features
-from .bank import MemoryBank
-from .bank_io import MANIFEST
-from .errors import (
-    BankContractError,
+from neco.app.page import PAGE
+from neco.client import (
+    BankError,
     ContractError,
+    FeatureBackend,
+    MemoryBank,
+    batch_features,
+    features_to_rgb,
+    overlay,
+    prepare_image,
+)
+from neco.client.errors import (
+    BankContractError,
     EndpointError,
     InferenceError,
     ModelNotFoundError,
     ModelNotReadyError,
     ServerUnavailableError,
 )
-from .images import prepare_image
-from .render import features_to_rgb, heatmap_overlay, palette
-from .retrieval import check_contract, segment_features
+from neco.client.images import resize_mask
+from neco.client.render import heatmap_overlay, palette
+from neco.client.retrieval import SegmentationResult, check_contract, segment_features
+from neco.errors import NecoError
 
 log = logging.getLogger("neco.app")
 Connect = Callable[[], FeatureBackend]
@@ -70,6 +81,8 @@ def status_of(exc: Exception) -> int:
     """The HTTP status of an expected error: the caller's input is 4xx, the server's state 5xx."""
     if isinstance(exc, UploadTooLargeError):
         return 413
+    if isinstance(exc, InvalidFormError):
+        return 422
     if isinstance(exc, UnknownBankError):
         return 404
     if isinstance(exc, BankContractError):
@@ -79,63 +92,6 @@ def status_of(exc: Exception) -> int:
     if isinstance(exc, (ModelNotFoundError, InferenceError, ContractError)):
         return 502
     return 400
-
-
-def one_line(exc: BaseException | str) -> str:
-    """The message as one line (multi-line config errors joined), bounded in length."""
-    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
-def error(status: int, message: BaseException | str) -> JSONResponse:
-    return JSONResponse({"error": one_line(message)}, status_code=status)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body beyond `max_bytes` is answered 413 before anything parses it.
-
-    The declared Content-Length is checked first; chunked bodies are counted as they arrive,
-    and a body within the limit is buffered and replayed to the application.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, int(declared) if declared.isdigit() else None)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._refuse(scope, receive, send, None)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
-        got = f"{size / MIB:.1f} MiB" if size is not None else "more than that"
-        message = f"upload too large: {got}; the limit is {self.max_bytes / MIB:.1f} MiB (max_upload_mb)"
-        await error(413, message)(scope, receive, send)
 
 
 class Segmenter:
@@ -149,7 +105,7 @@ class Segmenter:
         self.config = config
         self._connect = connect
         self._backend: FeatureBackend | None = None
-        self._banks: OrderedDict[str, tuple[int, MemoryBank]] = OrderedDict()
+        self._banks: OrderedDict[str, tuple[tuple[int, int], MemoryBank]] = OrderedDict()
         self.lock = threading.Lock()
 
     @property
@@ -159,41 +115,56 @@ class Segmenter:
         return self._backend
 
     def saved_bank(self, name: str) -> MemoryBank:
-        """Bank `name`, loaded (and checksummed) again only when its manifest changed."""
+        """Bank `name`, loaded (and checksummed) again only when it was rewritten.
+
+        A bank is written by publishing a whole new folder in its place, so the folder's inode
+        and mtime change with every write. Errors name the bank, never the server's path to it.
+        """
         folder = bank_folder(self.config.banks, name)
-        stamp = (folder / MANIFEST).stat().st_mtime_ns
+        status = folder.stat()
+        stamp = (status.st_ino, status.st_mtime_ns)
         cached = self._banks.get(name)
         if cached is not None and cached[0] == stamp:
             self._banks.move_to_end(name)
             return cached[1]
-        bank = MemoryBank.load(folder, contract=self.backend.contract)
+        contract = self.backend.contract
+        try:
+            bank = MemoryBank.load(folder, contract=contract)
+        except BankError as exc:
+            raise type(exc)(without_path(str(exc), folder, name)) from None
+        check_class_count(len(bank.class_names), self.config.max_classes, f"bank {name!r}")
         if self.config.bank_cache > 0:
             self._banks[name] = (stamp, bank)
             while len(self._banks) > self.config.bank_cache:
                 self._banks.popitem(last=False)
         return bank
 
-    def uploaded_bank(self, uploads: list[Upload], classes: str) -> MemoryBank:
-        pairs, names = support_pairs(uploads, self.config.max_support_images, self.config.max_unpacked_bytes)
-        return MemoryBank.build(
-            self.backend, pairs, class_names=parse_class_names(classes) or names, image_size=self.config.size
-        )
+    def uploaded_bank(self, uploads: list[Upload], classes: str, budget: PixelBudget) -> MemoryBank:
+        config = self.config
+        typed = parse_class_names(classes)
+        if typed is not None:
+            check_class_count(len(typed), config.max_classes, "the class list")
+        pairs, listed = support_pairs(uploads, config.max_support_images, config.max_unpacked_bytes, budget)
+        names = typed or listed
+        count = len(names) if names else inferred_class_count([mask for _, mask in pairs])
+        check_class_count(count, config.max_classes, "the support set")
+        return MemoryBank.build(self.backend, pairs, class_names=names, image_size=config.size)
 
     def segment(self, query: Upload, bank: MemoryBank, k: int, temperature: float) -> dict[str, Any]:
         """What `client.segment(query, bank)` computes, plus the pictures the page shows."""
         backend = self.backend
         check_contract(backend.contract, bank)
-        rgb = decode(query, "query image")
+        rgb = decode(query, "query image", self.config.max_image_pixels)
         prepared = prepare_image(rgb, bank.image_size, backend.contract.patch_size)
+        patches = prepared.grid[0] * prepared.grid[1]
+        check_label_transfer(patches, k, len(bank.class_names), self.config.max_transfer_bytes)
         features = batch_features(backend, [prepared.array])[0]
         result = segment_features(features, bank, prepared.original_size, k=k, temperature=temperature)
         colours = palette(len(result.class_names))
         labels, counts = np.unique(result.mask, return_counts=True)
         return {
             "mask": png_data_url(result.mask_image()),
-            "overlay": png_data_url(result.overlay(rgb)),
-            "confidence": png_data_url(heatmap_overlay(rgb, result.confidence, value_range=(0.0, 1.0), label="conf")),
-            "pca": png_data_url(features_to_rgb(features, size=prepared.original_size)),
+            **previews(rgb, result, features),
             "legend": [
                 {
                     "name": result.class_names[c],
@@ -209,16 +180,39 @@ class Segmenter:
         }
 
 
+PREVIEW_SIDE = 1024
+"""Longest side of the overlay, confidence and PCA pictures: the page shows them at most that wide,
+and blending colours costs tens of bytes per pixel. The mask PNG keeps the query's full size."""
+
+
+def previews(rgb: np.ndarray, result: SegmentationResult, features: np.ndarray) -> dict[str, str]:
+    """The overlay, confidence and PCA pictures, shrunk to `PREVIEW_SIDE` for large queries."""
+    height, width = result.mask.shape
+    scale = min(1.0, PREVIEW_SIDE / max(height, width))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    mask, confidence = result.mask, result.confidence
+    if size != (height, width):
+        rgb = np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.Resampling.BILINEAR))
+        mask = resize_mask(mask, size)
+        confidence = np.asarray(Image.fromarray(confidence).resize(size[::-1], Image.Resampling.BILINEAR))
+    return {
+        "overlay": png_data_url(overlay(rgb, mask, result.class_names)),
+        "confidence": png_data_url(heatmap_overlay(rgb, confidence, value_range=(0.0, 1.0), label="conf")),
+        "pca": png_data_url(features_to_rgb(features, size=size)),
+    }
+
+
+def without_path(message: str, folder: Path, name: str) -> str:
+    """`message` with the server's path to a bank replaced by the bank's name."""
+    for path in (str(folder.resolve()), str(folder)):
+        message = message.replace(path, name)
+    return message
+
+
 def png_data_url(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _uploads(files: list[UploadFile] | None) -> list[Upload]:
-    """The files a form really carried: browsers send an empty part for an empty file input."""
-    chosen = [f for f in files or [] if f.filename]
-    return [Upload(f.filename or "", f.file.read()) for f in chosen]
 
 
 def create_app(config: AppConfig, connect: Connect | None = None) -> FastAPI:
@@ -231,11 +225,6 @@ def create_app(config: AppConfig, connect: Connect | None = None) -> FastAPI:
     @app.exception_handler(NecoError)
     async def expected(_request: Request, exc: NecoError) -> JSONResponse:
         return error(status_of(exc), exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'form'}: {e['msg']}" for e in exc.errors()]
-        return error(422, "invalid form: " + "; ".join(problems))
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
@@ -264,31 +253,40 @@ def create_app(config: AppConfig, connect: Connect | None = None) -> FastAPI:
         return {"root": str(config.banks), "banks": list_banks(config.banks)}
 
     @app.post("/api/segment")
-    def segment(
-        query: UploadFile | None = File(None),
-        support: list[UploadFile] | None = File(None),
-        bank: str = Form(""),
-        classes: str = Form(""),
-        k: int = Form(config.k, ge=1, le=1024),
-        temperature: float = Form(config.temperature, gt=0, le=100),
-    ) -> dict[str, Any]:
-        queries = _uploads([query] if query is not None else [])
+    async def segment(request: Request) -> dict[str, Any]:
+        form = await read_form(request)
+        try:
+            fields = form_fields(form, config)
+            queries = await form_files(form, "query")
+            supports = await form_files(form, "support")
+        finally:
+            await form.close()
         if not queries:
             raise FormError("choose a query image to segment")
-        supports = _uploads(support)
-        if bool(bank) == bool(supports):
+        if bool(fields.bank) == bool(supports):
             raise FormError("choose a saved bank or upload support images with masks (not both)")
-        with segmenter.lock:
-            memory = segmenter.saved_bank(bank) if bank else segmenter.uploaded_bank(supports, classes)
-            result = segmenter.segment(queries[0], memory, k, temperature)
-        result["bank"] = bank or f"uploaded support set ({memory.num_images} images)"
-        return result
+        return await run_in_threadpool(run_segmentation, segmenter, fields, queries[0], supports)
 
     return app
 
 
+def run_segmentation(segmenter: Segmenter, fields: SegmentForm, query: Upload, supports: list[Upload]) -> dict:
+    """One request's work, off the event loop: the query's pixels are charged first, then the support set's."""
+    config = segmenter.config
+    budget = PixelBudget(config.max_image_pixels, config.max_request_pixels)
+    budget.charge(query, "query image")
+    with segmenter.lock:
+        if fields.bank:
+            memory = segmenter.saved_bank(fields.bank)
+        else:
+            memory = segmenter.uploaded_bank(supports, fields.classes, budget)
+        result = segmenter.segment(query, memory, fields.k, fields.temperature)
+    result["bank"] = fields.bank or f"uploaded support set ({memory.num_images} images)"
+    return result
+
+
 def connect_client(config: AppConfig) -> FeatureBackend:
-    from .triton import NecoClient
+    from neco.client import NecoClient
 
     return NecoClient(
         config.url, protocol=config.protocol, model=config.model, size=config.size, timeout_s=config.timeout_s

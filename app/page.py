@@ -1,7 +1,7 @@
 """The page `neco app` serves: one HTML document with its CSS and JS, no frontend build.
 
 A Python string rather than a data file so that it ships in every install of the package.
-The page talks only to the JSON API of `neco.client.app`; the element ids are the interface
+The page talks only to the JSON API of `neco.app.server`; the element ids are the interface
 the browser test drives (`#bank`, `#support`, `#query`, `#run`, `#error`, `#mask`, `#download`),
 and `body[data-state]` is `idle`, `busy`, `done` or `error`.
 """

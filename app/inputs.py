@@ -10,18 +10,19 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from PIL import Image
 
+from neco.client import BankError, ClientError, ImageError, SupportSetError, load_mask, load_rgb
+from neco.client.retrieval import is_saved_bank
+from neco.contract import IGNORE_INDEX
 from neco.layout import CLASSES_FILE, IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR
-
-from .errors import BankError, ClientError, ImageError, SupportSetError
-from .images import load_mask, load_rgb
-from .retrieval import is_saved_bank
 
 BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A saved bank is named by one folder name: no separators, no leading dot, so never `..`."""
@@ -30,7 +31,7 @@ MASK_SUFFIXES: tuple[str, ...] = ("_mask", "-mask", ".mask")
 
 
 class UploadTooLargeError(ClientError, ValueError):
-    """An upload exceeds one of the page's limits (bytes, unpacked bytes, number of images)."""
+    """A request exceeds one of the page's limits (bytes, unpacked bytes, images, pixels, classes)."""
 
 
 class FormError(ClientError, ValueError):
@@ -47,6 +48,41 @@ class Upload:
 
     name: str
     data: bytes
+
+
+@dataclass
+class PixelBudget:
+    """The decoded pixels one request may cost: per image, and all its images and masks together.
+
+    Every upload is charged from its header (Pillow reads only that on `open`) before anything
+    is decoded, so a request over the budget costs no pixel memory at all.
+    """
+
+    max_image_pixels: int
+    max_request_pixels: int
+    used: int = 0
+
+    def charge(self, upload: Upload, what: str) -> None:
+        """Count `upload`'s declared pixels; an unreadable header is left to `decode` to report."""
+        too_many = f"the page decodes at most {self.max_image_pixels:,} px per image (max_image_pixels)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit here is stricter
+            try:
+                with Image.open(io.BytesIO(upload.data)) as image:
+                    width, height = image.size
+            except Image.DecompressionBombError:  # beyond twice Pillow's own limit: refused on open
+                raise UploadTooLargeError(f"{what} {upload.name!r} declares a gigantic size; {too_many}") from None
+            except Exception:  # any header Pillow cannot read fails again in decode(), with its name
+                return
+        pixels = width * height
+        if pixels > self.max_image_pixels:
+            raise UploadTooLargeError(f"{what} {upload.name!r} is {width}x{height} = {pixels:,} px; {too_many}")
+        self.used += pixels
+        if self.used > self.max_request_pixels:
+            raise UploadTooLargeError(
+                f"the images and masks of this request come to more than {self.max_request_pixels:,} px "
+                f"(max_request_pixels; {what} {upload.name!r} brings it to {self.used:,})"
+            )
 
 
 def list_banks(root: Path) -> list[str]:
@@ -115,14 +151,15 @@ def _hidden(name: str) -> bool:
 
 
 def support_pairs(
-    uploads: Sequence[Upload], max_images: int, max_unpacked_bytes: int
+    uploads: Sequence[Upload], max_images: int, max_unpacked_bytes: int, budget: PixelBudget
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str] | None]:
     """Decode an uploaded support set into (image, mask) pairs and its class names (if given).
 
     Files come loose or in zip archives. A mask is recognised by its folder (`masks/NAME.png`,
     the layout of a support folder) or its name (`NAME_mask.png`); an image by `images/` or by
     being any other image file; `classes.json` names the classes. Images and masks pair up by
-    NAME, and every image needs exactly one mask.
+    NAME, and every image needs exactly one mask. Every file is charged to `budget` before the
+    first one is decoded.
     """
     images: dict[str, Upload] = {}
     masks: dict[str, Upload] = {}
@@ -152,7 +189,12 @@ def support_pairs(
             f"image {images[name].name!r} has no mask" if name in images else f"mask {masks[name].name!r} has no image"
         )
         raise SupportSetError(f"{what}: name masks NAME_mask.png or put them in masks/ with the same NAME")
-    pairs = [(decode(images[stem], "support image"), decode(masks[stem], "support mask")) for stem in sorted(images)]
+    stems = sorted(images)
+    for stem in stems:
+        budget.charge(images[stem], "support image")
+        budget.charge(masks[stem], "support mask")
+    limit = budget.max_image_pixels
+    pairs = [(decode(images[s], "support image", limit), decode(masks[s], "support mask", limit)) for s in stems]
     return pairs, class_names
 
 
@@ -168,10 +210,10 @@ def _role(path: PurePosixPath) -> tuple[str, str]:
     return "image", path.stem
 
 
-def decode(upload: Upload, what: str) -> np.ndarray:
+def decode(upload: Upload, what: str, max_pixels: int) -> np.ndarray:
     """An uploaded image (RGB) or mask (labels) as an array; errors name the file as uploaded."""
     try:
-        return load_mask(upload.data) if what.endswith("mask") else load_rgb(upload.data)
+        return load_mask(upload.data, max_pixels) if what.endswith("mask") else load_rgb(upload.data, max_pixels)
     except (ImageError, SupportSetError) as exc:  # the decoder knows only "bytes"; the user knows the name
         raise type(exc)(f"{what} {upload.name!r}: {exc}") from None
 
@@ -184,6 +226,30 @@ def _class_names(upload: Upload) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise SupportSetError(f"{upload.name!r} must hold a non-empty JSON list of class-name strings")
     return names
+
+
+def check_class_count(count: int, max_classes: int, source: str) -> None:
+    """Refuse more classes than the page serves: label transfer's work grows with classes x patches."""
+    if count > max_classes:
+        raise UploadTooLargeError(
+            f"{source} has {count:,} classes; the page serves at most {max_classes} (max_classes)"
+        )
+
+
+def check_label_transfer(patches: int, k: int, classes: int, max_bytes: int) -> None:
+    """Refuse a label transfer whose (patches, k, classes) float32 gather would exceed `max_bytes`."""
+    need = patches * k * classes * 4
+    if need > max_bytes:
+        raise UploadTooLargeError(
+            f"k={k} neighbours x {classes} classes x {patches} query patches need {need / 2**20:,.2f} MiB for label "
+            f"transfer; the page allows {max_bytes / 2**20:,.2f} MiB (max_transfer_mb): lower k"
+        )
+
+
+def inferred_class_count(masks: Sequence[np.ndarray]) -> int:
+    """K a bank built without class names gets: the largest label (ignore excluded) + 1."""
+    tops = [int(m[m != IGNORE_INDEX].max(initial=-1)) for m in masks]
+    return max(tops, default=-1) + 1
 
 
 def parse_class_names(text: str) -> list[str] | None:
