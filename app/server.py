@@ -57,8 +57,8 @@ from neco.client import (
     batch_features,
     features_to_rgb,
     overlay,
-    prepare_image,
 )
+from neco.client.backend import prepare_for
 from neco.client.errors import (
     BankContractError,
     EndpointError,
@@ -155,7 +155,7 @@ class Segmenter:
         backend = self.backend
         check_contract(backend.contract, bank)
         rgb = decode(query, "query image", self.config.max_image_pixels)
-        prepared = prepare_image(rgb, bank.image_size, backend.contract.patch_size)
+        prepared = prepare_for(backend, rgb, bank.image_size)  # within the backend's own limits
         patches = prepared.grid[0] * prepared.grid[1]
         check_label_transfer(patches, k, len(bank.class_names), self.config.max_transfer_bytes)
         features = batch_features(backend, [prepared.array])[0]
