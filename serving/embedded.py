@@ -50,6 +50,8 @@ LOGGER = logging.getLogger(__name__)
 TRITON_LOG_FILENAME = "tritonserver.log"
 """Triton's log inside its workspace unless `ServeConfig.verbose` (then it goes to stdout)."""
 LOG_TAIL_LINES = 20
+PORT_KEYS = ("http_port", "grpc_port", "metrics_port")
+"""The public ports, in the order `_ports` holds them."""
 
 
 class PortInUseError(NecoError, OSError):
@@ -102,13 +104,6 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                 ) from None
 
 
-def served_model_names(repository: Path) -> list[str]:
-    """Models of a repository: the folders holding a config.pbtxt."""
-    return (
-        sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file()) if repository.is_dir() else []
-    )
-
-
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
     """The last lines of Triton's log file, for an error message ('' when there is none)."""
     if path is None or not path.is_file():
@@ -136,6 +131,21 @@ def check_served_signature(config: model_config_pb2.ModelConfig) -> None:
         raise ModelLoadError(f"model config {config.name!r}: max_batch_size must be >= 1 for dynamic batching")
 
 
+def exported_model(repository: Path, model_name: str) -> tuple[model_config_pb2.ModelConfig, int]:
+    """The exported config of `model_name` and its newest ONNX version, checked to be servable."""
+    model_dir = repository / model_name
+    if not (model_dir / CONFIG_FILENAME).is_file():
+        available = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file())
+        if available:
+            raise FileNotFoundError(
+                f"model {model_name!r} is not in {repository}; it holds {available} (model_name=NAME)"
+            )
+        raise FileNotFoundError(f"{model_dir}/{CONFIG_FILENAME} not found: is {repository} a model repository?")
+    exported = read_model_config(model_dir)
+    check_served_signature(exported)
+    return exported, find_model_version(model_dir, ONNX_FILENAME)
+
+
 class EmbeddedServer:
     """Start/stop a PyTriton Triton serving one exported NeCo model; usable as a context manager."""
 
@@ -153,10 +163,10 @@ class EmbeddedServer:
         self._lifecycle = threading.RLock()
         self._failure: str | None = None
         self.backend_failures = 0
+        """How many times the python backend died while serving (each answered by a restart or a stop)."""
         self.version: int | None = None
         self.providers: list[str] = []
         self._log_file: Path | None = None
-        """How many times the python backend died while serving (each answered by a restart or a stop)."""
 
     # --- endpoints ----------------------------------------------------------------------------
     @property
@@ -194,32 +204,12 @@ class EmbeddedServer:
             if self._triton is not None:
                 raise ServingError("the embedded server is already running")
             self._failure = None
-            check_ports_free(
-                self.cfg.host,
-                {
-                    "http_port": self.cfg.http_port,
-                    "grpc_port": self.cfg.grpc_port,
-                    "metrics_port": self.cfg.metrics_port,
-                },
-            )
-            model_dir = self.cfg.repository / self.cfg.model_name
-            if not (model_dir / CONFIG_FILENAME).is_file():
-                available = served_model_names(self.cfg.repository)
-                if available:
-                    raise FileNotFoundError(
-                        f"model {self.cfg.model_name!r} is not in {self.cfg.repository}; it holds {available} "
-                        f"(model_name=NAME)"
-                    )
-                raise FileNotFoundError(
-                    f"{model_dir}/{CONFIG_FILENAME} not found: is {self.cfg.repository} a model repository?"
-                )
-            exported = read_model_config(model_dir)
-            check_served_signature(exported)
+            check_ports_free(self.cfg.host, {name: getattr(self.cfg, name) for name in PORT_KEYS})
+            exported, version = exported_model(self.cfg.repository, self.cfg.model_name)
             self.contract = contract_from_config(exported)
-            version = find_model_version(model_dir, ONNX_FILENAME)
-            onnx_path = model_dir / str(version) / ONNX_FILENAME
+            onnx_path = self.cfg.repository / self.cfg.model_name / str(version) / ONNX_FILENAME
             runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
-            ports = [self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port]
+            ports = [getattr(self.cfg, name) for name in PORT_KEYS]
             free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
             self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
             self._upstream = tuple(pick_free_ports("127.0.0.1", 2))  # type: ignore[assignment]
