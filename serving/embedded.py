@@ -25,18 +25,18 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from pytriton.client.exceptions import PyTritonClientTimeoutError
-from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, TimeoutAction
 from pytriton.triton import Triton, TritonConfig
 from pytriton.utils.workspace import Workspace
 from tritonclient.grpc import model_config_pb2
 
 from neco.contract import ModelContract
 from neco.errors import EXIT_USAGE, NecoError
-from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
+from neco.serving.config import ServeConfig
 from neco.serving.gateway import RequestGateway
 from neco.serving.pytriton_compat import (
     ensure_stub_library_path,
     merge_parameters,
+    pytriton_model_config,
     pytriton_tensors,
     silence_console,
     tokenless_triton,
@@ -244,7 +244,7 @@ class EmbeddedServer:
                 infer_func=runner,
                 inputs=pytriton_tensors(exported.input),
                 outputs=pytriton_tensors(exported.output),
-                config=self._model_config(exported),
+                config=pytriton_model_config(exported, self.cfg),
                 strict=True,
             )
             merge_parameters(workspace.model_store_path / self.cfg.model_name / CONFIG_FILENAME, exported)
@@ -387,42 +387,6 @@ class EmbeddedServer:
             exit_timeout_secs=5,
             log_verbose=self.cfg.log_verbose,
             log_file=log_file,
-        )
-
-    def _model_config(self, exported: model_config_pb2.ModelConfig) -> ModelConfig:
-        """Batching and queue policy from config.pbtxt unless overridden; the queue is always bounded.
-
-        Preferred sizes above an overridden `max_batch_size` are dropped (Triton refuses to
-        load such a config, and would only report it after its 120 s readiness wait).
-        """
-        batching = exported.dynamic_batching
-        max_batch = self.cfg.max_batch_size or exported.max_batch_size
-        preferred = self.cfg.preferred_batch_sizes
-        if preferred is None:
-            preferred = [size for size in batching.preferred_batch_size if size <= max_batch]
-        elif max(preferred, default=0) > max_batch:
-            raise ValueError(f"preferred_batch_sizes {preferred} exceed max_batch_size {max_batch}")
-        delay = self.cfg.max_queue_delay_us
-        policy = batching.default_queue_policy
-        queue_size = self.cfg.max_queue_size or policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE
-        timeout_us = (
-            self.cfg.request_timeout_ms * 1000
-            if self.cfg.request_timeout_ms
-            else policy.default_timeout_microseconds or DEFAULT_REQUEST_TIMEOUT_MS * 1000
-        )
-        return ModelConfig(
-            batching=True,
-            max_batch_size=max_batch,
-            batcher=DynamicBatcher(
-                preferred_batch_size=preferred,
-                max_queue_delay_microseconds=batching.max_queue_delay_microseconds if delay is None else delay,
-                default_queue_policy=QueuePolicy(
-                    timeout_action=TimeoutAction.REJECT,
-                    default_timeout_microseconds=timeout_us,
-                    allow_timeout_override=True,
-                    max_queue_size=queue_size,
-                ),
-            ),
         )
 
     def _check_served_contract(self) -> None:

@@ -17,10 +17,11 @@ checked here, in one file. Each shim closes one gap:
   every load/unload request is refused, on every port), and the gateway serves only inference,
   health and model metadata on the public ports (`neco.serving.public_routes`). What stays
   reachable on the private loopback ports is listed in docs/reliability.md.
-* **Contract parameters.** PyTriton's `ModelConfig` has no `parameters` field; its generator
-  writes only its own backend parameters. Clients read the contract from the served model
-  config, so the exported `parameters` are merged into the `config.pbtxt` PyTriton writes into
-  its local model store at bind time, before tritonserver starts and reads it.
+* **Config merging.** The served `config.pbtxt` is the one PyTriton generates from its own
+  `ModelConfig`: batching and queue policy are taken from the exported config unless
+  `ServeConfig` overrides them. That `ModelConfig` has no `parameters` field, and clients read
+  the contract from the served model config, so the exported `parameters` are merged into the
+  generated file in PyTriton's local model store at bind time, before tritonserver reads it.
 * **Private handles.** tritonserver's pid (for supervision) and its console echo (silenced once
   its log goes to a file) have no public accessor.
 """
@@ -34,12 +35,13 @@ from pathlib import Path
 
 import numpy as np
 from google.protobuf import text_format
-from pytriton.model_config import Tensor
+from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
 from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
 from pytriton.utils.workspace import Workspace
 from tritonclient.grpc import model_config_pb2
 
 from neco.errors import NecoError
+from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
 from neco.signature import SPECS
 
 
@@ -83,6 +85,43 @@ def tokenless_triton(config: TritonConfig, workspace: Workspace) -> Triton:
 def pytriton_tensors(specs: Sequence[model_config_pb2.ModelInput | model_config_pb2.ModelOutput]) -> list[Tensor]:
     """PyTriton's tensor declarations for the exported config's inputs or outputs."""
     return [Tensor(name=s.name, dtype=np.dtype(SPECS[s.name].dtype).type, shape=tuple(s.dims)) for s in specs]
+
+
+def pytriton_model_config(exported: model_config_pb2.ModelConfig, cfg: ServeConfig) -> ModelConfig:
+    """Batching and queue policy from config.pbtxt unless overridden; the queue is always bounded.
+
+    Preferred sizes above an overridden `max_batch_size` are dropped (Triton refuses to
+    load such a config, and would only report it after its 120 s readiness wait).
+    """
+    batching = exported.dynamic_batching
+    max_batch = cfg.max_batch_size or exported.max_batch_size
+    preferred = cfg.preferred_batch_sizes
+    if preferred is None:
+        preferred = [size for size in batching.preferred_batch_size if size <= max_batch]
+    elif max(preferred, default=0) > max_batch:
+        raise ValueError(f"preferred_batch_sizes {preferred} exceed max_batch_size {max_batch}")
+    delay = cfg.max_queue_delay_us
+    policy = batching.default_queue_policy
+    queue_size = cfg.max_queue_size or policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE
+    timeout_us = (
+        cfg.request_timeout_ms * 1000
+        if cfg.request_timeout_ms
+        else policy.default_timeout_microseconds or DEFAULT_REQUEST_TIMEOUT_MS * 1000
+    )
+    return ModelConfig(
+        batching=True,
+        max_batch_size=max_batch,
+        batcher=DynamicBatcher(
+            preferred_batch_size=preferred,
+            max_queue_delay_microseconds=batching.max_queue_delay_microseconds if delay is None else delay,
+            default_queue_policy=QueuePolicy(
+                timeout_action=TimeoutAction.REJECT,
+                default_timeout_microseconds=timeout_us,
+                allow_timeout_override=True,
+                max_queue_size=queue_size,
+            ),
+        ),
+    )
 
 
 def merge_parameters(generated_path: Path, exported: model_config_pb2.ModelConfig) -> None:
