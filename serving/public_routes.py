@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 
-GRPC_SERVICE = "/inference.GRPCInferenceService/"
+_SERVICE = "/inference.GRPCInferenceService/"
 PUBLIC_GRPC_METHODS = frozenset(
-    GRPC_SERVICE + name
+    _SERVICE + name
     for name in (
         "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig",
         "ModelInfer", "ModelStreamInfer",

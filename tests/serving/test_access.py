@@ -101,7 +101,8 @@ def test_no_access_key_on_any_server_process_command_line_or_environment(server)
         flagged = [arg for arg in argv if arg.startswith(RESTRICTED_FLAGS) or "access-token" in arg]
         assert not flagged, f"pid {pid} shows a restricted-API key on its command line: {flagged}"
         environ = Path(f"/proc/{pid}/environ")
-        assert os.stat(environ).st_uid == os.getuid() and environ.stat().st_mode & 0o077 == 0
+        info = environ.stat()
+        assert info.st_uid == os.getuid() and info.st_mode & 0o077 == 0, "the environment must be the owner's only"
         assert b"access-token" not in environ.read_bytes().lower(), f"pid {pid} has an access token in its environment"
 
 
