@@ -6,20 +6,11 @@ repository, so one client works against both. Its public HTTP and gRPC ports bel
 `RequestGateway` (`neco.serving.gateway`) that checks every request before tritonserver, bound
 to private loopback ports, sees it.
 
-Two PyTriton 0.7 gaps are closed here, deliberately and visibly:
-
-* The bundled python-backend stub links `libpython3.11.so.1.0` and the dynamic loader picks
-  the system copy unless `LD_LIBRARY_PATH` starts with this interpreter's LIBDIR (the model
-  then fails to load with `'_thread.RLock' object has no attribute '_recursion_count'`).
-  tritonserver is a child process that inherits `os.environ` when PyTriton starts it, so
-  prepending LIBDIR here, before the server starts, is enough: no re-exec is needed.
-* PyTriton's `ModelConfig` has no `parameters` field; its config generator writes only its
-  own backend parameters (`workspace-path`). The contract must reach clients through the
-  served model config (`get_model_config().config.parameters`), exactly as with the Docker
-  Triton. So the server uses PyTriton's local-model-store lifecycle: PyTriton writes the
-  generated `config.pbtxt` into our workspace at bind time, we merge the exported model's
-  `parameters` into it, and only then tritonserver starts and reads it from disk. `start()`
-  reads the config back from the running server and fails if the contract did not survive.
+What PyTriton 0.7 cannot do as needed (the stub's libpython, a command line without a secret,
+the contract `parameters` in the served config, its private handles) is done by the shims of
+`neco.serving.pytriton_compat`; this module is the server's life cycle: ports, start, supervision
+and restart under one lock, signals, stop. `start()` reads the served config back from the
+running server and fails if the contract did not survive.
 """
 
 from __future__ import annotations
@@ -28,34 +19,39 @@ import logging
 import os
 import signal
 import socket
-import sysconfig
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 
-import numpy as np
-from google.protobuf import text_format
 from pytriton.client.exceptions import PyTritonClientTimeoutError
-from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
-from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+from pytriton.triton import Triton, TritonConfig
 from pytriton.utils.workspace import Workspace
 from tritonclient.grpc import model_config_pb2
 
 from neco.contract import ModelContract
 from neco.errors import EXIT_USAGE, NecoError
-from neco.serving.config import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REQUEST_TIMEOUT_MS, ServeConfig
+from neco.serving.config import ServeConfig
 from neco.serving.gateway import RequestGateway
+from neco.serving.pytriton_compat import (
+    ensure_stub_library_path,
+    merge_parameters,
+    pytriton_model_config,
+    pytriton_tensors,
+    silence_console,
+    tokenless_triton,
+    tritonserver_pid,
+)
 from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
-from neco.serving.stub_guard import LIMITS_PARAMETER, PYTRITON_MODEL_MODULE, STUB_MODEL_SOURCE
 from neco.serving.supervision import BackendSupervisor, ProcessTree
-from neco.signature import SPECS
 from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, config_problems, contract_from_config, read_model_config
 
 LOGGER = logging.getLogger(__name__)
 TRITON_LOG_FILENAME = "tritonserver.log"
 """Triton's log inside its workspace unless `ServeConfig.verbose` (then it goes to stdout)."""
 LOG_TAIL_LINES = 20
+PORT_KEYS = ("http_port", "grpc_port", "metrics_port")
+"""The public ports, in the order `_ports` holds them."""
 
 
 class PortInUseError(NecoError, OSError):
@@ -66,17 +62,6 @@ class PortInUseError(NecoError, OSError):
 
 class ServingError(NecoError, RuntimeError):
     """The embedded server could not start, died, or is used before `start()`."""
-
-
-def ensure_stub_library_path() -> str:
-    """Make `LD_LIBRARY_PATH` start with this interpreter's LIBDIR (see module docstring)."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if not libdir:
-        raise ServingError("this Python reports no LIBDIR; the Triton python-backend stub cannot find libpython")
-    entries = [e for e in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if e]
-    if not entries or entries[0] != libdir:
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *(e for e in entries if e != libdir)])
-    return os.environ["LD_LIBRARY_PATH"]
 
 
 def pick_free_ports(host: str, count: int) -> list[int]:
@@ -119,35 +104,11 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                 ) from None
 
 
-def served_model_names(repository: Path) -> list[str]:
-    """Models of a repository: the folders holding a config.pbtxt."""
-    return (
-        sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file()) if repository.is_dir() else []
-    )
-
-
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
     """The last lines of Triton's log file, for an error message ('' when there is none)."""
     if path is None or not path.is_file():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def install_stub_guard(version_dir: Path) -> None:
-    """Put `neco.serving.stub_guard` in front of PyTriton's proxy model (see that module)."""
-    proxy = version_dir / "model.py"
-    if not proxy.is_file():
-        raise ServingError(f"PyTriton did not write {proxy}; unsupported PyTriton version?")
-    proxy.rename(version_dir / f"{PYTRITON_MODEL_MODULE}.py")
-    proxy.write_text(STUB_MODEL_SOURCE)
-
-
-def tritonserver_pid(triton: Triton) -> int:
-    """The pid of the tritonserver process PyTriton started (PyTriton 0.7 keeps it private)."""
-    try:
-        return int(triton._triton_server._tritonserver_running_cmd.pid)  # noqa: SLF001
-    except AttributeError as exc:
-        raise ServingError("cannot find tritonserver's pid in this PyTriton version") from exc
 
 
 def find_model_version(model_dir: Path, filename: str) -> int:
@@ -170,6 +131,21 @@ def check_served_signature(config: model_config_pb2.ModelConfig) -> None:
         raise ModelLoadError(f"model config {config.name!r}: max_batch_size must be >= 1 for dynamic batching")
 
 
+def exported_model(repository: Path, model_name: str) -> tuple[model_config_pb2.ModelConfig, int]:
+    """The exported config of `model_name` and its newest ONNX version, checked to be servable."""
+    model_dir = repository / model_name
+    if not (model_dir / CONFIG_FILENAME).is_file():
+        available = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file())
+        if available:
+            raise FileNotFoundError(
+                f"model {model_name!r} is not in {repository}; it holds {available} (model_name=NAME)"
+            )
+        raise FileNotFoundError(f"{model_dir}/{CONFIG_FILENAME} not found: is {repository} a model repository?")
+    exported = read_model_config(model_dir)
+    check_served_signature(exported)
+    return exported, find_model_version(model_dir, ONNX_FILENAME)
+
+
 class EmbeddedServer:
     """Start/stop a PyTriton Triton serving one exported NeCo model; usable as a context manager."""
 
@@ -187,10 +163,10 @@ class EmbeddedServer:
         self._lifecycle = threading.RLock()
         self._failure: str | None = None
         self.backend_failures = 0
+        """How many times the python backend died while serving (each answered by a restart or a stop)."""
         self.version: int | None = None
         self.providers: list[str] = []
         self._log_file: Path | None = None
-        """How many times the python backend died while serving (each answered by a restart or a stop)."""
 
     # --- endpoints ----------------------------------------------------------------------------
     @property
@@ -228,32 +204,12 @@ class EmbeddedServer:
             if self._triton is not None:
                 raise ServingError("the embedded server is already running")
             self._failure = None
-            check_ports_free(
-                self.cfg.host,
-                {
-                    "http_port": self.cfg.http_port,
-                    "grpc_port": self.cfg.grpc_port,
-                    "metrics_port": self.cfg.metrics_port,
-                },
-            )
-            model_dir = self.cfg.repository / self.cfg.model_name
-            if not (model_dir / CONFIG_FILENAME).is_file():
-                available = served_model_names(self.cfg.repository)
-                if available:
-                    raise FileNotFoundError(
-                        f"model {self.cfg.model_name!r} is not in {self.cfg.repository}; it holds {available} "
-                        f"(model_name=NAME)"
-                    )
-                raise FileNotFoundError(
-                    f"{model_dir}/{CONFIG_FILENAME} not found: is {self.cfg.repository} a model repository?"
-                )
-            exported = read_model_config(model_dir)
-            check_served_signature(exported)
+            check_ports_free(self.cfg.host, {name: getattr(self.cfg, name) for name in PORT_KEYS})
+            exported, version = exported_model(self.cfg.repository, self.cfg.model_name)
             self.contract = contract_from_config(exported)
-            version = find_model_version(model_dir, ONNX_FILENAME)
-            onnx_path = model_dir / str(version) / ONNX_FILENAME
-            runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads, self.cfg.limits)
-            ports = [self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port]
+            onnx_path = self.cfg.repository / self.cfg.model_name / str(version) / ONNX_FILENAME
+            runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
+            ports = [getattr(self.cfg, name) for name in PORT_KEYS]
             free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
             self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
             self._upstream = tuple(pick_free_ports("127.0.0.1", 2))  # type: ignore[assignment]
@@ -280,25 +236,18 @@ class EmbeddedServer:
         workspace = Workspace()  # sockets + generated model store; removed by Triton.stop()
         self._log_file = None if self.cfg.verbose else workspace.path / TRITON_LOG_FILENAME
         try:
-            triton = Triton(
-                config=self._triton_config(
-                    uses_gpu="CUDAExecutionProvider" in runner.providers, log_file=self._log_file
-                ),
-                workspace=workspace,
-                triton_lifecycle_policy=TritonLifecyclePolicy(launch_triton_on_startup=True, local_model_store=True),
-            )
+            uses_gpu = "CUDAExecutionProvider" in runner.providers
+            triton = tokenless_triton(self._triton_config(uses_gpu, self._log_file), workspace)
             triton.bind(
                 model_name=self.cfg.model_name,
                 model_version=version,
                 infer_func=runner,
-                inputs=[self._tensor(t) for t in exported.input],
-                outputs=[self._tensor(t) for t in exported.output],
-                config=self._model_config(exported),
+                inputs=pytriton_tensors(exported.input),
+                outputs=pytriton_tensors(exported.output),
+                config=pytriton_model_config(exported, self.cfg),
                 strict=True,
             )
-            model_store = workspace.model_store_path / self.cfg.model_name
-            self._merge_parameters(model_store / CONFIG_FILENAME, exported, self.cfg.limits.model_dump_json())
-            install_stub_guard(model_store / str(version))
+            merge_parameters(workspace.model_store_path / self.cfg.model_name / CONFIG_FILENAME, exported)
         except BaseException:
             workspace.clean()  # nothing started yet, so Triton.stop() would not clean it
             raise
@@ -306,8 +255,8 @@ class EmbeddedServer:
         previous_umask = os.umask(0o077)  # files tritonserver creates (shm regions) are the user's only
         try:
             triton.run()
-            if not self.cfg.verbose:  # what tritonserver still prints after its log file (e.g. on SIGINT)
-                triton._triton_server._verbose = False  # noqa: SLF001  (PyTriton 0.7: no public switch)
+            if not self.cfg.verbose:
+                silence_console(triton)
             self._tree = ProcessTree(tritonserver_pid(triton))
             self._supervisor.watch(self._tree)  # type: ignore[union-attr]
             self._check_served_contract()
@@ -439,60 +388,6 @@ class EmbeddedServer:
             log_verbose=self.cfg.log_verbose,
             log_file=log_file,
         )
-
-    @staticmethod
-    def _tensor(spec: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> Tensor:
-        return Tensor(name=spec.name, dtype=np.dtype(SPECS[spec.name].dtype).type, shape=tuple(spec.dims))
-
-    def _model_config(self, exported: model_config_pb2.ModelConfig) -> ModelConfig:
-        """Batching and queue policy from config.pbtxt unless overridden; the queue is always bounded.
-
-        Preferred sizes above an overridden `max_batch_size` are dropped (Triton refuses to
-        load such a config, and would only report it after its 120 s readiness wait).
-        """
-        batching = exported.dynamic_batching
-        max_batch = self.cfg.max_batch_size or exported.max_batch_size
-        preferred = self.cfg.preferred_batch_sizes
-        if preferred is None:
-            preferred = [size for size in batching.preferred_batch_size if size <= max_batch]
-        elif max(preferred, default=0) > max_batch:
-            raise ValueError(f"preferred_batch_sizes {preferred} exceed max_batch_size {max_batch}")
-        delay = self.cfg.max_queue_delay_us
-        policy = batching.default_queue_policy
-        queue_size = self.cfg.max_queue_size or policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE
-        timeout_us = (
-            self.cfg.request_timeout_ms * 1000
-            if self.cfg.request_timeout_ms
-            else policy.default_timeout_microseconds or DEFAULT_REQUEST_TIMEOUT_MS * 1000
-        )
-        return ModelConfig(
-            batching=True,
-            max_batch_size=max_batch,
-            batcher=DynamicBatcher(
-                preferred_batch_size=preferred,
-                max_queue_delay_microseconds=batching.max_queue_delay_microseconds if delay is None else delay,
-                default_queue_policy=QueuePolicy(
-                    timeout_action=TimeoutAction.REJECT,
-                    default_timeout_microseconds=timeout_us,
-                    allow_timeout_override=True,
-                    max_queue_size=queue_size,
-                ),
-            ),
-        )
-
-    @staticmethod
-    def _merge_parameters(generated_path: Path, exported: model_config_pb2.ModelConfig, limits_json: str) -> None:
-        """Copy the exported `parameters` (and the stub guard's limits) into PyTriton's generated config."""
-        if not generated_path.is_file():
-            raise ServingError(f"PyTriton did not write {generated_path}; unsupported PyTriton version?")
-        generated = text_format.Parse(generated_path.read_text(), model_config_pb2.ModelConfig())
-        clash = sorted(set(generated.parameters) & set(exported.parameters))
-        if clash:
-            raise ServingError(f"exported parameters {clash} collide with PyTriton's own backend parameters")
-        for key, value in exported.parameters.items():
-            generated.parameters[key].CopyFrom(value)
-        generated.parameters[LIMITS_PARAMETER].string_value = limits_json
-        generated_path.write_text(text_format.MessageToString(generated))
 
     def _check_served_contract(self) -> None:
         import tritonclient.http as httpclient

@@ -27,6 +27,7 @@ from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConn
 from tritonclient.grpc import service_pb2
 
 from neco.errors import NecoError
+from neco.serving.public_routes import PUBLIC_GRPC_METHODS, REFUSED, is_public_http
 from neco.serving.request_check import (
     HEADER_ALLOWANCE,
     JSON_CHARS_PER_ELEMENT,
@@ -114,6 +115,8 @@ class _HttpProxy:
             return self._error(503, UNAVAILABLE)
         if request.method == "POST" and _is_generate(request.path):
             return self._error(404, "the generate extension is not served by this model")
+        if not is_public_http(request.path):
+            return self._error(403, REFUSED)
         if request.method == "POST" and _is_infer(request.path):
             try:
                 problem = request_problem(
@@ -205,8 +208,8 @@ class _GrpcProxy(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if not method.startswith(GRPC_SERVICE):
-            return None
+        if method not in PUBLIC_GRPC_METHODS:
+            return None  # UNIMPLEMENTED: admin methods are never forwarded (neco.serving.public_routes)
         if method == GRPC_STREAM:
             return grpc.stream_stream_rpc_method_handler(self._stream())
         return grpc.unary_unary_rpc_method_handler(self._unary(method))

@@ -3,10 +3,12 @@
 PyTriton's bundled tritonserver ships only Triton's python backend, so the ONNX graph cannot
 run in Triton's onnxruntime backend as it does in the Docker deployment; instead this callable
 receives the dynamic batcher's requests and runs them through onnxruntime in this process.
-Requests are validated here because Triton's config check cannot express "H and W are
-multiples of 14" or reject an empty batch; a bad request raises `MalformedRequestError`, which
-PyTriton turns into an error response for that request batch while the model stays loaded
-(only `PyTritonUnrecoverableError` would shut the server down).
+Requests reach it only through the gateway (`neco.serving.gateway`), which already refused
+every shape that breaks the image rules or the `InputLimits`; a direct request to tritonserver's
+private loopback port is out of scope (docs/reliability.md). So the runner checks only what
+onnxruntime needs to run at all (uint8, [B, H, W, 3], non-empty, sides multiples of 14), not the
+limits; a request that fails raises `MalformedRequestError`, which PyTriton turns into an error
+response for that batch while the model stays loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pytriton.proxy.types import Request
 
 from neco.contract import INPUT_IMAGES, OUTPUTS
 from neco.errors import InputError, NecoError
-from neco.signature import DEFAULT_LIMITS, InputLimits, check_images, choose_providers, signature_problems
+from neco.signature import check_images, choose_providers, signature_problems
 
 
 class MalformedRequestError(PyTritonBadParameterError, InputError):
@@ -41,10 +43,10 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
         raise ModelLoadError(str(exc)) from None
 
 
-def validate_images(images: Any, limits: InputLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Check one request's `images` tensor with the core's one validation (`check_images`)."""
+def validate_images(images: Any) -> np.ndarray:
+    """Check that onnxruntime can run one request's `images` (the core's rules, no limits: see the module)."""
     try:
-        return check_images(images, limits)
+        return check_images(images, limits=None)
     except InputError as exc:
         raise MalformedRequestError(str(exc)) from None
 
@@ -57,9 +59,7 @@ class OnnxFeatureRunner:
         onnx_path: Path,
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
-        limits: InputLimits = DEFAULT_LIMITS,
     ):
-        self.limits = limits
         if not onnx_path.is_file():
             raise ModelLoadError(f"ONNX model {str(onnx_path)!r} does not exist")
         options = ort.SessionOptions()
@@ -92,7 +92,7 @@ class OnnxFeatureRunner:
         outputs some request asked for are computed and handed back, which saves copying
         unused patch grids through PyTriton's shared memory.
         """
-        images = [validate_images(request.data.get(INPUT_IMAGES), self.limits) for request in requests]
+        images = [validate_images(request.data.get(INPUT_IMAGES)) for request in requests]
         wanted = [[n for n in OUTPUTS if n in (r.requested_output_names or OUTPUTS)] for r in requests]
         responses: dict[int, dict[str, np.ndarray]] = {}
         groups: dict[tuple[int, int], list[int]] = {}

@@ -11,7 +11,8 @@ import pytest
 
 from neco.config import ConfigError, load_config
 from neco.serving.config import ServeConfig
-from neco.serving.embedded import ensure_stub_library_path, find_model_version, pick_free_ports
+from neco.serving.embedded import find_model_version, pick_free_ports
+from neco.serving.pytriton_compat import ensure_stub_library_path
 from neco.serving.runtime import (
     MalformedRequestError,
     ModelLoadError,
