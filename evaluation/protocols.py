@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, IGNORE_INDEX, IMAGENET_STD
+from neco.errors import InputError
 from neco.evaluation.matching import MatchedIoU, matched_miou
 from neco.evaluation.metrics import MetricError, confusion_matrix
 
@@ -54,7 +55,7 @@ UNLABELLED_SCORE: float = 1e6
 """Memory score of a patch without any label: it is kept only when nothing else is left."""
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InputError):
     """Features and masks that the protocol cannot score together."""
 
 
