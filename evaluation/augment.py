@@ -1,7 +1,10 @@
 """Square-resized (image, mask) views for the published protocols, with the memory augmentation.
 
-open-hummingbird-eval resizes every image to input_size x input_size and its mask the same way
-(nearest), and augments EVERY memory pass, the first included: a random-resized crop shared by
+open-hummingbird-eval resizes every image to input_size x input_size with torch's bilinear
+antialiased interpolation and its mask with torch's `nearest` (source index floor(i * in / out)),
+both reproduced here in numpy (`resize_bilinear_aa`, `resize_nearest_floor`) so the published
+protocol sees the reference's pixels without torch on the client-backend path; the strict protocol
+keeps the client's own rules (bicubic, half-pixel nearest). It augments EVERY memory pass, the first included: a random-resized crop shared by
 image and mask (area scale 0.5-2.0 of the image, aspect 3/4-4/3, torchvision's sampling with its
 centre fallback when no crop fits) and colour jitter 0.1 in brightness, contrast, saturation and
 hue, each applied with probability 0.5. Views are seeded per (seed, pass, index), so a run is
@@ -15,8 +18,6 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-
-from neco.client import resize_mask
 
 CROP_SCALE: tuple[float, float] = (0.5, 2.0)
 CROP_RATIO: tuple[float, float] = (3 / 4, 4 / 3)
@@ -68,10 +69,62 @@ def colour_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def nearest_floor_index(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output pixel as torch's `interpolate(mode="nearest")` picks it.
+
+    torch computes floor(i * scale) with scale = in / out in float32 (exact shortcuts for the
+    same size and for doubling); float32 matters where i * in / out is an integer.
+    """
+    if out_size == in_size:
+        return np.arange(out_size)
+    if out_size == 2 * in_size:
+        return np.arange(out_size) // 2
+    scale = np.float32(in_size) / np.float32(out_size)
+    index = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(index, in_size - 1)
+
+
+def resize_nearest_floor(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label mask resized to (height, width) like the reference's torch `nearest`: no label is blended."""
+    rows, cols = nearest_floor_index(mask.shape[0], size[0]), nearest_floor_index(mask.shape[1], size[1])
+    return mask[rows[:, None], cols[None, :]]
+
+
+def bilinear_aa_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of torch's `interpolate(mode="bilinear", antialias=True, align_corners=False)`.
+
+    A triangle filter centred at scale * (i + 0.5), widened by the scale when shrinking (so every
+    input pixel contributes, as in PIL), taps in [trunc(c - support + 0.5), trunc(c + support + 0.5)),
+    normalised to sum 1.
+    """
+    scale = in_size / out_size
+    support, invscale = (scale, 1 / scale) if scale >= 1 else (1.0, 1.0)
+    centre = scale * (np.arange(out_size) + 0.5)
+    first = np.maximum(np.trunc(centre - support + 0.5), 0)[:, None]
+    stop = np.minimum(np.trunc(centre + support + 0.5), in_size)[:, None]
+    taps = np.arange(in_size)[None, :]
+    weights = np.clip(1 - np.abs((taps - centre[:, None] + 0.5) * invscale), 0, None)
+    weights = np.where((taps >= first) & (taps < stop), weights, 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    return weights / np.where(total == 0, 1, total)
+
+
+def resize_bilinear_aa(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 [H, W, 3] image resized like the reference (torch bilinear + antialias on floats), rounded."""
+    rows = bilinear_aa_weights(image.shape[0], size[0]).astype(np.float32)
+    cols = bilinear_aa_weights(image.shape[1], size[1]).astype(np.float32)
+    height, width, channels = image.shape
+    # Two plain 2-D products (rows, then columns with the channels moved ahead): BLAS-speed.
+    resized = rows @ image.reshape(height, width * channels).astype(np.float32)
+    resized = np.ascontiguousarray(resized.reshape(size[0], width, channels).transpose(0, 2, 1))
+    resized = (resized.reshape(size[0] * channels, width) @ cols.T).reshape(size[0], channels, size[1])
+    resized = resized.transpose(0, 2, 1)
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+
 def square(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image (bicubic) and mask (nearest) resized to size x size."""
-    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-    return resized, resize_mask(mask, (size, size))
+    """Image (bilinear + antialias) and mask (torch nearest) resized to size x size, as the reference."""
+    return resize_bilinear_aa(image, (size, size)), resize_nearest_floor(mask, (size, size))
 
 
 def hbird_memory_view(

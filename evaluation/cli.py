@@ -182,7 +182,8 @@ def _all(args: argparse.Namespace) -> int:
 
 HUMMINGBIRD_HELP = """Protocols (--protocol; docs/evaluation.md says which paper each is comparable with):
   hbird-eval  open-hummingbird-eval v2.0.0 scoring, the default for voc/ade20k/coco-stuff/cityscapes:
-              images and masks resized to input_size x input_size (masks nearest) and scored there;
+              images (bilinear + antialias) and masks (torch nearest) resized to input_size x input_size
+              as open-hummingbird-eval does, and scored there;
               memory labels with 255 -> class 0; bounded memory keeps rare-class patches first; every
               memory pass augmented (random-resized crop 0.5-2.0 + colour jitter); predicted labels
               Hungarian-matched to classes; mIoU over ALL classes (absent class = 0). Comparable with

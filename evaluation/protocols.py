@@ -5,7 +5,8 @@
 - `hbird-eval` (default for the VOC / ADE20k / COCO-Stuff / Cityscapes layouts): the scoring of
   open-hummingbird-eval, whose numbers NeCo, DIP and the open-hummingbird-eval tables report.
   Its facts, all implemented here:
-  * images AND masks are resized to input_size x input_size (masks nearest) and scored there;
+  * images (bilinear + antialias) AND masks (torch `nearest`: floor(i * in / out)) are resized to
+    input_size x input_size and scored there (`augment.square`, equal to the reference's torch calls);
   * memory labels: ignore pixels (255) become class 0, then each patch's label is the one-hot
     mean over its pixels; all-ignore patches are kept (as class 0);
   * bounded memory: per image, patch score = sum over the classes present in the patch of the
