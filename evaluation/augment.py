@@ -14,7 +14,7 @@ reproducible and independent of batching.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,6 +23,9 @@ CROP_SCALE: tuple[float, float] = (0.5, 2.0)
 CROP_RATIO: tuple[float, float] = (3 / 4, 4 / 3)
 JITTER: float = 0.1
 JITTER_P: float = 0.5
+
+MaskResize = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
+"""A label-mask resize rule: (mask, (height, width)) -> mask, never blending labels."""
 
 
 def crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -84,9 +87,26 @@ def nearest_floor_index(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(index, in_size - 1)
 
 
+def nearest_centre_index(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output pixel as PIL's `resize(NEAREST)` (torchvision's on PIL images) picks it.
+
+    PIL walks pixel centres, 0.5 * in / out then + in / out per pixel, adding in float64 and
+    flooring; the running sum (not (i + 0.5) * in / out) is what matches it on every size.
+    """
+    step = in_size / out_size
+    centres = np.add.accumulate(np.concatenate([[0.5 * step], np.full(out_size - 1, step)]))
+    return np.minimum(np.floor(centres).astype(np.int64), in_size - 1)
+
+
 def resize_nearest_floor(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A label mask resized to (height, width) like the reference's torch `nearest`: no label is blended."""
+    """A label mask resized to (height, width) like torch's `nearest`: no label is blended."""
     rows, cols = nearest_floor_index(mask.shape[0], size[0]), nearest_floor_index(mask.shape[1], size[1])
+    return mask[rows[:, None], cols[None, :]]
+
+
+def resize_nearest_centre(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label mask resized to (height, width) like PIL's `NEAREST` (the NeCo overclustering masks)."""
+    rows, cols = nearest_centre_index(mask.shape[0], size[0]), nearest_centre_index(mask.shape[1], size[1])
     return mask[rows[:, None], cols[None, :]]
 
 
@@ -122,9 +142,11 @@ def resize_bilinear_aa(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
 
-def square(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image (bilinear + antialias) and mask (torch nearest) resized to size x size, as the reference."""
-    return resize_bilinear_aa(image, (size, size)), resize_nearest_floor(mask, (size, size))
+def square(
+    image: np.ndarray, mask: np.ndarray, size: int, mask_resize: MaskResize = resize_nearest_floor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image (bilinear + antialias) and mask (torch nearest unless told) resized to size x size."""
+    return resize_bilinear_aa(image, (size, size)), mask_resize(mask, (size, size))
 
 
 def hbird_memory_view(
@@ -146,9 +168,11 @@ class SquareViews(Sequence[tuple[np.ndarray, np.ndarray]]):
         *,
         augment_pass: int | None = None,
         seed: int = 0,
+        mask_resize: MaskResize = resize_nearest_floor,
     ) -> None:
         self.pairs = pairs
         self.size = size
+        self.mask_resize = mask_resize
         self.augment_pass = augment_pass
         self.seed = seed
 
@@ -158,7 +182,7 @@ class SquareViews(Sequence[tuple[np.ndarray, np.ndarray]]):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
         image, mask = self.pairs[index]
         if self.augment_pass is None:
-            return square(image, mask, self.size)
+            return square(image, mask, self.size, self.mask_resize)
         rng = np.random.default_rng([self.seed, self.augment_pass, index])
         return hbird_memory_view(image, mask, self.size, rng)
 

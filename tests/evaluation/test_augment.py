@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from neco.evaluation.augment import SquareViews, nearest_floor_index, resize_bilinear_aa, resize_nearest_floor
+from neco.evaluation.augment import (
+    SquareViews,
+    nearest_centre_index,
+    nearest_floor_index,
+    resize_bilinear_aa,
+    resize_nearest_floor,
+)
 
 ODD_SIZES = [(375, 500), (333, 111), (500, 375), (7, 10)]
 
@@ -46,6 +53,15 @@ def test_nearest_uses_torch_float32_floor_on_every_size() -> None:
             line = torch.arange(in_size, dtype=torch.float32)[None, None]
             expected = F.interpolate(line, size=out_size, mode="nearest")[0, 0].long().numpy()
             np.testing.assert_array_equal(nearest_floor_index(in_size, out_size), expected, err_msg=f"{in_size}")
+
+
+def test_centre_rule_is_pil_nearest_on_every_size() -> None:
+    # The NeCo overclustering masks go through torchvision's Resize(NEAREST) on PIL images.
+    for out_size in (100, 448, 333):
+        for in_size in range(1, 601):
+            line = Image.fromarray(np.arange(in_size, dtype=np.int32)[None], mode="I")
+            expected = np.asarray(line.resize((out_size, 1), Image.Resampling.NEAREST))[0]
+            np.testing.assert_array_equal(nearest_centre_index(in_size, out_size), expected, err_msg=f"{in_size}")
 
 
 def test_downscaling_averages_and_upscaling_interpolates() -> None:
