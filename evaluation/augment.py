@@ -4,10 +4,13 @@ open-hummingbird-eval resizes every image to input_size x input_size with torch'
 antialiased interpolation and its mask with torch's `nearest` (source index floor(i * in / out)),
 both reproduced here in numpy (`resize_bilinear_aa`, `resize_nearest_floor`) so the published
 protocol sees the reference's pixels without torch on the client-backend path; the strict protocol
-keeps the client's own rules (bicubic, half-pixel nearest). It augments EVERY memory pass, the first included: a random-resized crop shared by
-image and mask (area scale 0.5-2.0 of the image, aspect 3/4-4/3, torchvision's sampling with its
-centre fallback when no crop fits) and colour jitter 0.1 in brightness, contrast, saturation and
-hue, each applied with probability 0.5. Views are seeded per (seed, pass, index), so a run is
+keeps the client's own rules (bicubic, half-pixel nearest). Overclustering's masks follow PIL's
+`NEAREST` (`resize_nearest_centre`), as the NeCo repository resizes them.
+
+It augments EVERY memory pass, the first included: a random-resized crop shared by image and mask
+(area scale 0.5-2.0 of the image, aspect 3/4-4/3, torchvision's sampling with its centre fallback
+when no crop fits) and colour jitter 0.1 in brightness, contrast, saturation and hue, each applied
+with probability 0.5. Views are seeded per (seed, pass, index), so a run is
 reproducible and independent of batching.
 """
 

@@ -82,7 +82,7 @@ OVERCLUSTER_FLAGS = (
     ("--protocol", "protocol", str, "neco (default: the NeCo repository's) | raw (see above)"),
     ("--clusters", "clusters", _ints, "comma-separated K values (default 100,300,500)"),
     ("--val-subset", "val_subset", int, "use 1/N of the val split"),
-    ("--niter", "niter", int, "k-means iterations"),
+    ("--niter", "niter", int, "k-means iterations (default: the protocol's, neco 100, raw 20)"),
 )
 KEYPOINT_FLAGS = (
     ("--data-root", "data_root", str, "SPair-71k root (holds JPEGImages/ and PairAnnotation/)"),

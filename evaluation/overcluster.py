@@ -208,9 +208,8 @@ def run_overcluster(cfg: OverclusterConfig, backend: FeatureBackend | None = Non
         hungarian=cfg.hungarian, seed=cfg.seed, protocol=cfg.protocol, niter=cfg.niter,
     )  # fmt: skip
     for key, result in results.items():
-        print(
-            f"overcluster[{cfg.protocol}, {key}, {result.matching}]: mIoU {100 * result.miou:.1f} (input {size}x{size} px)"
-        )
+        head = f"overcluster[{cfg.protocol}, {key}, {result.matching}]"
+        print(f"{head}: mIoU {100 * result.miou:.1f} (input {size}x{size} px)")
     report: dict[str, object] = {
         "evaluation": "overcluster",
         "protocol": cfg.protocol,
