@@ -79,9 +79,10 @@ HUMMINGBIRD_FLAGS = (
     ("--augment-passes", "augment_passes", int, "memory passes over the train split"),
 )
 OVERCLUSTER_FLAGS = (
+    ("--protocol", "protocol", str, "neco (default: the NeCo repository's) | raw (see above)"),
     ("--clusters", "clusters", _ints, "comma-separated K values (default 100,300,500)"),
     ("--val-subset", "val_subset", int, "use 1/N of the val split"),
-    ("--niter", "niter", int, "k-means iterations"),
+    ("--niter", "niter", int, "k-means iterations (default: the protocol's, neco 100, raw 20)"),
 )
 KEYPOINT_FLAGS = (
     ("--data-root", "data_root", str, "SPair-71k root (holds JPEGImages/ and PairAnnotation/)"),
@@ -95,6 +96,7 @@ REPORT_FLAGS = (
     ("--evaluations", "evaluations", _words, "comma-separated: overcluster,hummingbird,linear,keypoints"),
     ("--protocol", "protocol", _protocol, "hummingbird protocol(s): hbird-eval | strict | both"),
     ("--clusters", "clusters", _ints, "overclustering K values (default 500)"),
+    ("--overcluster-protocol", "overcluster_protocol", str, "overclustering protocol: neco | raw"),
     ("--input-size", "input_size", int, "encoder input side"),
     ("--train-split", "train_split", str, "memory / head split (e.g. trainaug for VOC)"),
     ("--val-split", "val_split", str, "scored split"),
@@ -180,9 +182,20 @@ def _all(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERCLUSTER_HELP = """Overclustering (NeCo's / Leopart's unsupervised column): faiss k-means on the val patch features
+at the square input size for each K, clusters mapped to classes many-to-one (each to the class it overlaps
+most), plus K = classes with Hungarian matching; mIoU over all classes. Protocols (--protocol):
+  neco  the default, as the NeCo repository runs it: features standardised and reduced to 50 dimensions
+        by PCA, k-means 100 iterations x 5 restarts, seeds 0-4 averaged, masks and predictions scored
+        at 100x100 (torch nearest). Comparable with the NeCo paper's overclustering column.
+  raw   this project's quick protocol: raw features, 20 iterations, one seed, scored at the input size.
+The JSON report's `protocol` names the one that produced its numbers."""
+
+
 HUMMINGBIRD_HELP = """Protocols (--protocol; docs/evaluation.md says which paper each is comparable with):
   hbird-eval  open-hummingbird-eval v2.0.0 scoring, the default for voc/ade20k/coco-stuff/cityscapes:
-              images and masks resized to input_size x input_size (masks nearest) and scored there;
+              images (bilinear + antialias) and masks (torch nearest) resized to input_size x input_size
+              as open-hummingbird-eval does, and scored there;
               memory labels with 255 -> class 0; bounded memory keeps rare-class patches first; every
               memory pass augmented (random-resized crop 0.5-2.0 + colour jitter); predicted labels
               Hungarian-matched to classes; mIoU over ALL classes (absent class = 0). Comparable with
@@ -230,9 +243,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS,
         "neco.evaluation.overcluster:OverclusterConfig",
         help="unsupervised overclustering mIoU (k-means on val patches)",
-        description="Overclustering (NeCo's / Leopart's unsupervised column): faiss k-means (seeded) on the "
-        "val patch features at the square input size for each K, clusters mapped to classes many-to-one "
-        "(each to the class it overlaps most), plus K = classes with Hungarian matching; mIoU over all classes.",
+        description=OVERCLUSTER_HELP,
+        formatter_class=raw,
     )
     evaluation(
         "keypoints",

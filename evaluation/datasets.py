@@ -22,6 +22,7 @@ import numpy as np
 
 from neco.client import load_mask, load_rgb
 from neco.contract import IGNORE_INDEX
+from neco.errors import InputError
 from neco.layout import CLASSES_FILE, IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR, find_class_names
 
 DatasetKind = Literal["voc", "ade20k", "coco-stuff", "cityscapes", "folder"]
@@ -55,7 +56,7 @@ ADE20K_CLASSES: tuple[str, ...] = (
 """The 150 SceneParsing classes in annotation order (annotation value i+1 -> class i)."""
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset tree, split or sample is malformed; the message names the file."""
 
 

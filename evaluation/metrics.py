@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neco.contract import IGNORE_INDEX
+from neco.errors import InputError
 
 
-class MetricError(ValueError):
+class MetricError(InputError):
     """Prediction/target arrays that cannot be compared (shape or label range)."""
 
 

@@ -5,7 +5,8 @@
 - `hbird-eval` (default for the VOC / ADE20k / COCO-Stuff / Cityscapes layouts): the scoring of
   open-hummingbird-eval, whose numbers NeCo, DIP and the open-hummingbird-eval tables report.
   Its facts, all implemented here:
-  * images AND masks are resized to input_size x input_size (masks nearest) and scored there;
+  * images (bilinear + antialias) AND masks (torch `nearest`: floor(i * in / out)) are resized to
+    input_size x input_size and scored there (`augment.square`, equal to the reference's torch calls);
   * memory labels: ignore pixels (255) become class 0, then each patch's label is the one-hot
     mean over its pixels; all-ignore patches are kept (as class 0);
   * bounded memory: per image, patch score = sum over the classes present in the patch of the
@@ -33,6 +34,7 @@ from typing import Literal
 import numpy as np
 
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, IGNORE_INDEX, IMAGENET_STD
+from neco.errors import InputError
 from neco.evaluation.matching import MatchedIoU, matched_miou
 from neco.evaluation.metrics import MetricError, confusion_matrix
 
@@ -54,7 +56,7 @@ UNLABELLED_SCORE: float = 1e6
 """Memory score of a patch without any label: it is kept only when nothing else is left."""
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InputError):
     """Features and masks that the protocol cannot score together."""
 
 

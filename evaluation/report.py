@@ -20,7 +20,8 @@ from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.config import build_backend
 from neco.evaluation.datasets import DatasetError
 from neco.evaluation.hummingbird import deprecated_beta
-from neco.evaluation.overcluster import DEFAULT_CLUSTERS
+from neco.evaluation.overcluster import DEFAULT_CLUSTERS, OverclusterProtocol
+from neco.evaluation.overcluster import PROTOCOL_HELP as OVERCLUSTER_HELP
 from neco.evaluation.protocols import PROTOCOLS
 
 Evaluation = Literal["overcluster", "hummingbird", "linear", "keypoints"]
@@ -57,6 +58,7 @@ class ReportConfig(BaseModel):
     evaluations: list[Evaluation] = ["overcluster", "hummingbird", "linear", "keypoints"]
     protocol: Literal["hbird-eval", "strict", "both"] = "both"
     clusters: list[PositiveInt] = Field([max(DEFAULT_CLUSTERS)], min_length=1, description="overclustering K values")
+    overcluster_protocol: OverclusterProtocol = Field("neco", description="neco (the NeCo repository's) | raw")
     input_size: int = Field(DEFAULT_INPUT_SIZE, ge=PATCH_SIZE)
     train_split: str = Field("train", description="memory / head split of every segmentation dataset")
     val_split: str = "val"
@@ -109,7 +111,9 @@ def _segmentation(cfg: ReportConfig, backend: object, kind: str, root: str) -> d
     )
     out: dict[str, dict] = {}
     if "overcluster" in cfg.evaluations:
-        oc = OverclusterConfig(**common, clusters=cfg.clusters, val_subset=cfg.val_subset)
+        oc = OverclusterConfig(
+            **common, clusters=cfg.clusters, val_subset=cfg.val_subset, protocol=cfg.overcluster_protocol
+        )
         out["overcluster"] = run_overcluster(oc, backend)  # type: ignore[arg-type]
     if "hummingbird" in cfg.evaluations:
         hb = HummingbirdConfig(
@@ -177,7 +181,8 @@ def markdown_table(cfg: ReportConfig, results: dict[str, dict[str, dict[str, dic
         "",
         "dense NN (hbird-eval): open-hummingbird-eval v2.0.0 protocol, comparable with the NeCo / DIP / "
         "open-hummingbird-eval tables; dense NN (strict): this project's protocol (not comparable); "
-        "overclustering: k-means on val patches, many-to-one matching; SPair: PCK of the target bounding box.",
+        f"overclustering ({cfg.overcluster_protocol}): {OVERCLUSTER_HELP[cfg.overcluster_protocol]}, many-to-one "
+        "matching; SPair: PCK of the target bounding box.",
     ]
     return "\n".join(lines) + "\n"
 

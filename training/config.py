@@ -158,7 +158,7 @@ class OptimSection(_Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     weight_decay: float = Field(0.04, ge=0.0)
     weight_decay_end: float = Field(0.5, ge=0.0)
-    clip_grad: PositiveFloat | None = 3.0
+    clip_grad: PositiveFloat | None = Field(None, description="max gradient norm; null = no clipping (the reference)")
 
     @model_validator(mode="after")
     def _length(self) -> OptimSection:

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from neco.errors import NecoError
 from neco.scenes import generate_scene
 from neco.training.config import DataSection
 from neco.training.views import MultiCropViews
@@ -28,7 +29,7 @@ MAX_CONSECUTIVE_BAD = 64
 """After this many unreadable files in a row the folder is considered broken, not noisy."""
 
 
-class DataError(RuntimeError):
+class DataError(NecoError, RuntimeError):
     """The training images cannot be read at all."""
 
 

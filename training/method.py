@@ -191,13 +191,12 @@ class NeCoLoss(nn.Module):
         mask_mode: MaskMode = "all",
         mask_threshold: float = 0.6,
         mask_connectivity: Connectivity = 8,
-        eps: float = 1e-8,
     ) -> None:
         super().__init__()
         if mask_mode not in ("all", "fg", "bg"):
             raise ValueError(f"unknown mask_mode {mask_mode!r}; use 'all', 'fg' or 'bg'")
         self.student_sorter, self.teacher_sorter = student_sorter, teacher_sorter
-        self.similarity, self.grid_size, self.mask_mode, self.eps = similarity, grid_size, mask_mode, eps
+        self.similarity, self.grid_size, self.mask_mode = similarity, grid_size, mask_mode
         self.mask_threshold, self.mask_connectivity = mask_threshold, mask_connectivity
 
     def _order(self, sorter: SoftSorter, patches: Tensor, references: Tensor) -> Tensor:
@@ -237,7 +236,10 @@ class NeCoLoss(nn.Module):
             target = self._order(self.teacher_sorter, t, refs)
         s = torch.cat([roi_grid(student_maps[v], boxes[:, g, v, 1], flips[:, v], self.grid_size) for g, v in pairs])
         pred = self._order(self.student_sorter, s, refs)
-        per_cell = -(target * pred.clamp_min(self.eps).log()).sum(-1).mean(-1)  # [pairs * B, P]
+        # log p as the reference takes it (no 1e-8 floor: with 49 references, euclidean distances put
+        # entries below 1e-8, where a floor moved gradients by 2e-4 - 5e-3); only an entry that underflowed
+        # below the smallest normal number is raised to it, so an exact 0 gives a finite loss, not NaN.
+        per_cell = -(target * pred.clamp_min(torch.finfo(pred.dtype).tiny).log()).sum(-1).mean(-1)  # [pairs * B, P]
         per_pair = per_cell.reshape(len(pairs), -1, per_cell.shape[-1])
         weights = self._cell_weights(pairs, boxes, flips, teacher_masks)
         if weights is None:

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from neco.errors import InputError
 from neco.training.sorting_kernels import LayerView, soft_permutation
 
 Network = Literal["bitonic", "odd_even"]
@@ -48,11 +49,11 @@ DISTRIBUTIONS: tuple[str, ...] = (
 DEFAULT_DISTRIBUTION = "cauchy"  # diffsort.DiffSortNet's default, used by the NeCo recipe
 
 
-class SortingInputError(ValueError):
+class SortingInputError(InputError):
     """The tensor given to the sorter has the wrong rank, size, dtype or non-finite values."""
 
 
-class SortingConfigError(ValueError):
+class SortingConfigError(InputError):
     """Unknown network/distribution or an impossible steepness/art_lambda."""
 
 

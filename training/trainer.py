@@ -175,10 +175,10 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.student.no_sync():  # type: ignore[operator]
                 losses.append(self.micro_step(self.to_device(batch), 1.0 / len(batches)))
         with self._phase("optimizer"):
-            grad_norm = torch.zeros(())
-            if self.cfg.optim.clip_grad is not None:
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+            # The norm is logged with or without clipping (the recipe does not clip); an infinite bound
+            # only measures it (the clipping coefficient is clamped to 1).
+            clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1

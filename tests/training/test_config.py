@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from neco.config import ConfigError
 from neco.training.config import TrainConfig, load_train_config
@@ -36,6 +38,39 @@ def test_recipe_values(tmp_path: Path) -> None:
     assert (
         load_train_config(CONFIGS / "train_vits14_reg_coco518.yaml", [f"data.root={tmp_path}"]).crops.global_size == 518
     )
+
+
+DELIBERATE_DEFAULTS: dict[str, str] = {
+    "output_dir": "one output folder per recipe",
+    "model.weights": "TrainConfig() starts from random init and needs no weights; the recipe starts from DINOv2R",
+    "data.kind": "TrainConfig() trains on generated scenes, so it runs without a dataset; the recipe on COCO",
+    "data.root": "where the dataset lies on this machine",
+    "data.num_workers": "loader processes suited to the recipe's GPU machine",
+    "optim.epochs": "TrainConfig() runs one step (optim.steps=1, a smoke run); the recipe runs 25 epochs",
+    "runtime.device": "auto picks cuda where there is one, as the recipe asks",
+    "runtime.compile": "torch.compile needs a compiler and minutes of warm-up; same numbers, faster on a GPU",
+    "runtime.log_every": "log frequency, no effect on training",
+}
+"""Keys a recipe YAML sets to other values than TrainConfig()'s defaults, each with why (docs/training.md)."""
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [("train_vits14_reg_coco224.yaml", set()), ("train_vits14_reg_coco518.yaml", {"crops.global_size"})],
+)
+def test_defaults_are_the_published_recipe(name: str, variant: set[str]) -> None:
+    recipe = _leaves(yaml.safe_load((CONFIGS / name).read_text()))
+    defaults = _leaves(TrainConfig().model_dump(mode="json"))
+    differing = {key for key, value in recipe.items() if defaults[key] != value}
+    assert differing == set(DELIBERATE_DEFAULTS) | variant
+    assert TrainConfig().optim.clip_grad is None  # the reference does not clip
 
 
 @pytest.mark.parametrize(

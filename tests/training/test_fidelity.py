@@ -91,7 +91,8 @@ def reference_loss(
     connectivity: int,
 ) -> tuple[torch.Tensor, int, int]:
     """The NeCo loss plus (masked cells, all cells) over the pairs, from the reference's description."""
-    sorter = DiffSortNet("bitonic", REFS, steepness=STEEPNESS)
+    num_refs = next(iter(references.values())).shape[1]
+    sorter = DiffSortNet("bitonic", num_refs, steepness=STEEPNESS)
 
     def align(maps: torch.Tensor, pixel_boxes: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         grid = roi_align(maps, [b[None] for b in pixel_boxes / PATCH], GRID, aligned=True)  # [B, C, 7, 7]
@@ -103,7 +104,7 @@ def reference_loss(
             scores = torch.einsum("bpd,brd->bpr", F.normalize(cells, dim=-1), F.normalize(refs, dim=-1))
         else:  # distances, sorted as they are, with the reference's call (matrix-product path, > 25 rows)
             scores = torch.cdist(cells, refs, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary")
-        return sorter(scores.reshape(-1, REFS))[1].reshape(BATCH, GRID * GRID, REFS, REFS)
+        return sorter(scores.reshape(-1, num_refs))[1].reshape(BATCH, GRID * GRID, num_refs, num_refs)
 
     views, dtype = len(student), student[0].dtype
     total, kept_cells, all_cells = torch.zeros((), dtype=dtype), 0, 0
@@ -120,7 +121,7 @@ def reference_loss(
             refs = references[(g, v)]
             q = permutations(align(teacher[g], boxes[:, g, v, 0], flips[:, g]), refs).detach()
             p = permutations(align(student[v], boxes[:, g, v, 1], flips[:, v]), refs)
-            ce = (q * torch.log(p)).sum(-1)  # [B, 49 cells, 49 positions]
+            ce = (q * torch.log(p)).sum(-1)  # [B, 49 cells, 49 positions]; the reference takes log p unclamped
             if hard is None:
                 sub = sub - ce.mean()
                 continue
@@ -141,16 +142,14 @@ def _box(gen: torch.Generator, size: float, full: bool) -> torch.Tensor:
     return torch.stack([low[0], low[1], high[0], high[1]])
 
 
-def _inputs(flip: bool, dtype: torch.dtype) -> dict:
+def _inputs(flip: bool, dtype: torch.dtype, refs: int = REFS, scale: float = FEATURE_SCALE) -> dict:
     gen = torch.Generator().manual_seed(11)
     views = GLOBALS + LOCALS
     cells = [GLOBAL_CELLS] * GLOBALS + [LOCAL_CELLS] * LOCALS
-    student = [(FEATURE_SCALE * torch.randn(BATCH, DIM, c, c, generator=gen)).requires_grad_() for c in cells]
+    student = [(scale * torch.randn(BATCH, DIM, c, c, generator=gen)).requires_grad_() for c in cells]
     # The teacher is an EMA of the student: close to it, so q/p stays moderate as in training (a
     # random, unrelated teacher puts weight on p ~ 1e-6 entries whose fp32 rounding dominates).
-    teacher = [
-        s.detach() + FEATURE_SCALE * TEACHER_OFFSET * torch.randn(s.shape, generator=gen) for s in student[:GLOBALS]
-    ]
+    teacher = [s.detach() + scale * TEACHER_OFFSET * torch.randn(s.shape, generator=gen) for s in student[:GLOBALS]]
     boxes = torch.zeros(BATCH, GLOBALS, views, 2, 4)
     for b in range(BATCH):
         for g, v in crop_pairs(GLOBALS, views):
@@ -168,7 +167,7 @@ def _inputs(flip: bool, dtype: torch.dtype) -> dict:
         speck = torch.zeros(BATCH, 16, 16)
         speck[:, 0, 15] = 0.6
         attention.append((blob + noise + speck) / 20)
-    references = FEATURE_SCALE * torch.randn(len(crop_pairs(GLOBALS, views)), BATCH, REFS, DIM, generator=gen)
+    references = scale * torch.randn(len(crop_pairs(GLOBALS, views)), BATCH, refs, DIM, generator=gen)
     return {
         "student": [s.detach().to(dtype).requires_grad_() for s in student],
         "teacher": [t.to(dtype) for t in teacher],
@@ -184,10 +183,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _losses_and_gradients(
-    kind: str, mask_mode: str, flip: bool, dtype: torch.dtype
+    kind: str, mask_mode: str, flip: bool, dtype: torch.dtype, refs: int = REFS, scale: float = FEATURE_SCALE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(our loss, our student gradients, reference loss, reference gradients, masked-cell share)."""
-    data = _inputs(flip, dtype)
+    data = _inputs(flip, dtype, refs, scale)
     pairs = crop_pairs(GLOBALS, GLOBALS + LOCALS)
     loss_fn = NeCoLoss(
         SoftSorter("bitonic", steepness=STEEPNESS),
@@ -256,6 +255,18 @@ def test_loss_and_student_gradients_equal_the_reference(
     print(f"(tolerance {grad_tolerance:.2e})")
     assert loss_diff <= TOLERANCE[dtype], loss_diff
     assert grad_diff <= grad_tolerance, (grad_diff, grad_tolerance)
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_euclidean_log_is_not_floored(scale: float) -> None:
+    """The recipe's 49 references and euclidean distances of several units put soft-permutation
+    entries below 1e-8 (here down to ~1e-14); the reference takes log p there as it is. The former
+    1e-8 floor moved the loss by 1e-7 - 1e-4 and the gradients by 2e-4 - 5e-3 (float64, this batch)."""
+    ours, our_grads, theirs, their_grads, _ = _losses_and_gradients(
+        "euclidean", "all", False, torch.float64, refs=49, scale=scale
+    )
+    assert float((ours - theirs).abs() / theirs.abs()) <= TOLERANCE[torch.float64]
+    assert _relative(our_grads, their_grads) <= TOLERANCE[torch.float64]
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
