@@ -26,9 +26,11 @@ ALLOWED = {
     ("model/backbone.py", "cls_token"): "timm's parameter name in a state dict, not the served output",
     ("training/optim.py", "cls_token"): "timm's parameter name (no weight decay), not the served output",
     ("client/bank.py", "images"): "the manifest's count of support images, not the served input",
-    ("evaluation/datasets.py", "images"): "ADE20k's own folder name (ADEChallengeData2016/images)",
+    (
+        "evaluation/datasets.py",
+        "images",
+    ): "ADE20k's and COCO-Stuff's own folder names (ADEChallengeData2016/images, cocostuff/images)",
     ("client/cli.py", "features"): "the name of the `neco features` sub-command",
-    ("evaluation/datasets_extra.py", "images"): "COCO-Stuff's own folder name (cocostuff/images)",
 }
 
 

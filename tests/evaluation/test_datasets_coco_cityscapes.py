@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neco.evaluation.datasets import MissingDatasetFileError, load_dataset
-from neco.evaluation.datasets_extra import CITYSCAPES_CLASSES, COCO_FINE_TO_COARSE, COCO_STUFF27_CLASSES
+from neco.evaluation.datasets import (
+    CITYSCAPES_CLASSES,
+    COCO_FINE_TO_COARSE,
+    COCO_STUFF27_CLASSES,
+    MissingDatasetFileError,
+    load_dataset,
+)
 
 
 def _save(path: Path, array: np.ndarray) -> None:
