@@ -8,7 +8,6 @@ instead of exhausting the machine.
 
 from __future__ import annotations
 
-import ast
 import base64
 import io
 import json
@@ -250,20 +249,6 @@ def test_large_queries_get_previews_and_a_full_size_mask(banks: Path) -> None:
     assert shape("mask") == (300, PREVIEW_SIDE + 200) and result["size"] == [300, PREVIEW_SIDE + 200]
     assert shape("pca")[:2] == (round(300 * PREVIEW_SIDE / (PREVIEW_SIDE + 200)), PREVIEW_SIDE)
     assert shape("overlay")[1] == PREVIEW_SIDE and shape("confidence")[0] == shape("pca")[0]
-
-
-def test_the_app_imports_only_the_clients_public_names() -> None:
-    """Issue 27.1: `neco.client` and its modules' public names, never `neco.client.cli` or a private name."""
-    offenders = []
-    for source in sorted((ROOT / "app").glob("*.py")):
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("neco.client"):
-                names = [alias.name for alias in node.names]
-                if node.module == "neco.client.cli" or any(n.startswith("_") for n in names):
-                    offenders.append(f"{source.name}: from {node.module} import {', '.join(names)}")
-            elif isinstance(node, ast.ImportFrom) and node.level > 0:
-                offenders.append(f"{source.name}: relative import from {node.module}")
-    assert offenders == []
 
 
 def test_a_rewritten_saved_bank_is_loaded_again(tmp_path: Path, scenes) -> None:

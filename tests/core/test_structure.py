@@ -6,6 +6,7 @@ by `build_namespace_tree`, since `package-dir` maps stages from top-level folder
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
@@ -123,3 +124,29 @@ def test_every_exception_class_derives_from_neco_error() -> None:
 @pytest.mark.parametrize("name", ["neco.errors", "neco.client.errors"])
 def test_the_module_walk_sees_the_error_modules(name: str) -> None:
     assert name in defined_modules()
+
+
+def project_sources() -> list[Path]:
+    """Every Python file of the mapped packages, the benchmarks and the tests."""
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    folders = [*package_dir.values(), "benchmarks", "tests"]
+    return sorted(path for folder in folders for path in (REPO / folder).rglob("*.py"))
+
+
+def test_one_import_style_and_only_the_clients_public_names_outside_it() -> None:
+    """Absolute `neco.*` imports everywhere; other stages use `neco.client` and its modules' public
+    names, never its command line (`neco.client.cli`) or a private name."""
+    offenders = []
+    for source in project_sources():
+        where = source.relative_to(REPO)
+        inside_client = where.parts[0] == "client"
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            names = [alias.name for alias in node.names]
+            if node.level > 0:
+                offenders.append(f"{where}: relative import from {'.' * node.level}{node.module or ''}")
+            elif (node.module or "").startswith("neco.client") and not inside_client and where.parts[0] != "tests":
+                if node.module == "neco.client.cli" or any(n.startswith("_") for n in names):
+                    offenders.append(f"{where}: from {node.module} import {', '.join(names)}")
+    assert not offenders, offenders
