@@ -12,26 +12,38 @@ embedded server says so through `set_available`), it answers 503 / UNAVAILABLE, 
 retry and which keeps readiness honest; liveness stays 200 while it recovers. A caller that
 goes away cancels its forwarded call (gRPC cancellation; the HTTP handler is cancelled too).
 
+Bodies are read under `BodyLimits`: a deadline per body (408, connection closed), a cap on the
+bytes held over all connections (503, retryable), compressed bodies decompressed step by step
+and cut off at the body limit (a gzip bomb costs at most one body of memory), and large JSON
+headers parsed on a worker thread, a bounded number at a time, so readiness and gRPC keep
+answering. What the gateway cannot read exactly as Triton does is refused (`_SINGLE_HEADERS`,
+`neco.serving.request_check.parse_header`).
+
 Both servers share one asyncio loop on a daemon thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 from tritonclient.grpc import service_pb2
 
-from neco.errors import NecoError
+from neco.errors import InputError, NecoError
+from neco.serving.config import BodyLimits
 from neco.serving.request_check import (
     HEADER_ALLOWANCE,
     JSON_CHARS_PER_ELEMENT,
     RequestRefused,
     grpc_inputs,
+    header_size,
     http_inputs,
     request_byte_budget,
     request_problem,
@@ -48,12 +60,26 @@ _HOP_HEADERS = frozenset(
 )
 _NOT_ADDED = ("Accept-Encoding", "User-Agent", "Content-Type")  # forwarded only when the client sent them
 _ANSWER_DROPPED = _HOP_HEADERS - {"content-encoding"}  # a compressed answer keeps its encoding
-MAX_BODY = web.AppKey("max_body", int)
+_SINGLE_HEADERS = (
+    "Content-Length", "Transfer-Encoding", "Content-Encoding", "Content-Type", "Host",
+    "Inference-Header-Content-Length",
+)  # fmt: skip
+"""Headers refused when repeated: the gateway reads the first, Triton's HTTP server the last."""
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_INFLATE_STEP = 1 << 20  # decompressed bytes produced per step: a bomb never expands past the body limit
 _UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
 class GatewayError(NecoError, RuntimeError):
     """The gateway could not bind its ports."""
+
+
+class BodyRefused(InputError):
+    """A request body the gateway will not hold or read further; answered with `status`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 def _is_infer(path: str) -> bool:
@@ -76,14 +102,88 @@ class _Upstream:
         self.available = False
 
 
+class _Bodies:
+    """Reads request bodies: one deadline each, one byte budget for all of them together.
+
+    Read by hand rather than with `request.read()`: aiohttp's read has no deadline, counts
+    nothing across connections, and its decompression plus the final copy held about twice
+    the body limit for a gzip bomb.
+    """
+
+    def __init__(self, max_body: int, too_large: str, settings: BodyLimits):
+        self.max_body, self.too_large, self.deadline = max_body, too_large, settings.read_timeout_s
+        self.capacity = max(settings.max_held_bytes, max_body)  # one largest body always fits
+        self.held = 0
+
+    @contextlib.asynccontextmanager
+    async def holding(self, request: web.Request) -> AsyncIterator[bytearray]:
+        """The whole (decompressed) body, counted as held until the block ends; BodyRefused if not."""
+        body = bytearray()
+        try:
+            await asyncio.wait_for(self._fill(request, body), self.deadline)
+        except BaseException as exc:
+            self.held -= len(body)
+            body.clear()  # refused: a traceback cycle through this frame must not keep it until the gc runs
+            if isinstance(exc, asyncio.TimeoutError):
+                raise BodyRefused(408, f"request body not received within {self.deadline:g} s") from None
+            raise
+        try:
+            yield body
+        finally:
+            self.held -= len(body)
+
+    def _keep(self, body: bytearray, data: bytes) -> None:
+        if len(body) + len(data) > self.max_body:
+            raise BodyRefused(413, self.too_large)
+        if self.held + len(data) > self.capacity:
+            raise BodyRefused(503, "the gateway holds as many request bodies as it may; retry")
+        self.held += len(data)
+        body += data
+
+    async def _fill(self, request: web.Request, body: bytearray) -> None:
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "identity":
+            if (request.content_length or 0) > self.max_body:
+                raise BodyRefused(413, self.too_large)
+            async for chunk in request.content.iter_any():
+                self._keep(body, chunk)
+            return
+        if encoding not in _WBITS:
+            raise BodyRefused(415, f"Content-Encoding {encoding[:32]!r} is not accepted (gzip, deflate, identity)")
+        decoder = zlib.decompressobj(_WBITS[encoding])
+        try:
+            async for chunk in request.content.iter_any():
+                while chunk:  # max_length > 0 always: _keep refused the body once it passed max_body
+                    self._keep(body, decoder.decompress(chunk, min(_INFLATE_STEP, self.max_body + 1 - len(body))))
+                    chunk = decoder.unconsumed_tail
+        except zlib.error:
+            raise BodyRefused(400, f"request body is not valid {encoding} data") from None
+        if not decoder.eof or decoder.unused_data:
+            raise BodyRefused(400, f"request body is not exactly one complete {encoding} stream")
+
+
 class _HttpProxy:
-    """Checks infer bodies, refuses Triton's generate extension, forwards the rest unchanged."""
+    """Checks infer bodies, refuses Triton's generate extension, forwards the rest unchanged.
 
-    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream):
-        self.upstream, self.limits, self.state = upstream, limits, state
+    What Triton would read differently is refused, not normalised: repeated headers from
+    `_SINGLE_HEADERS`, and JSON objects with a repeated key (`parse_header`). The other way, a
+    body re-serialised from what was checked, was not taken: it would re-encode up to 120 MB
+    per request on the loop, and every field the gateway does not model (parameters, outputs,
+    numbers) would still reach Triton through a second serialiser. Refusing keeps the forwarded
+    bytes exactly the bytes checked.
+    """
+
+    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, settings: BodyLimits):
+        self.upstream, self.limits, self.state, self.settings = upstream, limits, state, settings
         self.session: ClientSession | None = None
+        self.bodies: _Bodies | None = None
+        self.parsers = ThreadPoolExecutor(settings.max_large_bodies, thread_name_prefix="neco-gateway-parse")
+        self.parsing = asyncio.Semaphore(settings.max_large_bodies)
 
-    async def open(self) -> None:
+    async def open(self, max_body: int) -> None:
+        too_large = (f"request body exceeds {max_body} bytes, the most the server's limits allow "
+                     f"(max_request_pixels={self.limits.max_request_pixels})")  # fmt: skip
+        self.bodies = _Bodies(max_body, too_large, self.settings)
         # auto_decompress off: a compressed answer is passed on with its Content-Encoding.
         # No automatic headers: aiohttp would otherwise ask for gzip on the client's behalf, and
         # Triton compressing a 3 MB feature map cost ~110 ms per 8-image request.
@@ -97,17 +197,58 @@ class _HttpProxy:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+        self.parsers.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _error(status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        repeated = [name for name in _SINGLE_HEADERS if len(request.headers.getall(name, ())) > 1]
+        if repeated:
+            return self._error(400, f"the {repeated[0]} header is repeated")
+        assert self.bodies is not None
         try:
-            body = await request.read()  # aiohttp decompresses and enforces client_max_size
-        except web.HTTPRequestEntityTooLarge:
-            return self._error(413, f"request body exceeds {request.app[MAX_BODY]} bytes, the most the "
-                               f"server's limits allow (max_request_pixels={self.limits.max_request_pixels})")  # fmt: skip
+            async with self.bodies.holding(request) as body:
+                return await self._answer(request, body)
+        except BodyRefused as exc:
+            answer = self._error(exc.status, str(exc))
+            if exc.status != 408:
+                return answer  # aiohttp drains (and drops) the rest of the body, then the client reads the answer
+            await answer.prepare(request)
+            await answer.write_eof()
+            request.protocol.force_close()  # a body that stalled is not drained for lingering_time more
+            return answer
+
+    async def _problem(self, body: bytearray, header_length: str | None) -> str | None:
+        """Why the infer body is refused, or None; large JSON headers are parsed on a worker thread.
+
+        json.loads holds the GIL while it scans, so the thread does not make the loop run during
+        one parse; it lets it run between parses, and `parsing` bounds how many run at once
+        (each costs about three times its body). The slot is freed when the parse ends, even if
+        the caller went away.
+        """
+
+        def check() -> str | None:
+            try:
+                return request_problem(http_inputs(body, header_length, self.limits))
+            except RequestRefused as exc:
+                return str(exc)
+
+        if header_size(len(body), header_length) < self.settings.large_body_bytes:
+            return check()
+        loop = asyncio.get_running_loop()
+
+        def free(_: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self.parsing.release)
+
+        await self.parsing.acquire()
+        job = self.parsers.submit(check)
+        job.add_done_callback(free)
+        return await asyncio.wrap_future(job)
+
+    async def _answer(self, request: web.Request, body: bytearray) -> web.StreamResponse:
         if not self.state.available:
             if request.path.rstrip("/") == "/v2/health/live":
                 return web.Response(status=200)  # alive and recovering; readiness says it is not serving
@@ -115,15 +256,10 @@ class _HttpProxy:
         if request.method == "POST" and _is_generate(request.path):
             return self._error(404, "the generate extension is not served by this model")
         if request.method == "POST" and _is_infer(request.path):
-            try:
-                problem = request_problem(
-                    http_inputs(body, request.headers.get("Inference-Header-Content-Length"), self.limits)
-                )
-            except RequestRefused as exc:
-                problem = str(exc)
+            problem = await self._problem(body, request.headers.get("Inference-Header-Content-Length"))
             if problem is not None:
                 return self._error(400, problem)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
         assert self.session is not None
         try:
             async with self.session.request(
@@ -222,10 +358,13 @@ class RequestGateway:
         upstream_ports: tuple[int, int],
         limits: InputLimits,
         upstream_host: str = "127.0.0.1",
+        bodies: BodyLimits | None = None,
     ):
         self.host, self.ports, self.limits = host, ports, limits
         self._state = _Upstream()
-        self._http = _HttpProxy(f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state)
+        self._http = _HttpProxy(
+            f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state, bodies or BodyLimits()
+        )
         self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="neco-gateway", daemon=True)
@@ -250,12 +389,12 @@ class RequestGateway:
     async def _start(self) -> None:
         budget = request_byte_budget(self.limits)
         max_body = budget * JSON_CHARS_PER_ELEMENT + HEADER_ALLOWANCE
-        app = web.Application(client_max_size=max_body)
-        app[MAX_BODY] = max_body
+        app = web.Application()  # bodies are read by _Bodies, which enforces max_body
         app.router.add_route("*", "/{tail:.*}", self._http.handle)
-        await self._http.open()
+        await self._http.open(max_body)
         await self._grpc.open()
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # auto_decompress off: _Bodies decompresses step by step and stops at max_body.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.ports[0])
         try:
