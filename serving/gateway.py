@@ -12,11 +12,9 @@ embedded server says so through `set_available`), it answers 503 / UNAVAILABLE, 
 retry and which keeps readiness honest; liveness stays 200 while it recovers. A caller that
 goes away cancels its forwarded call (gRPC cancellation; the HTTP handler is cancelled too).
 
-Bodies are read under `BodyLimits`: a deadline per body (408, connection closed), a cap on the
-bytes held over all connections (503, retryable), compressed bodies decompressed step by step
-and cut off at the body limit (a gzip bomb costs at most one body of memory), and large JSON
-headers parsed on a worker thread, a bounded number at a time, so readiness and gRPC keep
-answering. What the gateway cannot read exactly as Triton does is refused (`_SINGLE_HEADERS`,
+Bodies are read by `neco.serving.bodies.BodyReader` under a deadline and a cap on the bytes held
+over all connections, and large JSON headers are parsed on a worker thread, a bounded number at
+a time, so readiness and gRPC keep answering. What the gateway cannot read exactly as Triton does is refused (`_SINGLE_HEADERS`,
 `neco.serving.request_check.parse_header`).
 
 Both servers share one asyncio loop on a daemon thread.
@@ -25,10 +23,8 @@ Both servers share one asyncio loop on a daemon thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,7 +32,8 @@ import grpc
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 from tritonclient.grpc import service_pb2
 
-from neco.errors import InputError, NecoError
+from neco.errors import NecoError
+from neco.serving.bodies import BodyReader, BodyRefused
 from neco.serving.config import BodyLimits
 from neco.serving.request_check import (
     HEADER_ALLOWANCE,
@@ -65,21 +62,11 @@ _SINGLE_HEADERS = (
     "Inference-Header-Content-Length",
 )  # fmt: skip
 """Headers refused when repeated: the gateway reads the first, Triton's HTTP server the last."""
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-_INFLATE_STEP = 1 << 20  # decompressed bytes produced per step: a bomb never expands past the body limit
 _UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
 class GatewayError(NecoError, RuntimeError):
     """The gateway could not bind its ports."""
-
-
-class BodyRefused(InputError):
-    """A request body the gateway will not hold or read further; answered with `status`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def _is_infer(path: str) -> bool:
@@ -102,66 +89,6 @@ class _Upstream:
         self.available = False
 
 
-class _Bodies:
-    """Reads request bodies: one deadline each, one byte budget for all of them together.
-
-    Read by hand rather than with `request.read()`: aiohttp's read has no deadline, counts
-    nothing across connections, and its decompression plus the final copy held about twice
-    the body limit for a gzip bomb.
-    """
-
-    def __init__(self, max_body: int, too_large: str, settings: BodyLimits):
-        self.max_body, self.too_large, self.deadline = max_body, too_large, settings.read_timeout_s
-        self.capacity = max(settings.max_held_bytes, max_body)  # one largest body always fits
-        self.held = 0
-
-    @contextlib.asynccontextmanager
-    async def holding(self, request: web.Request) -> AsyncIterator[bytearray]:
-        """The whole (decompressed) body, counted as held until the block ends; BodyRefused if not."""
-        body = bytearray()
-        try:
-            await asyncio.wait_for(self._fill(request, body), self.deadline)
-        except BaseException as exc:
-            self.held -= len(body)
-            body.clear()  # refused: a traceback cycle through this frame must not keep it until the gc runs
-            if isinstance(exc, asyncio.TimeoutError):
-                raise BodyRefused(408, f"request body not received within {self.deadline:g} s") from None
-            raise
-        try:
-            yield body
-        finally:
-            self.held -= len(body)
-
-    def _keep(self, body: bytearray, data: bytes) -> None:
-        if len(body) + len(data) > self.max_body:
-            raise BodyRefused(413, self.too_large)
-        if self.held + len(data) > self.capacity:
-            raise BodyRefused(503, "the gateway holds as many request bodies as it may; retry")
-        self.held += len(data)
-        body += data
-
-    async def _fill(self, request: web.Request, body: bytearray) -> None:
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding == "identity":
-            if (request.content_length or 0) > self.max_body:
-                raise BodyRefused(413, self.too_large)
-            async for chunk in request.content.iter_any():
-                self._keep(body, chunk)
-            return
-        if encoding not in _WBITS:
-            raise BodyRefused(415, f"Content-Encoding {encoding[:32]!r} is not accepted (gzip, deflate, identity)")
-        decoder = zlib.decompressobj(_WBITS[encoding])
-        try:
-            async for chunk in request.content.iter_any():
-                while chunk:  # max_length > 0 always: _keep refused the body once it passed max_body
-                    self._keep(body, decoder.decompress(chunk, min(_INFLATE_STEP, self.max_body + 1 - len(body))))
-                    chunk = decoder.unconsumed_tail
-        except zlib.error:
-            raise BodyRefused(400, f"request body is not valid {encoding} data") from None
-        if not decoder.eof or decoder.unused_data:
-            raise BodyRefused(400, f"request body is not exactly one complete {encoding} stream")
-
-
 class _HttpProxy:
     """Checks infer bodies, refuses Triton's generate extension, forwards the rest unchanged.
 
@@ -176,14 +103,14 @@ class _HttpProxy:
     def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, settings: BodyLimits):
         self.upstream, self.limits, self.state, self.settings = upstream, limits, state, settings
         self.session: ClientSession | None = None
-        self.bodies: _Bodies | None = None
+        self.bodies: BodyReader | None = None
         self.parsers = ThreadPoolExecutor(settings.max_large_bodies, thread_name_prefix="neco-gateway-parse")
         self.parsing = asyncio.Semaphore(settings.max_large_bodies)
 
     async def open(self, max_body: int) -> None:
         too_large = (f"request body exceeds {max_body} bytes, the most the server's limits allow "
                      f"(max_request_pixels={self.limits.max_request_pixels})")  # fmt: skip
-        self.bodies = _Bodies(max_body, too_large, self.settings)
+        self.bodies = BodyReader(max_body, too_large, self.settings)
         # auto_decompress off: a compressed answer is passed on with its Content-Encoding.
         # No automatic headers: aiohttp would otherwise ask for gzip on the client's behalf, and
         # Triton compressing a 3 MB feature map cost ~110 ms per 8-image request.

@@ -7,6 +7,7 @@ they break HTTP or JSON in ways a client library would not send.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import os
 import socket
@@ -28,7 +29,7 @@ from neco.signature import InputLimits
 
 from .conftest import reap
 from .procfs import rss_bytes
-from .test_gateway_cli import start_gateway
+from .test_gateway_cli import json_infer_body, start_gateway
 
 SMALL = ("limits.max_request_pixels=25088", "bodies.read_timeout_s=2", f"bodies.max_held_bytes={2 * 2**20}")
 SMALL_MAX_BODY = JSON_CHARS_PER_ELEMENT * 3 * 25088 + HEADER_ALLOWANCE  # 1.36 MiB; two held bodies pass the cap
@@ -239,3 +240,22 @@ def test_gzip_bomb_is_cut_off_at_the_body_limit(roomy, triton_server):
     allowed = ROOMY_MAX_BODY + 48 * 2**20
     assert grown <= allowed, f"peak +{grown >> 20} MiB for a {ROOMY_MAX_BODY >> 20} MiB limit"
     assert rss_bytes({process.pid}) <= baseline + 48 * 2**20
+
+
+def test_compressed_bodies_still_pass_and_broken_ones_are_refused(small, triton_server):
+    """Decompressing by hand keeps gzip and deflate requests working and refuses what is not one whole stream."""
+    _, http_url = small
+    infer = f"/v2/models/{triton_server.model_name}/infer"
+    good = json_infer_body([1, 14, 14, 3], [7] * 588)
+    deflate = zlib.compressobj(wbits=zlib.MAX_WBITS)
+    cases = [
+        ("gzip", gzip.compress(good), 200, '"outputs"'),
+        ("deflate", deflate.compress(good) + deflate.flush(), 200, '"outputs"'),
+        ("gzip", gzip.compress(good)[:-9], 400, "not exactly one complete gzip stream"),
+        ("gzip", gzip.compress(good) + b"junk", 400, "not exactly one complete gzip stream"),
+        ("gzip", b"not gzip at all", 400, "not valid gzip data"),
+        ("br", good, 415, "'br' is not accepted"),
+    ]
+    for encoding, body, expected, fragment in cases:
+        status, text = post(http_url, infer, body, [("Content-Encoding", encoding)])
+        assert status == expected and fragment in text, (encoding, status, text[:200])
