@@ -15,10 +15,9 @@ import struct
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,8 +31,7 @@ from .procfs import rss_bytes
 from .test_gateway_cli import json_infer_body, start_gateway
 
 SMALL = ("limits.max_request_pixels=25088", "bodies.read_timeout_s=2", f"bodies.max_held_bytes={2 * 2**20}")
-SMALL_MAX_BODY = JSON_CHARS_PER_ELEMENT * 3 * 25088 + HEADER_ALLOWANCE  # 1.36 MiB; two held bodies pass the cap
-HELD = 1_200_000  # bytes one hostile body sends before it stalls
+HELD = 1_200_000  # bytes one hostile body sends: under SMALL's 1.36 MiB body limit, two of them over its 2 MiB cap
 ROOMY_MAX_BODY = request_byte_budget(InputLimits(max_side=224)) * JSON_CHARS_PER_ELEMENT + HEADER_ALLOWANCE  # 121 MiB
 READY_WITHIN = 2.0  # seconds readiness may take while hostile bodies are pending or parsed
 KILLER_DUPLICATE = (
@@ -58,7 +56,7 @@ def roomy(triton_server) -> Iterator[tuple[subprocess.Popen, str]]:
     reap(process)
 
 
-def post(http_url: str, path: str, body: bytes, headers: list[tuple[str, str]] = ()) -> tuple[int, str]:
+def post(http_url: str, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> tuple[int, str]:
     """One POST with exactly these headers (repeats kept); (status, body text)."""
     host, port = http_url.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=120)
@@ -133,6 +131,7 @@ def stalled_body(http_url: str, head: str, payload: bytes) -> socket.socket:
 
 
 def read_until_closed(connection: socket.socket) -> bytes:
+    """Everything answered until the gateway closed the connection (socket timeout if it never does)."""
     received = b""
     while chunk := connection.recv(1 << 16):
         received += chunk
