@@ -7,6 +7,7 @@ they break HTTP or JSON in ways a client library would not send.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from neco.contract import INPUT_IMAGES
+from neco.serving.config import BodyLimits
 from neco.serving.request_check import HEADER_ALLOWANCE, JSON_CHARS_PER_ELEMENT, request_byte_budget
 from neco.signature import InputLimits
 
@@ -258,3 +260,35 @@ def test_compressed_bodies_still_pass_and_broken_ones_are_refused(small, triton_
     for encoding, body, expected, fragment in cases:
         status, text = post(http_url, infer, body, [("Content-Encoding", encoding)])
         assert status == expected and fragment in text, (encoding, status, text[:200])
+
+
+def test_large_json_headers_are_parsed_on_worker_threads_a_bounded_number_at_a_time(monkeypatch):
+    """Small headers are checked on the loop; large ones on the parser threads, never more than max_large_bodies."""
+    from neco.serving import gateway
+
+    lock, running, most, threads = threading.Lock(), [0], [0], set()
+
+    def slow_inputs(body: bytearray, header_length: str | None, limits: InputLimits) -> list:
+        large = len(body) >= 10
+        with lock:
+            threads.add((large, threading.current_thread().name.split("_")[0]))
+            running[0] += large
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= large
+        return []
+
+    monkeypatch.setattr(gateway, "http_inputs", slow_inputs)
+    settings = BodyLimits(large_body_bytes=10, max_large_bodies=2)
+    proxy = gateway._HttpProxy("http://127.0.0.1:1", InputLimits(), gateway._Upstream(), settings)  # noqa: SLF001
+
+    async def check_all() -> list[str | None]:
+        bodies = [bytearray(20)] * 5 + [bytearray(5)]
+        answers = await asyncio.gather(*(proxy._problem(body, None) for body in bodies))  # noqa: SLF001
+        await proxy.close()
+        return answers
+
+    assert asyncio.run(check_all()) == [None] * 6
+    assert most[0] == 2, most
+    assert threads == {(True, "neco-gateway-parse"), (False, "MainThread")}, threads
