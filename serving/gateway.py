@@ -89,6 +89,39 @@ class _Upstream:
         self.available = False
 
 
+class _Parsers:
+    """Worker threads for large request headers (JSON or protobuf), a bounded number at a time.
+
+    json.loads and protobuf parsing hold the GIL while they scan, so a worker thread does not
+    let the loop run during one parse; it lets it run between parses (readiness waited for
+    every queued parse before), and `slots` bounds how many run at once, each costing about
+    three times its body. A slot is freed when its parse ends, even if the caller went away.
+    """
+
+    def __init__(self, settings: BodyLimits):
+        self.threshold = settings.large_body_bytes
+        self.pool = ThreadPoolExecutor(settings.max_large_bodies, thread_name_prefix="neco-gateway-parse")
+        self.slots = asyncio.Semaphore(settings.max_large_bodies)
+
+    async def run(self, size: int, check: Callable[[], str | None]) -> str | None:
+        """`check()`, on the loop for a header below the threshold, else on a worker thread."""
+        if size < self.threshold:
+            return check()
+        loop = asyncio.get_running_loop()
+
+        def free(_: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self.slots.release)
+
+        await self.slots.acquire()
+        job = self.pool.submit(check)
+        job.add_done_callback(free)
+        return await asyncio.wrap_future(job)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class _HttpProxy:
     """Checks infer bodies, refuses Triton's generate extension, forwards the rest unchanged.
 
@@ -100,12 +133,10 @@ class _HttpProxy:
     bytes exactly the bytes checked.
     """
 
-    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, settings: BodyLimits):
-        self.upstream, self.limits, self.state, self.settings = upstream, limits, state, settings
+    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, settings: BodyLimits, parsers: _Parsers):
+        self.upstream, self.limits, self.state, self.settings, self.parsers = upstream, limits, state, settings, parsers
         self.session: ClientSession | None = None
         self.bodies: BodyReader | None = None
-        self.parsers = ThreadPoolExecutor(settings.max_large_bodies, thread_name_prefix="neco-gateway-parse")
-        self.parsing = asyncio.Semaphore(settings.max_large_bodies)
 
     async def open(self, max_body: int) -> None:
         too_large = (f"request body exceeds {max_body} bytes, the most the server's limits allow "
@@ -124,7 +155,6 @@ class _HttpProxy:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
-        self.parsers.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _error(status: int, message: str) -> web.Response:
@@ -148,13 +178,7 @@ class _HttpProxy:
             return answer
 
     async def _problem(self, body: bytearray, header_length: str | None) -> str | None:
-        """Why the infer body is refused, or None; large JSON headers are parsed on a worker thread.
-
-        json.loads holds the GIL while it scans, so the thread does not make the loop run during
-        one parse; it lets it run between parses, and `parsing` bounds how many run at once
-        (each costs about three times its body). The slot is freed when the parse ends, even if
-        the caller went away.
-        """
+        """Why the infer body is refused, or None (a large JSON header is parsed on a worker thread)."""
 
         def check() -> str | None:
             try:
@@ -162,18 +186,7 @@ class _HttpProxy:
             except RequestRefused as exc:
                 return str(exc)
 
-        if header_size(len(body), header_length) < self.settings.large_body_bytes:
-            return check()
-        loop = asyncio.get_running_loop()
-
-        def free(_: object) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self.parsing.release)
-
-        await self.parsing.acquire()
-        job = self.parsers.submit(check)
-        job.add_done_callback(free)
-        return await asyncio.wrap_future(job)
+        return await self.parsers.run(header_size(len(body), header_length), check)
 
     async def _answer(self, request: web.Request, body: bytearray) -> web.StreamResponse:
         if not self.state.available:
@@ -202,8 +215,8 @@ class _HttpProxy:
 class _GrpcProxy(grpc.GenericRpcHandler):
     """Forwards every GRPCInferenceService method as raw bytes; ModelInfer messages are checked first."""
 
-    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream):
-        self.upstream, self.limits, self.state = upstream, limits, state
+    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, parsers: _Parsers):
+        self.upstream, self.limits, self.state, self.parsers = upstream, limits, state, parsers
         self.channel: grpc.aio.Channel | None = None
 
     async def open(self) -> None:
@@ -213,7 +226,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         if self.channel is not None:
             await self.channel.close()
 
-    def _problem(self, message: bytes) -> str | None:
+    def _check(self, message: bytes) -> str | None:
         try:
             request = service_pb2.ModelInferRequest.FromString(message)
             return request_problem(grpc_inputs(request, self.limits))
@@ -221,6 +234,9 @@ class _GrpcProxy(grpc.GenericRpcHandler):
             return str(exc)
         except Exception as exc:  # a protobuf that does not parse  # noqa: BLE001
             return f"malformed ModelInferRequest: {type(exc).__name__}"
+
+    async def _problem(self, message: bytes) -> str | None:
+        return await self.parsers.run(len(message), lambda: self._check(message))
 
     @staticmethod
     def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
@@ -231,7 +247,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
             if not self.state.available:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE)
             if method in GRPC_CHECKED:
-                problem = self._problem(message)
+                problem = await self._problem(message)
                 if problem is not None:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             assert self.channel is not None
@@ -247,7 +263,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         async def forward(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             async def checked() -> AsyncIterator[bytes]:
                 async for message in messages:
-                    problem = self._problem(message)
+                    problem = await self._problem(message)
                     if problem is not None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
                     yield message
@@ -288,11 +304,12 @@ class RequestGateway:
         bodies: BodyLimits | None = None,
     ):
         self.host, self.ports, self.limits = host, ports, limits
-        self._state = _Upstream()
+        self._state, settings = _Upstream(), bodies or BodyLimits()
+        self._parsers = _Parsers(settings)
         self._http = _HttpProxy(
-            f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state, bodies or BodyLimits()
+            f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state, settings, self._parsers
         )
-        self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state)
+        self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state, self._parsers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="neco-gateway", daemon=True)
         self._runner: web.AppRunner | None = None
@@ -364,3 +381,4 @@ class RequestGateway:
             await self._runner.cleanup()
         await self._http.close()
         await self._grpc.close()
+        self._parsers.close()

@@ -281,12 +281,13 @@ def test_large_json_headers_are_parsed_on_worker_threads_a_bounded_number_at_a_t
 
     monkeypatch.setattr(gateway, "http_inputs", slow_inputs)
     settings = BodyLimits(large_body_bytes=10, max_large_bodies=2)
-    proxy = gateway._HttpProxy("http://127.0.0.1:1", InputLimits(), gateway._Upstream(), settings)  # noqa: SLF001
+    parsers = gateway._Parsers(settings)  # noqa: SLF001
+    proxy = gateway._HttpProxy("http://127.0.0.1:1", InputLimits(), gateway._Upstream(), settings, parsers)  # noqa: SLF001
 
     async def check_all() -> list[str | None]:
         bodies = [bytearray(20)] * 5 + [bytearray(5)]
         answers = await asyncio.gather(*(proxy._problem(body, None) for body in bodies))  # noqa: SLF001
-        await proxy.close()
+        parsers.close()
         return answers
 
     assert asyncio.run(check_all()) == [None] * 6
