@@ -122,9 +122,9 @@ class BodyLimits(BaseModel):
         description="bytes of bodies held over all connections (at least one largest body); beyond it 503, retryable",
     )
     large_body_bytes: int = Field(
-        default=2**20, ge=1, description="JSON headers at least this long are parsed on a worker thread"
+        default=2**20, ge=1, description="JSON headers / gRPC messages this long or more are parsed on a worker thread"
     )
-    max_large_bodies: int = Field(default=1, ge=1, description="large JSON headers parsed at once; others wait")
+    max_large_bodies: int = Field(default=1, ge=1, description="large headers / messages parsed at once; others wait")
 
 
 class GatewayConfig(BaseModel):
