@@ -60,7 +60,7 @@ def gateway_command(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     gateway = RequestGateway(
         cfg.host, (cfg.http_port, cfg.grpc_port), (cfg.upstream_http_port, cfg.upstream_grpc_port), cfg.limits,
-        upstream_host=cfg.upstream_host,
+        upstream_host=cfg.upstream_host, bodies=cfg.bodies,
     ).start()  # fmt: skip
     gateway.set_available(True)  # the upstream's own answers (or 503 when unreachable) say the rest
     try:

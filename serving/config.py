@@ -24,6 +24,30 @@ KNOWN_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvid
 """onnxruntime execution providers the embedded server knows how to configure, in preference order."""
 
 
+class BodyLimits(BaseModel):
+    """How the request gateway holds request bodies while it reads and checks them.
+
+    `InputLimits` bound one request; these bound time and the sum over connections, so that
+    unfinished bodies (a chunked body never ended) and many large JSON bodies at once cannot
+    hold the gateway's memory or its one event loop.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    read_timeout_s: float = Field(
+        default=30.0, gt=0, description="a body not fully received this long after its headers gets 408, closed"
+    )
+    max_held_bytes: int = Field(
+        default=512 * 2**20,
+        ge=2**20,
+        description="bytes of bodies held over all connections (at least one largest body); beyond it 503, retryable",
+    )
+    large_body_bytes: int = Field(
+        default=2**20, ge=1, description="JSON headers / gRPC messages this long or more are parsed on a worker thread"
+    )
+    max_large_bodies: int = Field(default=1, ge=1, description="large headers / messages parsed at once; others wait")
+
+
 class ServeConfig(BaseModel):
     """Configuration of one embedded (PyTriton) Triton server over a model repository."""
 
@@ -56,6 +80,7 @@ class ServeConfig(BaseModel):
     intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
 
     limits: InputLimits = Field(default_factory=InputLimits, description="largest side / pixels a request may hold")
+    bodies: BodyLimits = Field(default_factory=BodyLimits, description="body read deadline and held-bytes cap")
 
     restart_on_backend_failure: bool = Field(
         default=True,
@@ -119,3 +144,4 @@ class GatewayConfig(BaseModel):
     http_port: int = Field(default=8000, ge=0, le=65535, description="public HTTP port (0 = a free one)")
     grpc_port: int = Field(default=8001, ge=0, le=65535, description="public gRPC port (0 = a free one)")
     limits: InputLimits = Field(default_factory=InputLimits, description="largest side / pixels a request may hold")
+    bodies: BodyLimits = Field(default_factory=BodyLimits, description="body read deadline and held-bytes cap")

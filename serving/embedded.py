@@ -213,7 +213,9 @@ class EmbeddedServer:
             free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
             self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
             self._upstream = tuple(pick_free_ports("127.0.0.1", 2))  # type: ignore[assignment]
-            self._gateway = RequestGateway(self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits).start()
+            self._gateway = RequestGateway(
+                self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits, bodies=self.cfg.bodies
+            ).start()
             self._launch = lambda: self._launch_triton(exported, version, runner)
             self._supervisor = BackendSupervisor(self._on_backend_death)
             try:

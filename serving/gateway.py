@@ -5,12 +5,18 @@ Triton allocates what a request declares before any model code runs (see
 binds tritonserver to private loopback ports and puts this gateway on the public ones. For each
 infer request it reads only the header (JSON, or the ModelInferRequest protobuf), checks the
 declared shapes against the data received and the `InputLimits`, answers a bad request itself
-(HTTP 400 / gRPC INVALID_ARGUMENT, one line), and forwards everything else byte for byte.
+(HTTP 400 / gRPC INVALID_ARGUMENT, one line), and forwards the rest byte for byte; only the
+routes of `neco.serving.public_routes` (health, metadata, inference) are forwarded at all.
 Bodies above what the limits allow are cut off while they are read (HTTP 413 /
 RESOURCE_EXHAUSTED), so memory stays bounded. While tritonserver is down or restarting (the
 embedded server says so through `set_available`), it answers 503 / UNAVAILABLE, which clients
 retry and which keeps readiness honest; liveness stays 200 while it recovers. A caller that
 goes away cancels its forwarded call (gRPC cancellation; the HTTP handler is cancelled too).
+
+Bodies are read by `neco.serving.bodies.BodyReader` under a deadline and a cap on the bytes held
+over all connections, and large JSON headers are parsed on a worker thread, a bounded number at
+a time, so readiness and gRPC keep answering. What the gateway cannot read exactly as Triton does is refused (`_SINGLE_HEADERS`,
+`neco.serving.request_check.parse_header`).
 
 Both servers share one asyncio loop on a daemon thread.
 """
@@ -21,18 +27,22 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 from tritonclient.grpc import service_pb2
 
 from neco.errors import NecoError
+from neco.serving.bodies import BodyReader, BodyRefused
+from neco.serving.config import BodyLimits
 from neco.serving.public_routes import PUBLIC_GRPC_METHODS, REFUSED, is_public_http
 from neco.serving.request_check import (
     HEADER_ALLOWANCE,
     JSON_CHARS_PER_ELEMENT,
     RequestRefused,
     grpc_inputs,
+    header_size,
     http_inputs,
     request_byte_budget,
     request_problem,
@@ -49,7 +59,11 @@ _HOP_HEADERS = frozenset(
 )
 _NOT_ADDED = ("Accept-Encoding", "User-Agent", "Content-Type")  # forwarded only when the client sent them
 _ANSWER_DROPPED = _HOP_HEADERS - {"content-encoding"}  # a compressed answer keeps its encoding
-MAX_BODY = web.AppKey("max_body", int)
+_SINGLE_HEADERS = (
+    "Content-Length", "Transfer-Encoding", "Content-Encoding", "Content-Type", "Host",
+    "Inference-Header-Content-Length",
+)  # fmt: skip
+"""Headers refused when repeated: the gateway reads the first, Triton's HTTP server the last."""
 _UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
@@ -77,14 +91,59 @@ class _Upstream:
         self.available = False
 
 
+class _Parsers:
+    """Worker threads for large request headers (JSON or protobuf), a bounded number at a time.
+
+    json.loads and protobuf parsing hold the GIL while they scan, so a worker thread does not
+    let the loop run during one parse; it lets it run between parses (readiness waited for
+    every queued parse before), and `slots` bounds how many run at once, each costing about
+    three times its body. A slot is freed when its parse ends, even if the caller went away.
+    """
+
+    def __init__(self, settings: BodyLimits):
+        self.threshold = settings.large_body_bytes
+        self.pool = ThreadPoolExecutor(settings.max_large_bodies, thread_name_prefix="neco-gateway-parse")
+        self.slots = asyncio.Semaphore(settings.max_large_bodies)
+
+    async def run(self, size: int, check: Callable[[], str | None]) -> str | None:
+        """`check()`, on the loop for a header below the threshold, else on a worker thread."""
+        if size < self.threshold:
+            return check()
+        loop = asyncio.get_running_loop()
+
+        def free(_: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self.slots.release)
+
+        await self.slots.acquire()
+        job = self.pool.submit(check)
+        job.add_done_callback(free)
+        return await asyncio.wrap_future(job)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class _HttpProxy:
-    """Checks infer bodies, refuses Triton's generate extension, forwards the rest unchanged."""
+    """Checks infer bodies, refuses Triton's generate extension, forwards the rest unchanged.
 
-    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream):
-        self.upstream, self.limits, self.state = upstream, limits, state
+    What Triton would read differently is refused, not normalised: repeated headers from
+    `_SINGLE_HEADERS`, and JSON objects with a repeated key (`parse_header`). The other way, a
+    body re-serialised from what was checked, was not taken: it would re-encode up to 120 MB
+    per request on the loop, and every field the gateway does not model (parameters, outputs,
+    numbers) would still reach Triton through a second serialiser. Refusing keeps the forwarded
+    bytes exactly the bytes checked.
+    """
+
+    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, settings: BodyLimits, parsers: _Parsers):
+        self.upstream, self.limits, self.state, self.settings, self.parsers = upstream, limits, state, settings, parsers
         self.session: ClientSession | None = None
+        self.bodies: BodyReader | None = None
 
-    async def open(self) -> None:
+    async def open(self, max_body: int) -> None:
+        too_large = (f"request body exceeds {max_body} bytes, the most the server's limits allow "
+                     f"(max_request_pixels={self.limits.max_request_pixels})")  # fmt: skip
+        self.bodies = BodyReader(max_body, too_large, self.settings)
         # auto_decompress off: a compressed answer is passed on with its Content-Encoding.
         # No automatic headers: aiohttp would otherwise ask for gzip on the client's behalf, and
         # Triton compressing a 3 MB feature map cost ~110 ms per 8-image request.
@@ -104,11 +163,34 @@ class _HttpProxy:
         return web.json_response({"error": message}, status=status)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        repeated = [name for name in _SINGLE_HEADERS if len(request.headers.getall(name, ())) > 1]
+        if repeated:
+            return self._error(400, f"the {repeated[0]} header is repeated")
+        assert self.bodies is not None
         try:
-            body = await request.read()  # aiohttp decompresses and enforces client_max_size
-        except web.HTTPRequestEntityTooLarge:
-            return self._error(413, f"request body exceeds {request.app[MAX_BODY]} bytes, the most the "
-                               f"server's limits allow (max_request_pixels={self.limits.max_request_pixels})")  # fmt: skip
+            async with self.bodies.holding(request) as body:
+                return await self._answer(request, body)
+        except BodyRefused as exc:
+            answer = self._error(exc.status, str(exc))
+            if exc.status != 408:
+                return answer  # aiohttp drains (and drops) the rest of the body, then the client reads the answer
+            await answer.prepare(request)
+            await answer.write_eof()
+            request.protocol.force_close()  # a body that stalled is not drained for lingering_time more
+            return answer
+
+    async def _problem(self, body: bytearray, header_length: str | None) -> str | None:
+        """Why the infer body is refused, or None (a large JSON header is parsed on a worker thread)."""
+
+        def check() -> str | None:
+            try:
+                return request_problem(http_inputs(body, header_length, self.limits))
+            except RequestRefused as exc:
+                return str(exc)
+
+        return await self.parsers.run(header_size(len(body), header_length), check)
+
+    async def _answer(self, request: web.Request, body: bytearray) -> web.StreamResponse:
         if not self.state.available:
             if request.path.rstrip("/") == "/v2/health/live":
                 return web.Response(status=200)  # alive and recovering; readiness says it is not serving
@@ -118,15 +200,10 @@ class _HttpProxy:
         if not is_public_http(request.path):
             return self._error(403, REFUSED)
         if request.method == "POST" and _is_infer(request.path):
-            try:
-                problem = request_problem(
-                    http_inputs(body, request.headers.get("Inference-Header-Content-Length"), self.limits)
-                )
-            except RequestRefused as exc:
-                problem = str(exc)
+            problem = await self._problem(body, request.headers.get("Inference-Header-Content-Length"))
             if problem is not None:
                 return self._error(400, problem)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
         assert self.session is not None
         try:
             async with self.session.request(
@@ -142,8 +219,8 @@ class _HttpProxy:
 class _GrpcProxy(grpc.GenericRpcHandler):
     """Forwards every GRPCInferenceService method as raw bytes; ModelInfer messages are checked first."""
 
-    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream):
-        self.upstream, self.limits, self.state = upstream, limits, state
+    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, parsers: _Parsers):
+        self.upstream, self.limits, self.state, self.parsers = upstream, limits, state, parsers
         self.channel: grpc.aio.Channel | None = None
 
     async def open(self) -> None:
@@ -153,7 +230,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         if self.channel is not None:
             await self.channel.close()
 
-    def _problem(self, message: bytes) -> str | None:
+    def _check(self, message: bytes) -> str | None:
         try:
             request = service_pb2.ModelInferRequest.FromString(message)
             return request_problem(grpc_inputs(request, self.limits))
@@ -161,6 +238,9 @@ class _GrpcProxy(grpc.GenericRpcHandler):
             return str(exc)
         except Exception as exc:  # a protobuf that does not parse  # noqa: BLE001
             return f"malformed ModelInferRequest: {type(exc).__name__}"
+
+    async def _problem(self, message: bytes) -> str | None:
+        return await self.parsers.run(len(message), lambda: self._check(message))
 
     @staticmethod
     def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
@@ -171,7 +251,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
             if not self.state.available:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE)
             if method in GRPC_CHECKED:
-                problem = self._problem(message)
+                problem = await self._problem(message)
                 if problem is not None:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             assert self.channel is not None
@@ -187,7 +267,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
         async def forward(messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             async def checked() -> AsyncIterator[bytes]:
                 async for message in messages:
-                    problem = self._problem(message)
+                    problem = await self._problem(message)
                     if problem is not None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
                     yield message
@@ -225,11 +305,15 @@ class RequestGateway:
         upstream_ports: tuple[int, int],
         limits: InputLimits,
         upstream_host: str = "127.0.0.1",
+        bodies: BodyLimits | None = None,
     ):
         self.host, self.ports, self.limits = host, ports, limits
-        self._state = _Upstream()
-        self._http = _HttpProxy(f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state)
-        self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state)
+        self._state, settings = _Upstream(), bodies or BodyLimits()
+        self._parsers = _Parsers(settings)
+        self._http = _HttpProxy(
+            f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state, settings, self._parsers
+        )
+        self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state, self._parsers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="neco-gateway", daemon=True)
         self._runner: web.AppRunner | None = None
@@ -253,12 +337,12 @@ class RequestGateway:
     async def _start(self) -> None:
         budget = request_byte_budget(self.limits)
         max_body = budget * JSON_CHARS_PER_ELEMENT + HEADER_ALLOWANCE
-        app = web.Application(client_max_size=max_body)
-        app[MAX_BODY] = max_body
+        app = web.Application()  # bodies are read by _Bodies, which enforces max_body
         app.router.add_route("*", "/{tail:.*}", self._http.handle)
-        await self._http.open()
+        await self._http.open(max_body)
         await self._grpc.open()
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # auto_decompress off: _Bodies decompresses step by step and stops at max_body.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.ports[0])
         try:
@@ -301,3 +385,4 @@ class RequestGateway:
             await self._runner.cleanup()
         await self._http.close()
         await self._grpc.close()
+        self._parsers.close()

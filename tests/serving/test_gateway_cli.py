@@ -28,12 +28,13 @@ from .conftest import random_images, reap
 ANNOUNCED = re.compile(r"gateway on http [\d.]+:(\d+)  grpc [\d.]+:(\d+) ->")
 
 
-def start_gateway(upstream_http: str, upstream_grpc: str) -> tuple[subprocess.Popen, str, str]:
+def start_gateway(upstream_http: str, upstream_grpc: str, *overrides: str) -> tuple[subprocess.Popen, str, str]:
+    """`neco gateway` on free ports in front of these upstream addresses; (process, http, grpc)."""
     host, http_port = upstream_http.split(":")
     grpc_port = upstream_grpc.split(":")[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "neco.cli", "gateway", f"upstream_host={host}", f"upstream_http_port={http_port}",
-         f"upstream_grpc_port={grpc_port}", "http_port=0", "grpc_port=0", "limits.max_side=224"],
+         f"upstream_grpc_port={grpc_port}", "http_port=0", "grpc_port=0", "limits.max_side=224", *overrides],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     line = process.stdout.readline()

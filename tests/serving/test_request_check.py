@@ -132,3 +132,47 @@ def test_grpc_declarations_are_refused_while_parsing():
     other.inputs.add(name="other", datatype="FP32").shape.extend([BUDGET])
     with pytest.raises(RequestRefused, match=f"declares {4 * BUDGET} bytes"):
         grpc_inputs(other, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "header,key",
+    [
+        (b'{"inputs": [{"name": "images", "shape": [8, 1, 1, 3], "shape": [1, 14, 14, 3]}]}', "shape"),
+        (b'{"inputs": [{"name": "images", "sh\\u0061pe": [8, 1, 1, 3], "shape": [1, 14, 14, 3]}]}', "shape"),
+        (b'{"inputs": [], "inputs": [{"name": "images", "shape": [1, 14, 14, 3]}]}', "inputs"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "parameters": {"binary_data_size": 1, "binary_data_size": 9}}]}',
+         "binary_data_size"),
+    ],
+)  # fmt: skip
+def test_a_key_repeated_in_any_object_is_refused(header, key):
+    """Python's json keeps the last of a repeated key, Triton the first: the request is ambiguous."""
+    with pytest.raises(RequestRefused, match=f"repeats the key '{key}'"):
+        http_inputs(header, None, LIMITS)
+
+
+def test_json_nested_beyond_the_parser_limit_is_refused_not_an_error():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body in (deep, b'{"inputs": ' + deep + b"}"):
+        with pytest.raises(RequestRefused, match="nested too deeply"):
+            http_inputs(body, None, LIMITS)
+
+
+@pytest.mark.parametrize("split", ["+2", " 2", "2_0", "²", "-0"])
+def test_header_length_is_plain_decimal_digits(split):
+    """int() takes these; Triton's header-length parsing does not read them the same way."""
+    with pytest.raises(RequestRefused, match="must be an integer"):
+        http_inputs(b"{}" + bytes(20), split, LIMITS)
+
+
+def test_header_must_be_utf8():
+    """Python's json also reads UTF-16 and UTF-32, Triton's parser only UTF-8."""
+    with pytest.raises(RequestRefused, match="malformed inference request header"):
+        http_inputs('{"inputs": []}'.encode("utf-16"), None, LIMITS)
+
+
+def test_nested_json_data_is_counted_element_by_element():
+    data = [[1, 2], [3, [4, 5]], 6, [[[]]], []]
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [6], "data": data}]}).encode()
+    assert request_problem(http_inputs(body, None, LIMITS)) is None
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [5], "data": data}]}).encode()
+    assert "needs 5 elements, the request carries 6" in request_problem(http_inputs(body, None, LIMITS))
