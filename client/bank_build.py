@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from .backend import FeatureBackend, batch_features
-from .errors import SupportSetError
-from .images import SizeSpec, describe, load_mask, prepare_image, resize_mask
-from .support import SupportSet, iter_pairs, patch_soft_labels, sample_rare_first, shard_length
+from neco.client.backend import FeatureBackend, batch_features
+from neco.client.errors import SupportSetError
+from neco.client.images import SizeSpec, describe, load_mask, prepare_image, resize_mask
+from neco.client.support import SupportSet, iter_pairs, patch_soft_labels, sample_rare_first, shard_length
 
 
 @dataclass

@@ -368,7 +368,7 @@ def calibrate_novelty(
     the bank needs a fitted NECO subspace, which holds them.
     """
     check_contract(backend.contract, bank)
-    model = require_model(bank)
+    require_model(bank)
     unknown_methods = [m for m in methods if m not in METHODS]
     if unknown_methods:
         raise NoveltyError(f"novelty methods must be among {METHODS}, got {unknown_methods}")
@@ -378,5 +378,5 @@ def calibrate_novelty(
         for m in methods:
             maps[m].append(patch_novelty(features, bank, m, k))
     calibrations = {m: calibrate(maps[m], m, aggregation, acceptance, k) for m in methods}
-    model.calibrations.update(calibrations)
+    bank.add_calibrations(calibrations)
     return calibrations

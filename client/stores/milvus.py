@@ -8,7 +8,7 @@ only when a store is opened, so the `client` extra never needs it.
 
 One collection holds one bank:
 
-    key       INT64 primary key = the bank's row key (`MemoryBank.row_keys`)
+    key       INT64 primary key = the bank's row key (`BankRows.keys`)
     image_id  INT64 support image of the row (delete by image)
     vector    FLOAT_VECTOR (or FLOAT16_VECTOR where the server has it) of `embed_dim`, unit norm
     soft      ARRAY<FLOAT> of the K class frequencies of the patch
@@ -29,13 +29,19 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError
 
+from neco.client.backend import FeatureBackend
+from neco.client.bank import DEFAULT_IMAGE_SIZE, BankRows, BankSettings, MemoryBank
+from neco.client.bank_build import normalise
+from neco.client.errors import (
+    BankContractError,
+    BankCorruptError,
+    BankError,
+    BankStoreError,
+    BankStoreUnavailableError,
+)
 from neco.contract import ModelContract
-
-from .backend import FeatureBackend
-from .bank import DEFAULT_IMAGE_SIZE, MemoryBank
-from .bank_build import normalise
-from .errors import BankContractError, BankCorruptError, BankError, BankStoreError, BankStoreUnavailableError
 
 DEFAULT_URI = "neco_bank.db"
 """Milvus Lite file used when no URI is given (relative to the working directory)."""
@@ -353,27 +359,21 @@ def build_bank(
         raise BankError("building a Milvus bank from a support set needs a backend")
     else:
         bank = MemoryBank.build(backend, source, **build_options)
-    options = {
-        "image_size": bank.image_size,
-        "dtype": bank.dtype,
-        "num_images": bank.num_images,
-        "classes_inferred": bank.classes_inferred,
-    }
+    options = bank.settings.model_dump(mode="json", include={"image_size", "dtype", "classes_inferred"})
     store = MilvusStore.create(
         bank.contract,
         bank.class_names,
         uri=uri,
         collection=collection,
-        bank_options=options,
+        bank_options={**options, "num_images": bank.num_images},
         vector_dtype=vector_dtype,
         overwrite=overwrite,
         timeout=timeout,
     )
     if len(bank):
         store.insert(0, bank.features, bank.soft_labels, bank.image_ids)
-    bank.row_keys = np.arange(len(bank), dtype=np.int64)
-    bank.store = store
-    return bank
+    rows = BankRows(bank.features, bank.soft_labels, bank.image_ids, bank.num_images)  # keys 0..N-1, as inserted
+    return MemoryBank(bank.contract, rows, bank.settings, novelty=bank.novelty, store=store)
 
 
 def open_bank(
@@ -387,19 +387,16 @@ def open_bank(
     store = MilvusStore.open(uri, collection, contract, timeout)
     keys, features, soft, image_ids = store.rows()
     options = store.manifest["bank"]
-    size = options.get("image_size", DEFAULT_IMAGE_SIZE)
-    dtype = options.get("dtype", "float32")
-    bank = MemoryBank(
-        store.contract,
-        features.astype(dtype, copy=False),
-        soft,
-        store.manifest["class_names"],
-        image_size=tuple(size) if isinstance(size, list) else size,
-        dtype=dtype,
-        num_images=int(np.unique(image_ids).size) if (image_ids >= 0).all() else int(options.get("num_images", 0)),
-        image_ids=image_ids,
-        classes_inferred=bool(options.get("classes_inferred", False)),
-        store=store,
-    )
-    bank.row_keys = keys
-    return bank
+    try:
+        settings = BankSettings(
+            class_names=store.manifest["class_names"],
+            image_size=options.get("image_size", DEFAULT_IMAGE_SIZE),
+            dtype=options.get("dtype", "float32"),
+            classes_inferred=options.get("classes_inferred", False),
+        )
+    except ValidationError as exc:
+        raise BankCorruptError(f"Milvus collection {collection!r} at {uri!r}: malformed bank options: {exc}") from None
+    known = (image_ids >= 0).all()
+    num_images = int(np.unique(image_ids).size) if known else int(options.get("num_images", 0))
+    rows = BankRows(features.astype(settings.dtype, copy=False), soft, image_ids, num_images, keys)
+    return MemoryBank(store.contract, rows, settings, store=store)
