@@ -423,9 +423,9 @@ class MemoryBank:
 
 
 def _check_bank_contract(bank_contract: ModelContract, path: Path, contract: ModelContract | None) -> None:
-    """With `contract`, refuse a bank of another model."""
+    """With `contract`, refuse a bank of another model (named by its folder: the page shows this to callers)."""
     if contract is not None and not contract.compatible_with(bank_contract):
         raise BankContractError(
-            f"memory bank {str(path)!r} was built with {bank_contract!r}, which differs from the "
+            f"memory bank {path.name!r} was built with {bank_contract!r}, which differs from the "
             f"model in use {contract!r}; rebuild the bank with this model"
         )

@@ -116,22 +116,23 @@ def check_writable(path: Path) -> None:
 
 
 @contextmanager
-def writer_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+def writer_lock(path: Path, wait_s: float | None = None) -> Iterator[None]:
     """Hold the exclusive writer lock of bank `path`: `flock` on the file `.NAME.lock` beside it.
 
     Every write of a bank takes it, and a read-modify-write (`MemoryBank.updating`) holds it
     throughout, so two writers never interleave. It is reentrant within a thread and dies with
-    its process (kill -9 included). After `wait_s` seconds of waiting: `BankBusyError` naming
+    its process (kill -9 included). After `wait_s` (`LOCK_WAIT_S`) seconds of waiting: `BankBusyError` naming
     the bank (not its path) and the PID of the writer. The holder deletes the file when done,
     so a waiter that locked a file no longer at that path starts again on the new one.
     """
     lock_path = Path(os.path.abspath(path.parent / f".{path.name}.lock"))
-    held: set[Path] = _held.__dict__.setdefault("paths", set())
-    if lock_path in held:
+    key = (os.getpid(), lock_path)  # a forked child does not inherit its parent's lock
+    held: set[tuple[int, Path]] = _held.__dict__.setdefault("keys", set())
+    if key in held:
         yield
         return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         if _try_lock(fd) and _same_file(fd, lock_path):
@@ -143,10 +144,10 @@ def writer_lock(path: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
         time.sleep(0.05)
     try:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        held.add(lock_path)
+        held.add(key)
         yield
     finally:
-        held.discard(lock_path)
+        held.discard(key)
         lock_path.unlink(missing_ok=True)  # still ours: no one else holds a lock on this path
         os.close(fd)  # releases the flock
 
