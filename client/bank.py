@@ -108,10 +108,10 @@ class MemoryBank:
         store: VectorStore | None = None,
     ) -> None:
         features, soft_labels = np.asarray(rows.features), np.asarray(rows.soft_labels)
-        count, classes = features.shape[0], len(settings.class_names)
-        image_ids = np.full(count, -1, np.int64) if rows.image_ids is None else np.asarray(rows.image_ids)
         if features.ndim != 2 or features.shape[1] != contract.embed_dim:
             raise BankError(f"features must be (N, {contract.embed_dim}) for {contract.arch}, got {features.shape}")
+        count, classes = features.shape[0], len(settings.class_names)
+        image_ids = np.full(count, -1, np.int64) if rows.image_ids is None else np.asarray(rows.image_ids)
         if soft_labels.shape != (count, classes):
             raise BankError(f"soft labels must be (N={count}, K={classes}), got {soft_labels.shape}")
         if len(set(settings.class_names)) != classes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -146,8 +145,8 @@ def test_dimension_mismatches_are_typed_errors(colour_backend, scenes_224, uri) 
     schema.add_field("image_id", DataType.INT64)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=128)
     schema.add_field("soft", DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=4)
-    manifest = {**bank.store.manifest}
-    client.create_collection("narrow", schema=schema, properties={MANIFEST_PROPERTY: json.dumps(manifest)})
+    manifest = bank.store.manifest.model_dump_json()
+    client.create_collection("narrow", schema=schema, properties={MANIFEST_PROPERTY: manifest})
     with pytest.raises(BankCorruptError, match="dimension 128.*384 dimensions"):
         open_bank(uri, collection="narrow")
     client.create_collection("foreign", schema=schema)
