@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neco.client import BankCorruptError, BankError, BankVersionError, MemoryBank, SupportSetError
+from neco.client import BankError, MemoryBank, SupportSetError
 from neco.client.bank import BankRows, BankSettings
 from neco.client.bank_io import FEATURES, INDEX, MANIFEST, SOFT_LABELS, sha256
+from neco.client.errors import BankCorruptError, BankVersionError
 from neco.contract import ModelContract
 
 from .conftest import ARCH

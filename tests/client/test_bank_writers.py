@@ -18,9 +18,9 @@ from PIL import Image
 
 import neco.client.bank_io as bank_io
 from neco.atomic import STALE_AFTER_S, remove_stale_staging, staged_directory
-from neco.client import BankContractError, BankCorruptError, MemoryBank
+from neco.client import MemoryBank
 from neco.client.bank_io import MANIFEST, writer_lock
-from neco.client.errors import BankBusyError
+from neco.client.errors import BankBusyError, BankContractError, BankCorruptError
 from neco.contract import ModelContract
 
 from .conftest import ColourBackend

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neco.client import BankContractError, BankCorruptError, BankError, MemoryBank, segment
+from neco.client import BankError, MemoryBank, segment
 from neco.client.bank import BankRows, BankSettings
-from neco.client.errors import BankStoreError, BankStoreUnavailableError
+from neco.client.errors import BankContractError, BankCorruptError, BankStoreError, BankStoreUnavailableError
 from neco.client.stores.milvus import MANIFEST_PROPERTY, MilvusStore, build_bank, open_bank
 from neco.contract import DEFAULT_K, ModelContract
 

@@ -9,26 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neco.client import (
-    UNKNOWN_LABEL,
-    BankContractError,
-    BankCorruptError,
-    BankError,
-    MemoryBank,
-    NecoClient,
-    NoveltyError,
-    NoveltyModel,
-    NoveltyNotCalibratedError,
-    NoveltyNotFittedError,
-    NoveltySpec,
-    calibrate_novelty,
-    novelty,
-    segment,
-)
+from neco.client import UNKNOWN_LABEL, BankError, MemoryBank, NecoClient, novelty, segment
 from neco.client.bank import BankRows, BankSettings
 from neco.client.bank_io import MANIFEST
-from neco.client.novelty import NOVELTY_FILES, calibrate
+from neco.client.errors import (
+    BankContractError,
+    BankCorruptError,
+    NoveltyError,
+    NoveltyNotCalibratedError,
+    NoveltyNotFittedError,
+)
+from neco.client.novelty import NOVELTY_FILES, NoveltyModel, NoveltySpec, calibrate
 from neco.client.render import COLOUR_BAR_WIDTH, heat_colours
+from neco.client.retrieval import calibrate_novelty
 from neco.contract import BANK_FORMAT_VERSION, ModelContract
 from neco.scenes import generate_scene
 
