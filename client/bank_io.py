@@ -131,7 +131,8 @@ def writer_lock(path: Path, wait_s: float | None = None) -> Iterator[None]:
     if key in held:
         yield
         return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    if not lock_path.parent.is_dir():
+        raise BankError(f"memory bank {str(path)!r} does not exist")
     deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -172,6 +173,7 @@ def write_bank(path: Path, files: BankFiles) -> Path:
     """Write `files` to folder `path` atomically, under its writer lock; only an existing bank is replaced."""
     path = Path(path)
     check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(path):
         # checked again just before the swap: the folder may have changed while the arrays were written
         with staged_directory(path, replace=True, before_publish=lambda: check_writable(path)) as staging:

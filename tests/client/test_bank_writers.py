@@ -18,7 +18,7 @@ from PIL import Image
 
 import neco.client.bank_io as bank_io
 from neco.atomic import STALE_AFTER_S, remove_stale_staging, staged_directory
-from neco.client import MemoryBank
+from neco.client import BankError, MemoryBank
 from neco.client.bank_io import MANIFEST, writer_lock
 from neco.client.errors import BankBusyError, BankContractError, BankCorruptError
 from neco.contract import ModelContract
@@ -203,3 +203,11 @@ def test_the_next_write_removes_staging_folders_of_killed_writers(colour_backend
         assert remove_stale_staging(path, min_age_s=0) == [] and live.is_dir()  # a live writer's folder stays
         shutil.copytree(path, live, dirs_exist_ok=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]
+
+
+def test_updating_a_missing_bank_creates_no_folder_and_no_lock_file(tmp_path: Path) -> None:
+    for missing in (tmp_path / "no" / "bank", tmp_path / "bank"):
+        with pytest.raises(BankError, match="does not exist"):
+            with MemoryBank.updating(missing):
+                pass
+    assert list(tmp_path.iterdir()) == []
