@@ -33,9 +33,24 @@ from neco.client.backend import FeatureBackend
 from neco.client.bank_build import extract, normalise, per_image_budget
 from neco.client.bank_io import BankFiles, read_bank, read_manifest, write_bank, writer_lock
 from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE, BankSettings, IndexSpec, StorageDtype
-from neco.client.errors import BankContractError, BankCorruptError, BankError, SupportSetError
+from neco.client.errors import (
+    BankContractError,
+    BankCorruptError,
+    BankError,
+    NoveltyError,
+    NoveltyNotFittedError,
+    SupportSetError,
+)
 from neco.client.images import SizeSpec
-from neco.client.novelty import Calibration, NoveltyModel, NoveltySpec, require_model
+from neco.client.novelty import (
+    DEFAULT_KNN_K,
+    METHODS,
+    Calibration,
+    NoveltyMethod,
+    NoveltyModel,
+    NoveltySpec,
+    knn_novelty,
+)
 from neco.client.support import open_support
 from neco.contract import IGNORE_INDEX, ModelContract
 
@@ -336,7 +351,26 @@ class MemoryBank:
 
     def add_calibrations(self, calibrations: Mapping[str, Calibration]) -> None:
         """Keep decision thresholds (`novelty.calibrate`) with the fitted subspace they were made with."""
-        self._novelty = require_model(self).with_calibrations(calibrations)
+        self._novelty = self.require_novelty().with_calibrations(calibrations)
+
+    def require_novelty(self) -> NoveltyModel:
+        """The fitted NECO model, or a clear error saying how to get one."""
+        if self._novelty is None:
+            raise NoveltyNotFittedError(
+                "the memory bank has no fitted NECO subspace (banks saved before format version 2 never have "
+                "one): call bank.fit_novelty() (or `neco bank novelty BANK`) and save the bank again"
+            )
+        return self._novelty
+
+    def patch_novelty(self, features: np.ndarray, method: NoveltyMethod = "neco", k: int = DEFAULT_KNN_K) -> np.ndarray:
+        """Novelty of every patch of (..., C) unit-norm query features; the result has shape (...)."""
+        if method == "neco":
+            return self.require_novelty().novelty(features)
+        if method == "knn":
+            flat = np.asarray(features, dtype=np.float32)
+            sims, _ = self.search(flat.reshape(-1, flat.shape[-1]), k)
+            return knn_novelty(sims).reshape(flat.shape[:-1])
+        raise NoveltyError(f"novelty method must be one of {METHODS}, got {method!r}")
 
     # --- searching ------------------------------------------------------------------------
     @property

@@ -22,21 +22,21 @@ An image-level score aggregates its patch novelties (mean or a quantile). A `Cal
 holds the thresholds that accept a requested share of held-out in-distribution images (and
 patches). The fitted `NoveltyModel` is stored with the bank (see `save` / `from_entry`).
 
-This module knows arrays and models, not `MemoryBank`: a bank fits and stores its own model
-(`MemoryBank.fit_novelty`, `add_calibrations`); the scoring functions here only read a bank
-through the `Scored` protocol, so the dependency runs one way (bank -> novelty).
+This module knows arrays and models, not `MemoryBank`: a bank fits, stores and applies its own
+model (`MemoryBank.fit_novelty`, `add_calibrations`, `patch_novelty`), so the dependency runs
+one way (bank -> novelty).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
-from neco.client.errors import BankCorruptError, NoveltyError, NoveltyNotCalibratedError, NoveltyNotFittedError
+from neco.client.errors import BankCorruptError, NoveltyError, NoveltyNotCalibratedError
 
 NoveltyMethod = Literal["neco", "knn"]
 METHODS: tuple[str, ...] = ("neco", "knn")
@@ -93,15 +93,6 @@ class NoveltyEntry(BaseModel):
     fit_patches: NonNegativeInt
     files: dict[Literal["mean", "scale", "components"], str]
     calibrations: dict[str, Calibration] = {}
-
-
-class Scored(Protocol):
-    """What scoring needs of a memory bank: its fitted model (or None) and a k-NN search."""
-
-    @property
-    def novelty(self) -> NoveltyModel | None: ...
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def check_aggregation(aggregation: Any) -> Aggregation:
@@ -205,6 +196,24 @@ class NoveltyModel:
             calibrations={**self.calibrations, **calibrations},
         )
 
+    def calibration(self, method: NoveltyMethod, aggregation: Aggregation | None, k: int) -> Calibration | None:
+        """The calibration for `method`, checked against the requested settings (None if there is none).
+
+        A threshold only means something for the aggregation (and k) it was computed with, so a
+        mismatch is an error rather than a silently wrong decision.
+        """
+        calibration = self.calibrations.get(method)
+        if calibration is None:
+            return None
+        wanted = calibration.aggregation if aggregation is None else check_aggregation(aggregation)
+        if wanted != calibration.aggregation or (method == "knn" and calibration.k != k):
+            raise NoveltyNotCalibratedError(
+                f"the bank's {method} calibration is for aggregation {calibration.aggregation!r}"
+                f"{f', k={calibration.k}' if method == 'knn' else ''}; asked for {wanted!r}"
+                f"{f', k={k}' if method == 'knn' else ''}: recalibrate, or use the calibrated settings"
+            )
+        return calibration
+
     # --- scoring ----------------------------------------------------------------------------
     def neco(self, features: np.ndarray) -> np.ndarray:
         """NECO(h) = ||P_d z|| / ||z|| for features (..., C); 1 for a feature equal to the mean."""
@@ -257,33 +266,10 @@ class NoveltyModel:
         )
 
 
-def require_model(bank: Scored) -> NoveltyModel:
-    """The bank's fitted NECO model, or a clear error saying how to get one."""
-    if bank.novelty is None:
-        raise NoveltyNotFittedError(
-            "the memory bank has no fitted NECO subspace (banks saved before format version 2 never have "
-            "one): call bank.fit_novelty() (or `neco bank novelty BANK`) and save the bank again"
-        )
-    return bank.novelty
-
-
 def knn_novelty(similarities: np.ndarray) -> np.ndarray:
     """1 - cosine similarity of the last (k-th) neighbour; unfilled neighbours count as -1."""
     sims = np.asarray(similarities, dtype=np.float32)
     return 1.0 - np.where(np.isfinite(sims[:, -1]), sims[:, -1], -1.0)
-
-
-def patch_novelty(
-    features: np.ndarray, bank: Scored, method: NoveltyMethod = "neco", k: int = DEFAULT_KNN_K
-) -> np.ndarray:
-    """Novelty of every patch of (..., C) unit-norm features; the result has shape (...)."""
-    if method == "neco":
-        return require_model(bank).novelty(features)
-    if method == "knn":
-        flat = np.asarray(features, dtype=np.float32)
-        sims, _ = bank.search(flat.reshape(-1, flat.shape[-1]), k)
-        return knn_novelty(sims).reshape(flat.shape[:-1])
-    raise NoveltyError(f"novelty method must be one of {METHODS}, got {method!r}")
 
 
 def calibrate(
@@ -315,24 +301,3 @@ def calibrate(
         num_images=len(patch_maps),
         num_patches=int(patches.size),
     )
-
-
-def stored_calibration(
-    bank: Scored, method: NoveltyMethod, aggregation: Aggregation | None, k: int
-) -> Calibration | None:
-    """The bank's calibration for `method`, checked against the requested settings.
-
-    A threshold only means something for the aggregation (and k) it was computed with, so a
-    mismatch is an error rather than a silently wrong decision.
-    """
-    calibration = bank.novelty.calibrations.get(method) if bank.novelty is not None else None
-    if calibration is None:
-        return None
-    wanted = calibration.aggregation if aggregation is None else check_aggregation(aggregation)
-    if wanted != calibration.aggregation or (method == "knn" and calibration.k != k):
-        raise NoveltyNotCalibratedError(
-            f"the bank's {method} calibration is for aggregation {calibration.aggregation!r}"
-            f"{f', k={calibration.k}' if method == 'knn' else ''}; asked for {wanted!r}"
-            f"{f', k={k}' if method == 'knn' else ''}: recalibrate, or use the calibrated settings"
-        )
-    return calibration
