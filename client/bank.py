@@ -23,14 +23,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import faiss
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from neco.client.backend import FeatureBackend
-from neco.client.bank_build import extract, normalise, per_image_budget
+from neco.client.bank_build import BuildOptions, extract, normalise, per_image_budget
 from neco.client.bank_io import BankFiles, read_bank, read_manifest, write_bank, writer_lock
 from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE, BankSettings, IndexSpec, StorageDtype
 from neco.client.errors import (
@@ -51,23 +50,11 @@ from neco.client.novelty import (
     NoveltySpec,
     knn_novelty,
 )
+from neco.client.stores import VectorStore
 from neco.client.support import open_support
 from neco.contract import IGNORE_INDEX, ModelContract
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "BankRows", "BankSettings", "BuildOptions", "IndexSpec", "MemoryBank", "VectorStore"]
-
-
-class VectorStore(Protocol):
-    """Where a bank's vectors can live instead of a faiss index (e.g. `stores.milvus.MilvusStore`).
-
-    Rows are addressed by their key (`BankRows.keys`); the store keeps it as its primary key.
-    """
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def insert(self, first_row: int, features: np.ndarray, soft_labels: np.ndarray, image_ids: np.ndarray) -> None: ...
-
-    def delete_images(self, image_ids: Sequence[int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -82,31 +69,6 @@ class BankRows:
     """Support images the rows came from (an image may contribute no row)."""
     keys: np.ndarray | None = field(default=None, repr=False)
     """(N,) ascending key of each row in a `VectorStore` (rows keep their key across deletes); default 0..N-1."""
-
-
-class BuildOptions(BaseModel):
-    """Everything `MemoryBank.build` takes besides the backend and the support set.
-
-    `memory_size` bounds the bank: each of the support set's n images keeps memory_size // n
-    patches (rare classes favoured); iterables without a length need `patches_per_image`. A
-    class list (`class_names`, `classes.json`, or the dataset's `class_names`) or `num_classes`
-    fixes K. `novelty` also fits the NECO subspace; `shard=(i, n)` builds the i-th interleaved shard.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    class_names: list[str] | None = None
-    num_classes: int | None = None
-    image_size: SizeSpec = DEFAULT_IMAGE_SIZE
-    dtype: StorageDtype = "float32"
-    index: IndexSpec | None = None
-    memory_size: int | None = None
-    patches_per_image: int | None = None
-    batch_size: int = 8
-    seed: int = 0
-    progress: bool = False
-    novelty: NoveltySpec | None = None
-    shard: tuple[int, int] = (0, 1)
 
 
 class MemoryBank:
@@ -226,9 +188,7 @@ class MemoryBank:
             )
         declared = len(opened.class_names) if opened.class_names is not None else opts.num_classes
         budget = per_image_budget(opened, opts.memory_size, opts.patches_per_image)
-        rows = extract(
-            backend, opened, declared, opts.image_size, budget, opts.batch_size, opts.seed, opts.progress, opts.dtype
-        )
+        rows = extract(backend, opened, declared, budget, opts)
         if rows.count == 0:
             raise SupportSetError(f"the support set ({opened.source}) is empty")
         width = declared if declared is not None else max(lab.shape[1] for lab in rows.labels)
