@@ -29,6 +29,7 @@ one way (bank -> novelty).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -186,15 +187,9 @@ class NoveltyModel:
 
     def with_calibrations(self, calibrations: Mapping[str, Calibration]) -> NoveltyModel:
         """This fit with `calibrations` added (replacing those of the same method)."""
-        return NoveltyModel(
-            self.mean,
-            self.scale,
-            self.components,
-            self.spec,
-            num_patches=self.num_patches,
-            explained=self.explained,
-            calibrations={**self.calibrations, **calibrations},
-        )
+        model = copy.copy(self)
+        model.calibrations = {**self.calibrations, **calibrations}
+        return model
 
     def calibration(self, method: NoveltyMethod, aggregation: Aggregation | None, k: int) -> Calibration | None:
         """The calibration for `method`, checked against the requested settings (None if there is none).
@@ -249,8 +244,8 @@ class NoveltyModel:
     @classmethod
     def from_entry(cls, entry: NoveltyEntry, read: Callable[[str], np.ndarray], width: int, where: str) -> NoveltyModel:
         """Rebuild a model from its (validated) manifest entry; `read(file)` returns a verified array."""
-        if set(entry.files) != set(NOVELTY_FILES):
-            raise BankCorruptError(f"{where}: the novelty entry names files {sorted(entry.files)}")
+        if entry.files != NOVELTY_FILES:  # fixed names: a manifest never points outside the bank folder
+            raise BankCorruptError(f"{where}: the novelty entry names files {entry.files}, expected {NOVELTY_FILES}")
         arrays = {key: read(entry.files[key]) for key in NOVELTY_FILES}
         shapes = tuple(arrays[key].shape for key in NOVELTY_FILES)
         if shapes != ((width,), (width,), (entry.dim, width)):

@@ -211,3 +211,17 @@ def test_updating_a_missing_bank_creates_no_folder_and_no_lock_file(tmp_path: Pa
             with MemoryBank.updating(missing):
                 pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manifest_cannot_point_novelty_arrays_outside_the_bank(tmp_path: Path) -> None:
+    bank = tmp_path / "bank"
+    shutil.copytree(FIXTURE, bank)
+    shutil.copy(bank / "novelty_mean.npy", tmp_path / "outside.npy")  # a valid array, checksum and all
+
+    def point_outside(manifest: dict) -> None:
+        manifest["novelty"]["files"]["mean"] = "../outside.npy"
+        manifest["files"]["../outside.npy"] = manifest["files"]["novelty_mean.npy"]
+
+    _edit_manifest(bank, point_outside)
+    with pytest.raises(BankCorruptError, match="novelty entry names files"):
+        MemoryBank.load(bank)
