@@ -7,7 +7,7 @@ approximate index look worse than it is on real banks). Queries are drawn the sa
 For each store: build time (Milvus: create + insert every row; faiss: `IndexSpec.create`,
 which trains IVF), the time to search one batch of `--queries` queries for the `--k` nearest
 by inner product (median of `--repeats`; 256 queries = one 224 px image's patches), and
-recall@k against exact faiss flat search. Milvus runs through `neco.client.milvus_store`
+recall@k against exact faiss flat search. Milvus runs through `neco.client.stores.milvus`
 (the bank's store), faiss through `neco.client.IndexSpec` (the bank's index), so these are the
 code paths `segment()` uses. Results: a list of rows, one per store, in
 benchmarks/results/bank_stores_<device>.json (see benchmarks/common.py for the schema).
@@ -92,7 +92,7 @@ def run_faiss(kind: str, spec: IndexSpec, bank: np.ndarray, queries: np.ndarray,
 
 
 def run_milvus(uri: str, bank: np.ndarray, queries: np.ndarray, args: argparse.Namespace) -> dict:
-    from neco.client.milvus_store import MilvusStore  # needs the `milvus` extra
+    from neco.client.stores.milvus import MilvusStore  # needs the `milvus` extra
 
     contract = ModelContract.for_arch(ARCH)
     if contract.embed_dim != args.dim:

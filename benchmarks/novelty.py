@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from common import default_path, make_result, write_result  # benchmarks/ is the script's folder
 
-from neco.client import MemoryBank, NoveltyModel, NoveltySpec, batch_features
-from neco.client.novelty import DEFAULT_KNN_K, aggregate, calibrate, knn_novelty
+from neco.client import MemoryBank, batch_features
+from neco.client.novelty import DEFAULT_KNN_K, NoveltyModel, NoveltySpec, aggregate, calibrate, knn_novelty
 from neco.contract import DEFAULT_K, PATCH_SIZE, ModelContract
 from neco.scenes import SCENE_CLASSES, generate_scene
 

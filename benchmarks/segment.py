@@ -31,6 +31,7 @@ import numpy as np
 from common import default_path, machine_info, make_result, write_result
 
 from neco.client import MemoryBank, segment_features
+from neco.client.bank import BankRows, BankSettings
 from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, PATCH_SIZE, ModelContract
 
 DIM = 384
@@ -51,9 +52,8 @@ def random_bank(size: int, rng: np.random.Generator) -> MemoryBank:
     soft = np.zeros((size, CLASSES), dtype=np.float16)
     soft[np.arange(size), rng.integers(0, CLASSES, size)] = 0.75
     soft[np.arange(size), rng.integers(0, CLASSES, size)] += 0.25
-    return MemoryBank(
-        ModelContract.for_arch(ARCH), features, soft, [f"class_{i}" for i in range(CLASSES)], dtype="float16"
-    )
+    settings = BankSettings(class_names=[f"class_{i}" for i in range(CLASSES)], dtype="float16")
+    return MemoryBank(ModelContract.for_arch(ARCH), BankRows(features, soft), settings)
 
 
 def folder_bytes(path: Path) -> int:

@@ -28,7 +28,7 @@ from .errors import (
     SupportSetError,
 )
 from .images import ImageLike, PreparedImage, SizeSpec, load_mask, load_rgb, prepare_image, resize_mask
-from .novelty import Calibration, NoveltyModel, NoveltySpec, fit_novelty, patch_novelty
+from .novelty import Calibration, NoveltyModel, NoveltySpec
 from .render import features_to_rgb, heatmap_overlay, overlay, palette
 from .retrieval import (
     UNKNOWN_LABEL,
@@ -85,7 +85,6 @@ __all__ = [
     "calibrate_novelty",
     "check_contract",
     "features_to_rgb",
-    "fit_novelty",
     "heatmap_overlay",
     "load_mask",
     "load_rgb",
@@ -93,7 +92,6 @@ __all__ = [
     "novelty_features",
     "overlay",
     "palette",
-    "patch_novelty",
     "prepare_image",
     "resize_mask",
     "segment",

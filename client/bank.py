@@ -7,8 +7,10 @@ only a share of its patches, sampled to favour rare classes (`support.sample_rar
 
 Searching: exact inner product (`faiss.IndexFlatIP`) by default; `IndexSpec(kind="ivf")` or
 `"hnsw"` trade exactness for speed on banks of millions of patches. A bank can instead search
-through a `VectorStore` such as a Milvus collection (`milvus_store`), the same API otherwise.
-Persistence lives in `bank_io` (versioned, checksummed, atomic, no pickle).
+through a `VectorStore` such as a Milvus collection (`stores.milvus`), the same API otherwise.
+A bank is its contract, its rows (`BankRows`) and its settings (`BankSettings`, the validated
+part of manifest.json); persistence lives in `bank_io` (versioned, checksummed, atomic, no pickle).
+The bank alone writes its state: appends, deletes and NECO fits are its methods.
 
 Every row remembers its support image (`image_ids`), which makes `delete_images` possible and
 lets `merge` rebuild exactly the bank of one process from banks built as shards.
@@ -17,75 +19,56 @@ lets `merge` rebuild exactly the bank of one process from banks built as shards.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import faiss
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from neco.contract import DEFAULT_INPUT_SIZE, IGNORE_INDEX, ModelContract
+from neco.client.backend import FeatureBackend
+from neco.client.bank_build import BuildOptions, extract, normalise, per_image_budget
+from neco.client.bank_io import BankFiles, read_bank, read_manifest, write_bank, writer_lock
+from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE, BankSettings, IndexSpec, StorageDtype
+from neco.client.errors import (
+    BankContractError,
+    BankCorruptError,
+    BankError,
+    NoveltyError,
+    NoveltyNotFittedError,
+    SupportSetError,
+)
+from neco.client.images import SizeSpec
+from neco.client.novelty import (
+    DEFAULT_KNN_K,
+    METHODS,
+    Calibration,
+    NoveltyMethod,
+    NoveltyModel,
+    NoveltySpec,
+    knn_novelty,
+)
+from neco.client.stores import VectorStore
+from neco.client.support import open_support
+from neco.contract import IGNORE_INDEX, ModelContract
 
-from .backend import FeatureBackend
-from .bank_build import extract, normalise, per_image_budget
-from .bank_io import INDEX, MANIFEST, BankFiles, read_bank, read_manifest, write_bank
-from .errors import BankContractError, BankCorruptError, BankError, SupportSetError
-from .images import SizeSpec
-from .novelty import NoveltyModel, NoveltySpec
-from .support import open_support
-
-DEFAULT_IMAGE_SIZE = DEFAULT_INPUT_SIZE
-"""Shorter side of support and query images, as in the Hummingbird protocol."""
-
-StorageDtype = Literal["float32", "float16"]
-
-
-class IndexSpec(BaseModel):
-    """Which faiss index searches the bank (all use inner product on unit vectors = cosine)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
-    nlist: int = Field(default=1024, ge=1, description="IVF cells")
-    nprobe: int = Field(default=32, ge=1, description="IVF cells visited per query")
-    hnsw_m: int = Field(default=32, ge=4, description="HNSW graph degree")
-    ef_search: int = Field(default=128, ge=1, description="HNSW search breadth")
-
-    def create(self, features: np.ndarray) -> faiss.Index:
-        """Build (and for IVF, train) an index over float32 unit vectors."""
-        dim = features.shape[1]
-        if self.kind == "flat":
-            index: faiss.Index = faiss.IndexFlatIP(dim)
-        elif self.kind == "ivf":
-            nlist = min(self.nlist, max(1, features.shape[0] // 39))  # faiss wants >= 39 points per cell
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(features)
-        else:
-            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        self.configure(index)
-        index.add(features)
-        return index
-
-    def configure(self, index: faiss.Index) -> None:
-        """Apply search-time settings (not stored by faiss.write_index for every index type)."""
-        if self.kind == "ivf":
-            faiss.extract_index_ivf(index).nprobe = self.nprobe
-        elif self.kind == "hnsw":
-            index.hnsw.efSearch = self.ef_search
+__all__ = ["DEFAULT_IMAGE_SIZE", "BankRows", "BankSettings", "BuildOptions", "IndexSpec", "MemoryBank", "VectorStore"]
 
 
-class VectorStore(Protocol):
-    """Where a bank's vectors can live instead of a faiss index (e.g. `milvus_store.MilvusStore`).
+@dataclass(frozen=True)
+class BankRows:
+    """A bank's rows: unit features, soft labels, the support image of each row, and their keys."""
 
-    Rows are addressed by their position in the bank; the store keeps it as its primary key.
-    """
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def insert(self, first_row: int, features: np.ndarray, soft_labels: np.ndarray, image_ids: np.ndarray) -> None: ...
-
-    def delete_images(self, image_ids: Sequence[int]) -> None: ...
+    features: np.ndarray
+    soft_labels: np.ndarray
+    image_ids: np.ndarray | None = None
+    """(N,) index of each row's support image; None (stored as -1) for banks saved before ids existed."""
+    num_images: int = 0
+    """Support images the rows came from (an image may contribute no row)."""
+    keys: np.ndarray | None = field(default=None, repr=False)
+    """(N,) ascending key of each row in a `VectorStore` (rows keep their key across deletes); default 0..N-1."""
 
 
 class MemoryBank:
@@ -94,57 +77,37 @@ class MemoryBank:
     def __init__(
         self,
         contract: ModelContract,
-        features: np.ndarray,
-        soft_labels: np.ndarray,
-        class_names: Sequence[str],
+        rows: BankRows,
+        settings: BankSettings,
         *,
-        image_size: SizeSpec = DEFAULT_IMAGE_SIZE,
-        index_spec: IndexSpec | None = None,
-        dtype: StorageDtype = "float32",
-        num_images: int = 0,
-        index: faiss.Index | None = None,
         novelty: NoveltyModel | None = None,
-        image_ids: np.ndarray | None = None,
-        classes_inferred: bool = False,
+        index: faiss.Index | None = None,
         store: VectorStore | None = None,
     ) -> None:
-        features = np.asarray(features)
-        soft_labels = np.asarray(soft_labels)
-        image_ids = np.full(features.shape[0], -1, np.int64) if image_ids is None else np.asarray(image_ids)
+        features, soft_labels = np.asarray(rows.features), np.asarray(rows.soft_labels)
         if features.ndim != 2 or features.shape[1] != contract.embed_dim:
             raise BankError(f"features must be (N, {contract.embed_dim}) for {contract.arch}, got {features.shape}")
-        if soft_labels.shape != (features.shape[0], len(class_names)):
-            raise BankError(
-                f"soft labels must be (N={features.shape[0]}, K={len(class_names)}), got {soft_labels.shape}"
-            )
-        if len(set(class_names)) != len(class_names):
-            raise BankError(f"class names must be unique, got {list(class_names)}")
-        if image_ids.shape != (features.shape[0],) or image_ids.dtype.kind not in "iu":
-            raise BankError(
-                f"image ids must be ({features.shape[0]},) integers, got {image_ids.shape} {image_ids.dtype}"
-            )
+        count, classes = features.shape[0], len(settings.class_names)
+        image_ids = np.full(count, -1, np.int64) if rows.image_ids is None else np.asarray(rows.image_ids)
+        if soft_labels.shape != (count, classes):
+            raise BankError(f"soft labels must be (N={count}, K={classes}), got {soft_labels.shape}")
+        if len(set(settings.class_names)) != classes:
+            raise BankError(f"class names must be unique, got {settings.class_names}")
+        if image_ids.shape != (count,) or image_ids.dtype.kind not in "iu":
+            raise BankError(f"image ids must be ({count},) integers, got {image_ids.shape} {image_ids.dtype}")
         if not (np.isfinite(features).all() and np.isfinite(soft_labels).all()):
             raise BankError("features and soft labels must be finite (NaN/inf found)")
         self.contract = contract
-        self.dtype: StorageDtype = dtype
-        self.features = features.astype(dtype, copy=False)
-        self.soft_labels = soft_labels.astype(dtype, copy=False)
-        self.class_names = list(class_names)
-        self.image_size = image_size
-        self.index_spec = index_spec or IndexSpec()
-        self.num_images = num_images
-        self._index = index
-        self._labels32: np.ndarray | None = None
-        self.novelty = novelty
-        """The fitted NECO subspace and its calibrations (`neco.client.novelty`), if any."""
+        self.settings = settings
+        self.features = features.astype(settings.dtype, copy=False)
+        self.soft_labels = soft_labels.astype(settings.dtype, copy=False)
         self.image_ids = image_ids.astype(np.int64, copy=False)
-        """(N,) index of each row's support image (-1: unknown, for banks saved before ids existed)."""
-        self.classes_inferred = classes_inferred
-        """True when no class list was given and K was inferred from the largest mask label."""
-        self.store = store
-        """Searches the bank instead of faiss when set (e.g. a Milvus collection)."""
-        self.row_keys = np.arange(features.shape[0], dtype=np.int64)
-        """Ascending key of each row in `store` (rows keep their key across deletes)."""
+        self.num_images = rows.num_images
+        self.row_keys = np.arange(count, dtype=np.int64) if rows.keys is None else np.asarray(rows.keys, np.int64)
+        self._novelty = novelty
+        self._index = index
+        self._store = store
+        self._labels32: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -153,8 +116,46 @@ class MemoryBank:
         return (
             f"MemoryBank({len(self)} patches x {self.contract.embed_dim} ({self.dtype}), "
             f"{len(self.class_names)} classes, {self.num_images} images, "
-            f"index={self.index_spec.kind if self.store is None else type(self.store).__name__})"
+            f"index={self.index_spec.kind if self._store is None else type(self._store).__name__})"
         )
+
+    # --- what the settings say ------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        return self.settings.class_names
+
+    @property
+    def image_size(self) -> SizeSpec:
+        return self.settings.image_size
+
+    @property
+    def dtype(self) -> StorageDtype:
+        return self.settings.dtype
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        return self.settings.index
+
+    @property
+    def classes_inferred(self) -> bool:
+        """True when no class list was given and K was inferred from the largest mask label."""
+        return self.settings.classes_inferred
+
+    @property
+    def rows(self) -> BankRows:
+        """The bank's rows (the arrays themselves, not copies)."""
+        ids = self.image_ids if (self.image_ids >= 0).all() else None
+        return BankRows(self.features, self.soft_labels, ids, self.num_images, self.row_keys)
+
+    @property
+    def novelty(self) -> NoveltyModel | None:
+        """The fitted NECO subspace and its calibrations (`neco.client.novelty`), if any."""
+        return self._novelty
+
+    @property
+    def store(self) -> VectorStore | None:
+        """Searches the bank instead of faiss when set (e.g. a Milvus collection)."""
+        return self._store
 
     @property
     def nbytes(self) -> int:
@@ -164,46 +165,33 @@ class MemoryBank:
     # --- building -------------------------------------------------------------------------
     @classmethod
     def build(
-        cls,
-        backend: FeatureBackend,
-        support: Any,
-        *,
-        class_names: Sequence[str] | None = None,
-        image_size: SizeSpec = DEFAULT_IMAGE_SIZE,
-        memory_size: int | None = None,
-        patches_per_image: int | None = None,
-        dtype: StorageDtype = "float32",
-        index: IndexSpec | None = None,
-        batch_size: int = 8,
-        seed: int = 0,
-        progress: bool = False,
-        novelty: NoveltySpec | None = None,
-        num_classes: int | None = None,
-        shard: tuple[int, int] = (0, 1),
+        cls, backend: FeatureBackend, support: Any, options: BuildOptions | None = None, **fields: Any
     ) -> MemoryBank:
-        """Extract, label and (optionally) subsample the patches of a support set.
+        """Extract, label and (optionally) subsample the patches of a support set (`BuildOptions`,
+        given as a model or as its fields).
 
-        `memory_size` bounds the bank: each of the support set's n images keeps
-        memory_size // n patches (rare classes favoured); iterables without a length need
-        `patches_per_image` instead. An empty support set is an error. With `novelty`, the
-        NECO subspace of the kept patches is fitted too (see `neco.client.novelty`).
-
-        Classes: a class list (argument, `classes.json`, or the dataset's `class_names`) or
-        `num_classes` fixes K, and mask labels >= K are refused. With neither, K is inferred
-        as the largest label + 1 (a stray label 200 makes 201 classes): the build warns, and
-        the bank records `classes_inferred`. `shard=(i, n)` builds the i-th interleaved shard
-        (see `support`; join shards with `merge`).
+        An empty support set is an error. Without a class list or `num_classes`, K is inferred
+        as the largest label + 1 (a stray label 200 makes 201 classes): the build warns, and the
+        bank records `classes_inferred`. Join shard banks with `merge`.
         """
-        opened = open_support(support, class_names, shard)
-        if num_classes is not None and opened.class_names is not None and num_classes != len(opened.class_names):
-            raise SupportSetError(f"num_classes={num_classes} but the class list has {len(opened.class_names)} names")
-        declared = len(opened.class_names) if opened.class_names is not None else num_classes
-        budget = per_image_budget(opened, memory_size, patches_per_image)
-        rows = extract(backend, opened, declared, image_size, budget, batch_size, seed, progress, dtype)
+        if options is not None and fields:
+            raise TypeError("give build options as a BuildOptions or as keywords, not both")
+        opts = options or BuildOptions(**fields)
+        opened = open_support(support, opts.class_names, opts.shard)
+        if (
+            opts.num_classes is not None
+            and opened.class_names is not None
+            and opts.num_classes != len(opened.class_names)
+        ):
+            raise SupportSetError(
+                f"num_classes={opts.num_classes} but the class list has {len(opened.class_names)} names"
+            )
+        declared = len(opened.class_names) if opened.class_names is not None else opts.num_classes
+        budget = per_image_budget(opened, opts.memory_size, opts.patches_per_image)
+        rows = extract(backend, opened, declared, budget, opts)
         if rows.count == 0:
             raise SupportSetError(f"the support set ({opened.source}) is empty")
         width = declared if declared is not None else max(lab.shape[1] for lab in rows.labels)
-        names = opened.class_names or [f"class_{i}" for i in range(width)]
         soft = np.concatenate([np.pad(lab, ((0, 0), (0, width - lab.shape[1]))) for lab in rows.labels])
         if soft.shape[0] == 0:
             raise SupportSetError(
@@ -217,91 +205,69 @@ class MemoryBank:
                 UserWarning,
                 stacklevel=2,
             )
-        features = np.concatenate(rows.features)
-        return cls(
-            backend.contract,
-            features,
-            soft,
-            names,
-            image_size=image_size,
-            index_spec=index,
-            dtype=dtype,
-            num_images=rows.count,
-            novelty=NoveltyModel.fit(features, novelty) if novelty is not None else None,
-            image_ids=np.concatenate(rows.image_ids),
+        settings = BankSettings(
+            class_names=opened.class_names or [f"class_{i}" for i in range(width)],
+            image_size=opts.image_size,
+            dtype=opts.dtype,
+            index=opts.index or IndexSpec(),
             classes_inferred=declared is None,
         )
+        features = np.concatenate(rows.features)
+        novelty = NoveltyModel.fit(features, opts.novelty) if opts.novelty is not None else None
+        bank_rows = BankRows(features, soft, np.concatenate(rows.image_ids), rows.count)
+        return cls(backend.contract, bank_rows, settings, novelty=novelty)
 
-    def add(
-        self,
-        backend: FeatureBackend,
-        support: Any,
-        *,
-        memory_size: int | None = None,
-        patches_per_image: int | None = None,
-        batch_size: int = 8,
-        seed: int = 0,
-        progress: bool = False,
-    ) -> MemoryBank:
-        """Append a support set's patches (same contract and class list) in place.
+    def add(self, backend: FeatureBackend, support: Any, **options: Any) -> MemoryBank:
+        """Append a support set's patches (same contract and settings) in place; returns the bank.
 
-        Its images get ids after the bank's largest, so `delete_images` can address them.
+        `options` are `BuildOptions` fields other than the settings (memory_size, seed, ...).
+        New images get ids after the bank's largest, so `delete_images` can address them.
+        The NECO subspace, if any, is refitted on all rows (its calibrations no longer hold).
         """
         if not backend.contract.compatible_with(self.contract):
             raise BankError(f"cannot add features of {backend.contract} to a bank of {self.contract}")
-        other = MemoryBank.build(
-            backend,
-            support,
-            class_names=self.class_names,
-            image_size=self.image_size,
-            memory_size=memory_size,
-            patches_per_image=patches_per_image,
-            dtype=self.dtype,
-            index=self.index_spec,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-        )
+        settings = self.settings.model_dump(include={"class_names", "image_size", "dtype", "index"})
+        other = MemoryBank.build(backend, support, BuildOptions(**settings, **options))
         first_id = int(self.image_ids.max(initial=-1)) + 1
-        self._append(other.features, other.soft_labels, other.image_ids + first_id)
+        keys = int(self.row_keys.max(initial=-1)) + 1 + np.arange(len(other), dtype=np.int64)
+        if self._store is not None:
+            self._store.insert(
+                int(keys[0]) if len(keys) else 0, other.features, other.soft_labels, other.image_ids + first_id
+            )
+        self.features = np.concatenate([self.features, other.features])
+        self.soft_labels = np.concatenate([self.soft_labels, other.soft_labels])
+        self.image_ids = np.concatenate([self.image_ids, other.image_ids + first_id])
+        self.row_keys = np.concatenate([self.row_keys, keys])
         self.num_images += other.num_images
-        return self
-
-    def _append(self, features: np.ndarray, soft_labels: np.ndarray, image_ids: np.ndarray) -> None:
-        keys = int(self.row_keys[-1]) + 1 + np.arange(len(features)) if len(self) else np.arange(len(features))
-        if self.store is not None:
-            self.store.insert(int(keys[0]) if len(keys) else 0, features, soft_labels, image_ids)
-        self.features = np.concatenate([self.features, features.astype(self.dtype, copy=False)])
-        self.soft_labels = np.concatenate([self.soft_labels, soft_labels.astype(self.dtype, copy=False)])
-        self.image_ids = np.concatenate([self.image_ids, image_ids.astype(np.int64)])
-        self.row_keys = np.concatenate([self.row_keys, keys.astype(np.int64)])
         self._labels32 = None
-        if self.novelty is not None:  # the subspace follows the bank; old thresholds no longer hold
-            self.novelty = self.novelty.refit(self.features)
         if self._index is not None and self.index_spec.kind != "flat":
-            self._index.add(normalise(features))  # trained indexes keep their training
+            self._index.add(normalise(other.features))  # trained indexes keep their training
         else:
             self._index = None
+        self.refit_novelty()
+        return self
 
     def delete_images(self, image_ids: Sequence[int]) -> int:
-        """Remove every row of the given support images (and from the store); returns rows removed."""
+        """Remove every row of the given support images (and from the store); returns rows removed.
+
+        The NECO subspace, if any, is refitted on the remaining rows.
+        """
         drop = np.isin(self.image_ids, np.asarray(list(image_ids), dtype=np.int64))
         if not drop.any():
             return 0
-        if self.store is not None:
-            self.store.delete_images(sorted({int(i) for i in image_ids}))
+        if self._store is not None:
+            self._store.delete_images(sorted({int(i) for i in image_ids}))
         keep = ~drop
         self.features, self.soft_labels = self.features[keep], self.soft_labels[keep]
         self.image_ids, self.row_keys = self.image_ids[keep], self.row_keys[keep]
         self.num_images = int(np.unique(self.image_ids).size) if (self.image_ids >= 0).all() else self.num_images
         self._labels32, self._index = None, None  # a trained index is retrained on the remaining rows
-        if self.novelty is not None:
-            self.novelty = self.novelty.refit(self.features)
+        self.refit_novelty()
         return int(drop.sum())
 
     @classmethod
     def merge(cls, banks: Sequence[MemoryBank]) -> MemoryBank:
-        """One bank from shard banks of the same model, classes, image size, dtype and index.
+        """One bank from shard banks of the same model and settings (NECO refitted on the result).
 
         Rows are ordered by image id (stable), so n shards of one support set merge into the
         bank a single process builds from it. Image ids must be known and disjoint.
@@ -310,10 +276,11 @@ class MemoryBank:
             raise BankError("nothing to merge: give at least one bank")
         first = banks[0]
         for other in banks[1:]:
-            same = (other.class_names, other.image_size, other.dtype, other.index_spec)
             if not other.contract.compatible_with(first.contract):
                 raise BankContractError(f"cannot merge a bank of {other.contract!r} into one of {first.contract!r}")
-            if same != (first.class_names, first.image_size, first.dtype, first.index_spec):
+            if other.settings.model_dump(exclude={"classes_inferred"}) != first.settings.model_dump(
+                exclude={"classes_inferred"}
+            ):
                 raise BankError(
                     f"cannot merge banks with different classes/image size/dtype/index: {other!r} vs {first!r}"
                 )
@@ -325,19 +292,45 @@ class MemoryBank:
             raise BankError("the banks share image ids: they are not shards of one support set")
         order = np.argsort(ids, kind="stable")
         features = np.concatenate([b.features for b in banks])[order]
-        return cls(
-            first.contract,
-            features,
-            np.concatenate([b.soft_labels for b in banks])[order],
-            first.class_names,
-            image_size=first.image_size,
-            index_spec=first.index_spec,
-            dtype=first.dtype,
-            num_images=sum(b.num_images for b in banks),
-            image_ids=ids[order],
-            classes_inferred=any(b.classes_inferred for b in banks),
-            novelty=NoveltyModel.fit(features, first.novelty.spec) if first.novelty is not None else None,
-        )
+        soft = np.concatenate([b.soft_labels for b in banks])[order]
+        settings = first.settings.model_copy(update={"classes_inferred": any(b.classes_inferred for b in banks)})
+        novelty = NoveltyModel.fit(features, first.novelty.spec) if first.novelty is not None else None
+        rows = BankRows(features, soft, ids[order], sum(b.num_images for b in banks))
+        return cls(first.contract, rows, settings, novelty=novelty)
+
+    # --- novelty (the subspace lives with the rows it was fitted on) -----------------------
+    def fit_novelty(self, spec: NoveltySpec | None = None) -> NoveltyModel:
+        """Fit (or refit) the NECO subspace on the stored patches; returns it (save the bank to keep it)."""
+        self._novelty = NoveltyModel.fit(self.features, spec)
+        return self._novelty
+
+    def refit_novelty(self) -> None:
+        """Refit a fitted subspace with its own spec after the rows changed; stale calibrations are dropped."""
+        if self._novelty is not None:
+            self._novelty = NoveltyModel.fit(self.features, self._novelty.spec)
+
+    def add_calibrations(self, calibrations: Mapping[str, Calibration]) -> None:
+        """Keep decision thresholds (`novelty.calibrate`) with the fitted subspace they were made with."""
+        self._novelty = self.require_novelty().with_calibrations(calibrations)
+
+    def require_novelty(self) -> NoveltyModel:
+        """The fitted NECO model, or a clear error saying how to get one."""
+        if self._novelty is None:
+            raise NoveltyNotFittedError(
+                "the memory bank has no fitted NECO subspace (banks saved before format version 2 never have "
+                "one): call bank.fit_novelty() (or `neco bank novelty BANK`) and save the bank again"
+            )
+        return self._novelty
+
+    def patch_novelty(self, features: np.ndarray, method: NoveltyMethod = "neco", k: int = DEFAULT_KNN_K) -> np.ndarray:
+        """Novelty of every patch of (..., C) unit-norm query features; the result has shape (...)."""
+        if method == "neco":
+            return self.require_novelty().novelty(features)
+        if method == "knn":
+            flat = np.asarray(features, dtype=np.float32)
+            sims, _ = self.search(flat.reshape(-1, flat.shape[-1]), k)
+            return knn_novelty(sims).reshape(flat.shape[:-1])
+        raise NoveltyError(f"novelty method must be one of {METHODS}, got {method!r}")
 
     # --- searching ------------------------------------------------------------------------
     @property
@@ -364,8 +357,8 @@ class MemoryBank:
             raise BankError(f"queries must be (Q, {self.contract.embed_dim}), got {queries.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if self.store is not None:
-            sims, keys = self.store.search(queries, min(k, len(self)))
+        if self._store is not None:
+            sims, keys = self._store.search(queries, min(k, len(self)))
             rows = np.searchsorted(self.row_keys, keys)  # store keys -> positions (keys stay sorted)
             idx = np.where(keys < 0, -1, np.minimum(rows, len(self) - 1))
         else:
@@ -382,81 +375,51 @@ class MemoryBank:
         Any other folder (files this project did not write, a foreign manifest.json) is refused
         with `BankError` and left untouched; see `bank_io`.
         """
-        manifest = {
-            "contract": self.contract.model_dump(mode="json"),
-            "class_names": self.class_names,
-            "counts": {
-                "patches": len(self),
-                "images": self.num_images,
-                "class_mass": [round(float(v), 4) for v in self.soft_labels.astype(np.float64).sum(axis=0)],
-            },
-            "dtype": self.dtype,
-            "image_size": self.image_size,
-            "index": self.index_spec.model_dump(),
-            "classes_inferred": self.classes_inferred,
-        }
-        ids = self.image_ids if (self.image_ids >= 0).all() else None
         index = self.index if self.index_spec.kind != "flat" else None
-        return write_bank(Path(path), BankFiles(manifest, self.features, self.soft_labels, index, self.novelty, ids))
+        rows = self.rows
+        files = BankFiles(
+            self.contract,
+            self.settings,
+            self.num_images,
+            rows.features,
+            rows.soft_labels,
+            index,
+            self._novelty,
+            rows.image_ids,
+        )
+        return write_bank(Path(path), files)
 
     @classmethod
     def load(cls, path: str | Path, contract: ModelContract | None = None, verify: bool = True) -> MemoryBank:
         """Read a saved bank; with `contract`, refuse one built by a different model."""
         path = Path(path)
-        _check_bank_contract(read_manifest(path), path, contract)  # cheap checks before reading arrays
+        _check_bank_contract(read_manifest(path).contract, path, contract)  # cheap check before reading arrays
         files = read_bank(path, verify)
-        manifest = {**files.manifest, "contract": _check_bank_contract(files.manifest, path, contract).model_dump()}
+        _check_bank_contract(files.contract, path, contract)
+        rows = BankRows(files.features, files.soft_labels, files.image_ids, files.num_images)
         try:
-            bank_contract = ModelContract.model_validate(manifest["contract"])
-            index_spec = IndexSpec.model_validate(manifest.get("index", {}))
-            class_names = manifest["class_names"]
-            dtype = manifest["dtype"]
-            image_size = manifest["image_size"]
-            num_images = int(manifest["counts"]["images"])
-            classes_inferred = bool(manifest.get("classes_inferred", False))
-        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-            raise BankCorruptError(f"{path / MANIFEST} is malformed: {exc!r}") from None
-        features, soft = files.features, files.soft_labels
-        if dtype not in ("float32", "float16") or features.dtype != np.dtype(dtype) or soft.dtype != np.dtype(dtype):
-            raise BankCorruptError(f"{str(path)!r}: arrays are {features.dtype}/{soft.dtype}, manifest says {dtype!r}")
-        if (index_spec.kind != "flat") != (files.index is not None):
-            raise BankCorruptError(
-                f"{str(path)!r}: index kind {index_spec.kind!r} but index file present: {files.index is not None}"
-            )
-        if files.index is not None:
-            if files.index.ntotal != features.shape[0] or files.index.d != bank_contract.embed_dim:
-                raise BankCorruptError(
-                    f"{path / INDEX} holds {files.index.ntotal}x{files.index.d}, features {features.shape}"
-                )
-            index_spec.configure(files.index)
-        try:
-            return cls(
-                bank_contract,
-                features,
-                soft,
-                class_names,
-                image_size=tuple(image_size) if isinstance(image_size, list) else image_size,
-                index_spec=index_spec,
-                dtype=dtype,
-                num_images=num_images,
-                index=files.index,
-                novelty=files.novelty,
-                image_ids=files.image_ids,
-                classes_inferred=classes_inferred,
-            )
+            return cls(files.contract, rows, files.settings, novelty=files.novelty, index=files.index)
         except BankError as exc:
             raise BankCorruptError(f"memory bank {str(path)!r} is inconsistent: {exc}") from None
 
+    @staticmethod
+    @contextmanager
+    def updating(path: str | Path, contract: ModelContract | None = None) -> Iterator[MemoryBank]:
+        """Load the bank at `path` under its writer lock and save it back when the block succeeds.
 
-def _check_bank_contract(manifest: dict[str, Any], path: Path, contract: ModelContract | None) -> ModelContract:
-    """The bank's contract from its manifest; with `contract`, refuse a bank of another model."""
-    try:
-        bank_contract = ModelContract.model_validate(manifest["contract"])
-    except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-        raise BankCorruptError(f"{path / MANIFEST} is malformed: {exc!r}") from None
+        The lock is held across the whole read-modify-write, so concurrent appends to one bank
+        (`neco bank append`) wait for each other instead of one silently losing the other's rows.
+        """
+        with writer_lock(Path(path)):
+            bank = MemoryBank.load(path, contract=contract)
+            yield bank
+            bank.save(path)
+
+
+def _check_bank_contract(bank_contract: ModelContract, path: Path, contract: ModelContract | None) -> None:
+    """With `contract`, refuse a bank of another model (named by its folder: the page shows this to callers)."""
     if contract is not None and not contract.compatible_with(bank_contract):
         raise BankContractError(
-            f"memory bank {str(path)!r} was built with {bank_contract!r}, which differs from the "
+            f"memory bank {path.name!r} was built with {bank_contract!r}, which differs from the "
             f"model in use {contract!r}; rebuild the bank with this model"
         )
-    return bank_contract

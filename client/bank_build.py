@@ -1,4 +1,5 @@
-"""Turning a support set into bank rows: per-image budgets, batched extraction, labelling, sampling.
+"""Turning a support set into bank rows: the build options, per-image budgets, batched extraction,
+labelling, sampling.
 
 Each image's patch sampling draws from its own generator, seeded by (seed, index of the image in
 the whole support set), so an image contributes the same rows whether it is built alone, in a
@@ -10,12 +11,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from .backend import FeatureBackend, batch_features
-from .errors import SupportSetError
-from .images import SizeSpec, describe, load_mask, prepare_image, resize_mask
-from .support import SupportSet, iter_pairs, patch_soft_labels, sample_rare_first, shard_length
+from neco.client.backend import FeatureBackend, batch_features
+from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE, IndexSpec, StorageDtype
+from neco.client.errors import SupportSetError
+from neco.client.images import SizeSpec, describe, load_mask, prepare_image, resize_mask
+from neco.client.novelty import NoveltySpec
+from neco.client.support import SupportSet, iter_pairs, patch_soft_labels, sample_rare_first, shard_length
+
+
+class BuildOptions(BaseModel):
+    """Everything `MemoryBank.build` takes besides the backend and the support set.
+
+    `memory_size` bounds the bank: each of the support set's n images keeps memory_size // n
+    patches (rare classes favoured); iterables without a length need `patches_per_image`. A
+    class list (`class_names`, `classes.json`, or the dataset's `class_names`) or `num_classes`
+    fixes K. `novelty` also fits the NECO subspace; `shard=(i, n)` builds the i-th interleaved shard.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    class_names: list[str] | None = None
+    num_classes: int | None = None
+    image_size: SizeSpec = DEFAULT_IMAGE_SIZE
+    dtype: StorageDtype = "float32"
+    index: IndexSpec | None = None
+    memory_size: int | None = None
+    patches_per_image: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    progress: bool = False
+    novelty: NoveltySpec | None = None
+    shard: tuple[int, int] = (0, 1)
 
 
 @dataclass
@@ -57,24 +86,16 @@ def per_image_budget(support: SupportSet, memory_size: int | None, patches_per_i
 
 
 def extract(
-    backend: FeatureBackend,
-    support: SupportSet,
-    num_classes: int | None,
-    image_size: SizeSpec,
-    budget: int | None,
-    batch_size: int,
-    seed: int,
-    progress: bool,
-    dtype: str,
+    backend: FeatureBackend, support: SupportSet, num_classes: int | None, budget: int | None, options: BuildOptions
 ) -> Extracted:
     """Run the backend over the support set in same-size batches; keep labelled/sampled patches."""
-    patch = backend.contract.patch_size
+    patch, image_size, dtype = backend.contract.patch_size, options.image_size, options.dtype
     out = Extracted()
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # (array, soft, chosen rows, image id)
 
     # The bar counts images whose features came back, not images read: reading is fast, the
     # server is the slow part, so a bar that ran ahead of it would end long before the build.
-    bar = tqdm(total=shard_length(support), desc="bank features", unit="img", disable=not progress)
+    bar = tqdm(total=shard_length(support), desc="bank features", unit="img", disable=not options.progress)
 
     def flush() -> None:
         if not pending:
@@ -100,11 +121,11 @@ def extract(
         soft, keep = patch_soft_labels(resize_mask(mask, prepared.size), patch, num_classes, name)
         labelled = np.flatnonzero(keep)
         if budget is not None:
-            labelled = labelled[sample_rare_first(soft[labelled], budget, np.random.default_rng([seed, index]))]
+            labelled = labelled[sample_rare_first(soft[labelled], budget, np.random.default_rng([options.seed, index]))]
         if pending and pending[0][0].shape != prepared.array.shape:
             flush()
         pending.append((prepared.array, soft, labelled, index))
-        if len(pending) >= batch_size:
+        if len(pending) >= options.batch_size:
             flush()
         out.count += 1
     flush()

@@ -23,9 +23,14 @@ byte is written. The new bank is staged in a hidden sibling folder and swapped w
 in a single `renameat2(RENAME_EXCHANGE)` on Linux (`neco.atomic.publish_directory`), so at every
 instant the path holds a whole bank, old or new (elsewhere the old one is renamed aside first).
 
-Reading trusts nothing: format versions must be integers in 1..`BANK_FORMAT_VERSION`, checksums
-must match, arrays are read with `allow_pickle=False` and must be finite, and a faiss index that
-cannot be parsed (including one whose header asks for absurd allocations) is `BankCorruptError`.
+Stale staging folders of writers that died (kill -9 during `neco bank build`) are removed by the
+next write to the same bank (`neco.atomic.staged_directory`).
+
+Reading trusts nothing: format versions must be integers in 1..`BANK_FORMAT_VERSION`, the
+manifest must validate as a `BankManifest` (positive image sizes, non-negative counts, a list
+of class names, ...), checksums must match, arrays are read with `allow_pickle=False` and must
+be finite and agree with the manifest (dtype, row count), and a faiss index that cannot be
+parsed (including one whose header asks for absurd allocations) is `BankCorruptError`.
 
 This module knows files, not `MemoryBank`: `bank.py` turns a bank into `BankFiles` and back,
 so the dependency runs one way (bank -> bank_io).
@@ -33,38 +38,49 @@ so the dependency runs one way (bank -> bank_io).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
+from pydantic import ValidationError
 
 from neco.atomic import staged_directory
-from neco.contract import BANK_FORMAT_VERSION
+from neco.client.bank_manifest import FORMAT_NAME, BankCounts, BankManifest, BankSettings, FileEntry
+from neco.client.errors import BankBusyError, BankCorruptError, BankError, BankVersionError
+from neco.client.novelty import NoveltyModel
+from neco.contract import BANK_FORMAT_VERSION, ModelContract
 
-from .errors import BankCorruptError, BankError, BankVersionError
-from .novelty import NoveltyModel
-
-FORMAT_NAME = "neco-memory-bank"
 MANIFEST = "manifest.json"
 FEATURES = "features.npy"
 SOFT_LABELS = "soft_labels.npy"
 INDEX = "index.faiss"
 IMAGE_IDS = "image_ids.npy"
+LOCK_WAIT_S = 30.0
+"""How long a writer waits for another writer of the same bank before `BankBusyError`."""
+
+_held = threading.local()  # lock files this thread holds: the lock is reentrant within a thread
 
 
 @dataclass
 class BankFiles:
-    """What a bank folder holds: the manifest's own fields plus the decoded data files."""
+    """What a bank folder holds: its contract, settings and image count, and the decoded data files."""
 
-    manifest: dict[str, Any]
-    """Everything in manifest.json except `format`, `format_version` and `files`."""
+    contract: ModelContract
+    settings: BankSettings
+    num_images: int
     features: np.ndarray
     soft_labels: np.ndarray
     index: faiss.Index | None = None
+    """Only for trained indexes (IVF/HNSW); a flat index is rebuilt from the features."""
     novelty: NoveltyModel | None = None
     """The fitted NECO subspace (`novelty.py` writes and reads its own .npy files)."""
     image_ids: np.ndarray | None = None
@@ -99,13 +115,69 @@ def check_writable(path: Path) -> None:
         )
 
 
+@contextmanager
+def writer_lock(path: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the exclusive writer lock of bank `path`: `flock` on the file `.NAME.lock` beside it.
+
+    Every write of a bank takes it, and a read-modify-write (`MemoryBank.updating`) holds it
+    throughout, so two writers never interleave. It is reentrant within a thread and dies with
+    its process (kill -9 included). After `wait_s` (`LOCK_WAIT_S`) seconds of waiting: `BankBusyError` naming
+    the bank (not its path) and the PID of the writer. The holder deletes the file when done,
+    so a waiter that locked a file no longer at that path starts again on the new one.
+    """
+    lock_path = Path(os.path.abspath(path.parent / f".{path.name}.lock"))
+    key = (os.getpid(), lock_path)  # a forked child does not inherit its parent's lock
+    held: set[tuple[int, Path]] = _held.__dict__.setdefault("keys", set())
+    if key in held:
+        yield
+        return
+    if not lock_path.parent.is_dir():
+        raise BankError(f"memory bank {str(path)!r} does not exist")
+    deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if _try_lock(fd) and _same_file(fd, lock_path):
+            break
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            raise BankBusyError(f"bank {path.name!r} is being written by PID {owner}; try again later")
+        time.sleep(0.05)
+    try:
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        held.add(key)
+        yield
+    finally:
+        held.discard(key)
+        lock_path.unlink(missing_ok=True)  # still ours: no one else holds a lock on this path
+        os.close(fd)  # releases the flock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """True when `path` still names the file open as `fd` (a holder may have deleted it meanwhile)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def write_bank(path: Path, files: BankFiles) -> Path:
-    """Write `files` to folder `path` atomically; only an existing bank there is replaced."""
+    """Write `files` to folder `path` atomically, under its writer lock; only an existing bank is replaced."""
     path = Path(path)
     check_writable(path)
-    # checked again just before the swap: the folder may have changed while the arrays were written
-    with staged_directory(path, replace=True, before_publish=lambda: check_writable(path)) as staging:
-        _write_files(staging, files)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(path):
+        # checked again just before the swap: the folder may have changed while the arrays were written
+        with staged_directory(path, replace=True, before_publish=lambda: check_writable(path)) as staging:
+            _write_files(staging, files)
     return path
 
 
@@ -121,19 +193,24 @@ def _write_files(folder: Path, files: BankFiles) -> None:
         names.append(INDEX)
     novelty = files.novelty.save(folder) if files.novelty is not None else None
     if novelty is not None:
-        names += list(novelty["files"].values())
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": BANK_FORMAT_VERSION,
-        **files.manifest,
-        "novelty": novelty,
-        "files": {name: {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in names},
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        names += list(novelty.files.values())
+    counts = BankCounts(
+        patches=len(files.features),
+        images=files.num_images,
+        class_mass=[round(float(v), 4) for v in files.soft_labels.astype(np.float64).sum(axis=0)],
+    )
+    manifest = BankManifest(
+        **dict(files.settings),
+        contract=files.contract,
+        counts=counts,
+        novelty=novelty,
+        files={name: FileEntry(sha256=sha256(folder / name), bytes=(folder / name).stat().st_size) for name in names},
+    )
+    (folder / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2))
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a bank folder, with its format and version checked."""
+def read_manifest(path: Path) -> BankManifest:
+    """The manifest of a bank folder, with its format and version checked and its fields validated."""
     if not path.is_dir():
         raise BankError(f"memory bank {str(path)!r} does not exist")
     manifest_path = path / MANIFEST
@@ -155,19 +232,23 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{str(path)!r} has bank format version {version}; this client reads up to "
             f"{BANK_FORMAT_VERSION}: upgrade neco-dense"
         )
-    return manifest
+    try:
+        return BankManifest.model_validate(manifest)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise BankCorruptError(f"{manifest_path} is malformed: {problems}") from None
 
 
-def _check_file(path: Path, name: str, entry: Any, verify: bool) -> Path:
+def _check_file(path: Path, name: str, entry: FileEntry | None, verify: bool) -> Path:
     file = path / name
     if not file.is_file():
         raise BankCorruptError(f"memory bank {str(path)!r} is missing {name}")
-    if verify and (not isinstance(entry, dict) or sha256(file) != entry.get("sha256")):
+    if verify and (entry is None or sha256(file) != entry.sha256):
         raise BankCorruptError(f"{file} fails its sha256 checksum; the bank is corrupt")
     return file
 
 
-def _load_array(path: Path, name: str, entry: Any, verify: bool) -> np.ndarray:
+def _load_array(path: Path, name: str, entry: FileEntry | None, verify: bool) -> np.ndarray:
     file = _check_file(path, name, entry, verify)
     try:
         array = np.load(file, allow_pickle=False)
@@ -207,26 +288,47 @@ def _inode(path: Path) -> tuple[int, int] | None:
 
 def _read_once(path: Path, verify: bool) -> BankFiles:
     manifest = read_manifest(path)
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise BankCorruptError(f"{path / MANIFEST}: 'files' must be a mapping")
-    features = _load_array(path, FEATURES, files.get(FEATURES), verify)
-    soft = _load_array(path, SOFT_LABELS, files.get(SOFT_LABELS), verify)
-    index = None
-    if INDEX in files:
-        index_file = _check_file(path, INDEX, files.get(INDEX), verify)
-        try:
-            index = faiss.read_index(str(index_file))
-        except (RuntimeError, MemoryError, ValueError, OverflowError) as exc:  # crafted headers: MemoryError
-            raise BankCorruptError(f"{path / INDEX} is not a readable faiss index: {exc}") from None
-    image_ids = _load_array(path, IMAGE_IDS, files.get(IMAGE_IDS), verify) if IMAGE_IDS in files else None
-    novelty = None
-    if manifest.get("novelty") is not None:
 
-        def read(name: str) -> np.ndarray:
-            return _load_array(path, name, files.get(name), verify)
+    def read(name: str) -> np.ndarray:
+        return _load_array(path, name, manifest.files.get(name), verify)
 
-        width = features.shape[1] if features.ndim == 2 else -1
-        novelty = NoveltyModel.from_manifest(manifest["novelty"], read, width, str(path / MANIFEST))
-    fields = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "novelty")}
-    return BankFiles(fields, features, soft, index, novelty, image_ids)
+    features, soft = read(FEATURES), read(SOFT_LABELS)
+    dtype = manifest.dtype
+    if features.dtype != np.dtype(dtype) or soft.dtype != np.dtype(dtype):
+        raise BankCorruptError(f"{str(path)!r}: arrays are {features.dtype}/{soft.dtype}, manifest says {dtype!r}")
+    if len(features) != manifest.counts.patches:
+        raise BankCorruptError(
+            f"{str(path)!r}: {len(features)} feature rows, manifest counts {manifest.counts.patches}"
+        )
+    if (manifest.index.kind != "flat") != (INDEX in manifest.files):
+        raise BankCorruptError(
+            f"{str(path)!r}: index kind {manifest.index.kind!r} but index file listed: {INDEX in manifest.files}"
+        )
+    index = _read_index(path, manifest, verify) if INDEX in manifest.files else None
+    width = features.shape[1] if features.ndim == 2 else -1
+    return BankFiles(
+        manifest.contract,
+        manifest.settings,
+        manifest.counts.images,
+        features,
+        soft,
+        index,
+        NoveltyModel.from_entry(manifest.novelty, read, width, str(path / MANIFEST)) if manifest.novelty else None,
+        read(IMAGE_IDS) if IMAGE_IDS in manifest.files else None,
+    )
+
+
+def _read_index(path: Path, manifest: BankManifest, verify: bool) -> faiss.Index:
+    """The trained faiss index of a bank, configured by its spec and checked against the manifest."""
+    index_file = _check_file(path, INDEX, manifest.files.get(INDEX), verify)
+    try:
+        index = faiss.read_index(str(index_file))
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as exc:  # crafted headers: MemoryError
+        raise BankCorruptError(f"{path / INDEX} is not a readable faiss index: {exc}") from None
+    if index.ntotal != manifest.counts.patches or index.d != manifest.contract.embed_dim:
+        raise BankCorruptError(
+            f"{path / INDEX} holds {index.ntotal}x{index.d}, the manifest {manifest.counts.patches}x"
+            f"{manifest.contract.embed_dim}"
+        )
+    manifest.index.configure(index)
+    return index

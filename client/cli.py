@@ -115,29 +115,25 @@ def _class_names(path: Path | None) -> list[str] | None:
 
 
 def _bank_build(args: argparse.Namespace) -> int:
-    from .bank import IndexSpec, MemoryBank
-    from .bank_io import check_writable
-    from .support import parse_shard
+    from neco.client.bank import BuildOptions, IndexSpec, MemoryBank
+    from neco.client.bank_io import check_writable
+    from neco.client.support import parse_shard
 
-    index = IndexSpec(kind=args.index)
-    shard = parse_shard(args.shard)
+    options = BuildOptions(
+        class_names=_class_names(args.classes),
+        num_classes=args.num_classes,
+        dtype="float16" if args.fp16 else "float32",
+        index=IndexSpec(kind=args.index),
+        memory_size=args.memory_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=True,
+        shard=parse_shard(args.shard),
+    )
     check_writable(args.out)  # fail before minutes of feature extraction, not after
     make_parent(args.out)
     with _client(args) as client:
-        bank = MemoryBank.build(
-            client,
-            args.support,
-            class_names=_class_names(args.classes),
-            image_size=client.size,
-            memory_size=args.memory_size,
-            dtype="float16" if args.fp16 else "float32",
-            index=index,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            progress=True,
-            num_classes=args.num_classes,
-            shard=shard,
-        )
+        bank = MemoryBank.build(client, args.support, options.model_copy(update={"image_size": client.size}))
     bank.save(args.out)
     shard = f" (shard {args.shard})" if args.shard != "0/1" else ""
     print(f"{bank!r}, input size {_policy(bank.image_size)} -> {args.out}{shard}")
@@ -145,8 +141,8 @@ def _bank_build(args: argparse.Namespace) -> int:
 
 
 def _bank_merge(args: argparse.Namespace) -> int:
-    from .bank import MemoryBank
-    from .bank_io import check_writable
+    from neco.client.bank import MemoryBank
+    from neco.client.bank_io import check_writable
 
     check_writable(args.out)
     make_parent(args.out)
@@ -157,25 +153,17 @@ def _bank_merge(args: argparse.Namespace) -> int:
 
 
 def _bank_append(args: argparse.Namespace) -> int:
-    from .bank import MemoryBank
+    from neco.client.bank import MemoryBank
 
-    with _client(args) as client:
-        bank = MemoryBank.load(args.bank, contract=client.contract)
-        bank.add(
-            client,
-            args.support,
-            memory_size=args.memory_size,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            progress=True,
-        )
-    bank.save(args.bank)
+    with _client(args) as client, MemoryBank.updating(args.bank, contract=client.contract) as bank:
+        options = {"memory_size": args.memory_size, "batch_size": args.batch_size, "seed": args.seed}
+        bank.add(client, args.support, progress=True, **options)
     print(f"{bank!r} -> {args.bank}")
     return 0
 
 
 def _bank_info(args: argparse.Namespace) -> int:
-    from .bank import MemoryBank
+    from neco.client.bank import MemoryBank
 
     bank = MemoryBank.load(args.bank, verify=not args.no_verify)
     print(repr(bank))
@@ -200,23 +188,22 @@ def _held_out_images(folder: Path) -> list[Path]:
 
 
 def _bank_novelty(args: argparse.Namespace) -> int:
-    from .bank import MemoryBank
-    from .novelty import NoveltySpec, fit_novelty
-    from .retrieval import calibrate_novelty
+    from neco.client.bank import MemoryBank
+    from neco.client.novelty import NoveltySpec
+    from neco.client.retrieval import calibrate_novelty
 
-    bank = MemoryBank.load(args.bank)
-    fit_novelty(bank, NoveltySpec(dim=args.dim, variance=args.variance))
-    if args.calibrate is not None:
-        with _client(args) as client:
-            calibrate_novelty(
-                client,
-                _held_out_images(args.calibrate),
-                bank,
-                aggregation=args.aggregate,
-                acceptance=args.acceptance,
-                k=args.k,
-            )
-    bank.save(args.bank)
+    with MemoryBank.updating(args.bank) as bank:
+        bank.fit_novelty(NoveltySpec(dim=args.dim, variance=args.variance))
+        if args.calibrate is not None:
+            with _client(args) as client:
+                calibrate_novelty(
+                    client,
+                    _held_out_images(args.calibrate),
+                    bank,
+                    aggregation=args.aggregate,
+                    acceptance=args.acceptance,
+                    k=args.k,
+                )
     print(f"{bank.novelty!r} -> {args.bank}")
     for name, calibration in bank.novelty.calibrations.items():
         print(

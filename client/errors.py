@@ -78,6 +78,12 @@ class BankCorruptError(BankError):
     """A saved bank's files are missing, malformed or fail their checksum."""
 
 
+class BankBusyError(BankError, RuntimeError):
+    """Another process is writing the same bank (its writer lock was not free in time); retryable."""
+
+    retryable = True
+
+
 class BankContractError(BankError, ContractError):
     """A bank was built with a different model/contract than the one it is used with."""
 

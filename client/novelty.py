@@ -20,22 +20,24 @@ threshold convention ("above = novel") serves both methods:
 
 An image-level score aggregates its patch novelties (mean or a quantile). A `Calibration`
 holds the thresholds that accept a requested share of held-out in-distribution images (and
-patches). The fitted `NoveltyModel` is stored with the bank (see `save` / `from_manifest`).
+patches). The fitted `NoveltyModel` is stored with the bank (see `save` / `from_entry`).
+
+This module knows arrays and models, not `MemoryBank`: a bank fits, stores and applies its own
+model (`MemoryBank.fit_novelty`, `add_calibrations`, `patch_novelty`), so the dependency runs
+one way (bank -> novelty).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
-from .errors import BankCorruptError, NoveltyError, NoveltyNotCalibratedError, NoveltyNotFittedError
-
-if TYPE_CHECKING:
-    from .bank import MemoryBank
+from neco.client.errors import BankCorruptError, NoveltyError, NoveltyNotCalibratedError
 
 NoveltyMethod = Literal["neco", "knn"]
 METHODS: tuple[str, ...] = ("neco", "knn")
@@ -78,6 +80,20 @@ class Calibration(BaseModel):
     """A patch (or pixel of the upsampled map) whose novelty exceeds this is novel."""
     num_images: int
     num_patches: int
+
+
+class NoveltyEntry(BaseModel):
+    """The bank manifest's "novelty" entry: the fit's settings and where its arrays are."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    method: Literal["neco"] = "neco"
+    spec: NoveltySpec
+    dim: int = Field(ge=1)
+    explained: float
+    fit_patches: NonNegativeInt
+    files: dict[Literal["mean", "scale", "components"], str]
+    calibrations: dict[str, Calibration] = {}
 
 
 def check_aggregation(aggregation: Any) -> Aggregation:
@@ -169,9 +185,29 @@ class NoveltyModel:
         dim = spec.dim if spec.dim is not None else min(int(np.searchsorted(ratio, spec.variance - 1e-12)) + 1, rank)
         return cls(mean, scale, eigenvectors[:, :dim].T, spec, num_patches=count, explained=float(ratio[dim - 1]))
 
-    def refit(self, features: np.ndarray) -> NoveltyModel:
-        """The same spec fitted on new features; calibrations are dropped (they no longer hold)."""
-        return NoveltyModel.fit(features, self.spec)
+    def with_calibrations(self, calibrations: Mapping[str, Calibration]) -> NoveltyModel:
+        """This fit with `calibrations` added (replacing those of the same method)."""
+        model = copy.copy(self)
+        model.calibrations = {**self.calibrations, **calibrations}
+        return model
+
+    def calibration(self, method: NoveltyMethod, aggregation: Aggregation | None, k: int) -> Calibration | None:
+        """The calibration for `method`, checked against the requested settings (None if there is none).
+
+        A threshold only means something for the aggregation (and k) it was computed with, so a
+        mismatch is an error rather than a silently wrong decision.
+        """
+        calibration = self.calibrations.get(method)
+        if calibration is None:
+            return None
+        wanted = calibration.aggregation if aggregation is None else check_aggregation(aggregation)
+        if wanted != calibration.aggregation or (method == "knn" and calibration.k != k):
+            raise NoveltyNotCalibratedError(
+                f"the bank's {method} calibration is for aggregation {calibration.aggregation!r}"
+                f"{f', k={calibration.k}' if method == 'knn' else ''}; asked for {wanted!r}"
+                f"{f', k={k}' if method == 'knn' else ''}: recalibrate, or use the calibrated settings"
+            )
+        return calibration
 
     # --- scoring ----------------------------------------------------------------------------
     def neco(self, features: np.ndarray) -> np.ndarray:
@@ -192,78 +228,43 @@ class NoveltyModel:
         return 1.0 - self.neco(features)
 
     # --- persistence (called by bank_io, which checksums the files) -------------------------
-    def save(self, folder: Path) -> dict[str, Any]:
+    def save(self, folder: Path) -> NoveltyEntry:
         """Write the arrays into `folder` (no pickle) and return the bank manifest's entry."""
         for key, name in NOVELTY_FILES.items():
             np.save(folder / name, np.ascontiguousarray(getattr(self, key)), allow_pickle=False)
-        return {
-            "method": "neco",
-            "spec": self.spec.model_dump(),
-            "dim": self.dim,
-            "explained": self.explained,
-            "fit_patches": self.num_patches,
-            "files": dict(NOVELTY_FILES),
-            "calibrations": {name: cal.model_dump(mode="json") for name, cal in self.calibrations.items()},
-        }
+        return NoveltyEntry(
+            spec=self.spec,
+            dim=self.dim,
+            explained=self.explained,
+            fit_patches=self.num_patches,
+            files=NOVELTY_FILES,
+            calibrations=self.calibrations,
+        )
 
     @classmethod
-    def from_manifest(cls, entry: Any, read: Callable[[str], np.ndarray], width: int, where: str) -> NoveltyModel:
-        """Rebuild a model from its manifest entry; `read(file)` returns a verified array."""
-        try:
-            spec = NoveltySpec.model_validate(entry["spec"])
-            arrays = {key: read(entry["files"][key]) for key in NOVELTY_FILES}
-            calibrations = {name: Calibration.model_validate(c) for name, c in entry["calibrations"].items()}
-            model = cls(
-                arrays["mean"],
-                arrays["scale"],
-                arrays["components"],
-                spec,
-                num_patches=int(entry["fit_patches"]),
-                explained=float(entry["explained"]),
-                calibrations=calibrations,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BankCorruptError(f"{where}: the novelty entry is malformed: {exc!r}") from None
-        shapes = (model.mean.shape, model.scale.shape, model.components.shape)
-        if shapes[:2] != ((width,), (width,)) or model.components.ndim != 2 or model.components.shape[1] != width:
+    def from_entry(cls, entry: NoveltyEntry, read: Callable[[str], np.ndarray], width: int, where: str) -> NoveltyModel:
+        """Rebuild a model from its (validated) manifest entry; `read(file)` returns a verified array."""
+        if entry.files != NOVELTY_FILES:  # fixed names: a manifest never points outside the bank folder
+            raise BankCorruptError(f"{where}: the novelty entry names files {entry.files}, expected {NOVELTY_FILES}")
+        arrays = {key: read(entry.files[key]) for key in NOVELTY_FILES}
+        shapes = tuple(arrays[key].shape for key in NOVELTY_FILES)
+        if shapes != ((width,), (width,), (entry.dim, width)):
             raise BankCorruptError(f"{where}: novelty arrays have shapes {shapes}, features are {width} wide")
-        return model
-
-
-def require_model(bank: MemoryBank) -> NoveltyModel:
-    """The bank's fitted NECO model, or a clear error saying how to get one."""
-    model = getattr(bank, "novelty", None)
-    if model is None:
-        raise NoveltyNotFittedError(
-            "the memory bank has no fitted NECO subspace (banks saved before format version 2 never have "
-            "one): call neco.client.fit_novelty(bank) (or `neco bank novelty BANK`) and save the bank again"
+        return cls(
+            arrays["mean"],
+            arrays["scale"],
+            arrays["components"],
+            entry.spec,
+            num_patches=entry.fit_patches,
+            explained=entry.explained,
+            calibrations=entry.calibrations,
         )
-    return model
-
-
-def fit_novelty(bank: MemoryBank, spec: NoveltySpec | None = None) -> NoveltyModel:
-    """Fit (or refit) the bank's NECO subspace on its stored patches, in place; returns it."""
-    bank.novelty = NoveltyModel.fit(bank.features, spec)
-    return bank.novelty
 
 
 def knn_novelty(similarities: np.ndarray) -> np.ndarray:
     """1 - cosine similarity of the last (k-th) neighbour; unfilled neighbours count as -1."""
     sims = np.asarray(similarities, dtype=np.float32)
     return 1.0 - np.where(np.isfinite(sims[:, -1]), sims[:, -1], -1.0)
-
-
-def patch_novelty(
-    features: np.ndarray, bank: MemoryBank, method: NoveltyMethod = "neco", k: int = DEFAULT_KNN_K
-) -> np.ndarray:
-    """Novelty of every patch of (..., C) unit-norm features; the result has shape (...)."""
-    if method == "neco":
-        return require_model(bank).novelty(features)
-    if method == "knn":
-        flat = np.asarray(features, dtype=np.float32)
-        sims, _ = bank.search(flat.reshape(-1, flat.shape[-1]), k)
-        return knn_novelty(sims).reshape(flat.shape[:-1])
-    raise NoveltyError(f"novelty method must be one of {METHODS}, got {method!r}")
 
 
 def calibrate(
@@ -295,25 +296,3 @@ def calibrate(
         num_images=len(patch_maps),
         num_patches=int(patches.size),
     )
-
-
-def stored_calibration(
-    bank: MemoryBank, method: NoveltyMethod, aggregation: Aggregation | None, k: int
-) -> Calibration | None:
-    """The bank's calibration for `method`, checked against the requested settings.
-
-    A threshold only means something for the aggregation (and k) it was computed with, so a
-    mismatch is an error rather than a silently wrong decision.
-    """
-    model = getattr(bank, "novelty", None)
-    calibration = model.calibrations.get(method) if model is not None else None
-    if calibration is None:
-        return None
-    wanted = calibration.aggregation if aggregation is None else check_aggregation(aggregation)
-    if wanted != calibration.aggregation or (method == "knn" and calibration.k != k):
-        raise NoveltyNotCalibratedError(
-            f"the bank's {method} calibration is for aggregation {calibration.aggregation!r}"
-            f"{f', k={calibration.k}' if method == 'knn' else ''}; asked for {wanted!r}"
-            f"{f', k={k}' if method == 'knn' else ''}: recalibrate, or use the calibrated settings"
-        )
-    return calibration

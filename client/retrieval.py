@@ -42,9 +42,6 @@ from neco.client.novelty import (
     aggregate,
     calibrate,
     check_aggregation,
-    patch_novelty,
-    require_model,
-    stored_calibration,
 )
 from neco.client.render import heatmap_overlay, mask_to_image, overlay
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
@@ -204,7 +201,7 @@ def segment_features(
     mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
     names = list(bank.class_names)
     if threshold is not None:
-        novel = upsample_bilinear(patch_novelty(features, bank, "neco")[None], output_size)[0] > threshold
+        novel = upsample_bilinear(bank.patch_novelty(features, "neco")[None], output_size)[0] > threshold
         mask = np.where(novel, len(names), mask).astype(np.uint8 if len(names) < 256 else np.uint16)
         names.append(UNKNOWN_LABEL)
     return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores)
@@ -218,8 +215,7 @@ def _unknown_threshold(bank: MemoryBank, unknown: bool | float) -> float | None:
         raise BankError(f"the bank already has a class named {UNKNOWN_LABEL!r}; it cannot also mark novel pixels")
     if unknown is not True:
         return float(unknown)
-    require_model(bank)
-    calibration = stored_calibration(bank, "neco", None, DEFAULT_KNN_K)
+    calibration = bank.require_novelty().calibration("neco", None, DEFAULT_KNN_K)
     if calibration is None:
         raise NoveltyNotCalibratedError(
             "segment(unknown=True) needs the bank's NECO calibration: run calibrate_novelty(backend, "
@@ -240,11 +236,11 @@ def novelty_features(
     """Novelty of already computed (h, w, C) query features; see `novelty`."""
     if features.ndim != 3:
         raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
-    calibration = stored_calibration(bank, method, aggregation, k)
+    calibration = bank.novelty.calibration(method, aggregation, k) if bank.novelty is not None else None
     if calibration is not None:
         aggregation = calibration.aggregation
     aggregation = check_aggregation(DEFAULT_AGGREGATION if aggregation is None else aggregation)
-    patch = patch_novelty(features, bank, method, k)
+    patch = bank.patch_novelty(features, method, k)
     score = aggregate(patch, aggregation)
     return NoveltyResult(
         scores=upsample_bilinear(patch[None], output_size)[0],
@@ -371,7 +367,7 @@ def calibrate_novelty(
     the bank needs a fitted NECO subspace, which holds them.
     """
     check_contract(backend.contract, bank)
-    model = require_model(bank)
+    bank.require_novelty()
     unknown_methods = [m for m in methods if m not in METHODS]
     if unknown_methods:
         raise NoveltyError(f"novelty methods must be among {METHODS}, got {unknown_methods}")
@@ -379,7 +375,7 @@ def calibrate_novelty(
     for image in images:
         _, features = _query_features(backend, image, bank, None)
         for m in methods:
-            maps[m].append(patch_novelty(features, bank, m, k))
+            maps[m].append(bank.patch_novelty(features, m, k))
     calibrations = {m: calibrate(maps[m], m, aggregation, acceptance, k) for m in methods}
-    model.calibrations.update(calibrations)
+    bank.add_calibrations(calibrations)
     return calibrations

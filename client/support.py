@@ -8,7 +8,7 @@ the layout `neco.scenes.write_scene_dataset` writes), or any iterable/dataset yi
 Sharding: `shard=(i, n)` keeps the items whose index is i modulo n (interleaved, so shards of a
 sorted folder get similar content and sizes). Items keep their index in the whole set, which
 seeds their patch sampling and becomes the bank's image id, so n shard banks merged by
-`bank.merge_banks` equal the bank one process builds from the whole set.
+`MemoryBank.merge` equal the bank one process builds from the whole set.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from neco.client.errors import SupportSetError
+from neco.client.images import ImageLike
 from neco.contract import IGNORE_INDEX
 from neco.layout import find_class_names, image_mask_pairs
-
-from .errors import SupportSetError
-from .images import ImageLike
 
 
 @dataclass(frozen=True)

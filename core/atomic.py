@@ -4,15 +4,21 @@ Everything is first written under a hidden temporary name in the destination's o
 (same file system, so the final `os.replace` is atomic), flushed to disk with `fsync`, renamed
 into place, and the parent folder is `fsync`ed so the rename itself survives a power loss.
 Used for checkpoints, training artefacts, Triton model directories and memory banks.
+
+A writer killed mid-way (kill -9, power loss) leaves its hidden staging folder behind; the next
+`staged_directory` for the same destination removes every such folder no live writer holds.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import glob
 import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +90,10 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+STALE_AFTER_S = 2.0
+"""A staging folder is only judged stale once this old: its writer locks it just after creating it."""
+
+
 @contextmanager
 def staged_directory(
     target: Path, *, replace: bool, before_publish: Callable[[], object] | None = None
@@ -94,10 +104,15 @@ def staged_directory(
     readers see either the old or the new folder, never a mix. `before_publish` runs after the
     staged files are durable and just before the swap, to re-check a destination that may have
     changed meanwhile. On any error the staging folder is removed and `target` is left as it was.
+    The folder is `flock`ed while it is written, so `remove_stale_staging` can tell it from the
+    leftovers of dead writers, which it deletes first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until we are done; the kernel drops it when this process dies
     try:
         yield staging
         fsync_tree(staging)
@@ -107,6 +122,33 @@ def staged_directory(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_staging(target: Path, min_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete the `.NAME.staging-*` folders beside `target` whose writer is gone; returns them.
+
+    A live writer holds an `flock` on its staging folder; a folder whose lock can be taken
+    belongs to a writer that died (kill -9 during a bank build) and is removed.
+    """
+    removed = []
+    for folder in Path(target).parent.glob(f".{glob.escape(Path(target).name)}.staging-*"):
+        try:
+            if time.time() - folder.lstat().st_mtime < min_age_s:
+                continue  # a writer between mkdtemp and flock looks unlocked for an instant
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except BlockingIOError:
+            pass  # a live writer
+        finally:
+            os.close(fd)
+    return removed
 
 
 _RENAME_EXCHANGE = 2

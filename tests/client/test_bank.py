@@ -8,17 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neco.client import (
-    BankContractError,
-    BankCorruptError,
-    BankError,
-    BankVersionError,
-    ContractError,
-    IndexSpec,
-    MemoryBank,
-    SupportSetError,
-)
+from neco.client import BankError, ContractError, IndexSpec, MemoryBank, SupportSetError
 from neco.client.bank_io import FEATURES, MANIFEST, SOFT_LABELS
+from neco.client.errors import BankContractError, BankCorruptError, BankVersionError
 from neco.client.images import prepare_image, resize_mask
 from neco.client.support import patch_soft_labels
 from neco.contract import BANK_FORMAT_VERSION, ModelContract

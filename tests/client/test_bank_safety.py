@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neco.client import BankCorruptError, BankError, BankVersionError, MemoryBank, SupportSetError
+from neco.client import BankError, MemoryBank, SupportSetError
+from neco.client.bank import BankRows, BankSettings
 from neco.client.bank_io import FEATURES, INDEX, MANIFEST, SOFT_LABELS, sha256
+from neco.client.errors import BankCorruptError, BankVersionError
 from neco.contract import ModelContract
 
 from .conftest import ARCH
@@ -26,7 +28,8 @@ def _bank(rows: int = 40, seed: int = 0, kind: str = "flat") -> MemoryBank:
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     soft = np.eye(4, dtype=np.float32)[rng.integers(0, 4, rows)]
     spec = IndexSpec(kind=kind, nlist=1)
-    return MemoryBank(ModelContract.for_arch(ARCH), features, soft, CLASSES, index_spec=spec, num_images=rows // 10)
+    settings = BankSettings(class_names=CLASSES, index=spec)
+    return MemoryBank(ModelContract.for_arch(ARCH), BankRows(features, soft, num_images=rows // 10), settings)
 
 
 def test_a_folder_with_a_foreign_manifest_is_refused_and_left_intact(tmp_path: Path) -> None:
@@ -117,7 +120,7 @@ def test_non_finite_arrays_are_refused(tmp_path: Path, name: str, value: float) 
     with pytest.raises(BankCorruptError, match="NaN or infinite"):
         MemoryBank.load(tmp_path / "bank")
     with pytest.raises(BankError, match="finite"):
-        MemoryBank(bank.contract, np.full_like(bank.features, np.nan), bank.soft_labels, CLASSES)
+        MemoryBank(bank.contract, BankRows(np.full_like(bank.features, np.nan), bank.soft_labels), bank.settings)
 
 
 def test_crafted_index_file_is_a_typed_error(tmp_path: Path) -> None:

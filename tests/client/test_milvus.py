@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -12,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neco.client import BankContractError, BankCorruptError, BankError, MemoryBank, segment
-from neco.client.errors import BankStoreError, BankStoreUnavailableError
-from neco.client.milvus_store import MANIFEST_PROPERTY, MilvusStore, build_bank, open_bank
+from neco.client import BankError, MemoryBank, segment
+from neco.client.bank import BankRows, BankSettings
+from neco.client.errors import BankContractError, BankCorruptError, BankStoreError, BankStoreUnavailableError
+from neco.client.stores.milvus import MANIFEST_PROPERTY, MilvusStore, build_bank, open_bank
 from neco.contract import DEFAULT_K, ModelContract
 
 from .conftest import ColourBackend
@@ -96,7 +96,11 @@ def test_append_and_delete_by_image_round_trip(colour_backend, scenes_224, uri) 
     query = scenes_224[1][0]
     np.testing.assert_array_equal(
         segment(colour_backend, query, reopened).mask,
-        segment(colour_backend, query, MemoryBank(first.contract, features, soft, CLASSES, image_size=SIZE)).mask,
+        segment(
+            colour_backend,
+            query,
+            MemoryBank(first.contract, BankRows(features, soft), BankSettings(class_names=CLASSES, image_size=SIZE)),
+        ).mask,
     )
 
 
@@ -141,8 +145,8 @@ def test_dimension_mismatches_are_typed_errors(colour_backend, scenes_224, uri) 
     schema.add_field("image_id", DataType.INT64)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=128)
     schema.add_field("soft", DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=4)
-    manifest = {**bank.store.manifest}
-    client.create_collection("narrow", schema=schema, properties={MANIFEST_PROPERTY: json.dumps(manifest)})
+    manifest = bank.store.manifest.model_dump_json()
+    client.create_collection("narrow", schema=schema, properties={MANIFEST_PROPERTY: manifest})
     with pytest.raises(BankCorruptError, match="dimension 128.*384 dimensions"):
         open_bank(uri, collection="narrow")
     client.create_collection("foreign", schema=schema)
@@ -159,7 +163,7 @@ def test_float16_vectors_on_milvus_lite_are_refused_clearly(colour_backend, scen
 
 def test_pymilvus_is_imported_lazily_and_its_absence_names_the_extra(monkeypatch) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", "import sys, neco.client.milvus_store; print('pymilvus' in sys.modules)"],
+        [sys.executable, "-c", "import sys, neco.client.stores.milvus; print('pymilvus' in sys.modules)"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,26 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neco.client import (
-    UNKNOWN_LABEL,
+from neco.client import UNKNOWN_LABEL, BankError, MemoryBank, NecoClient, novelty, segment
+from neco.client.bank import BankRows, BankSettings
+from neco.client.bank_io import MANIFEST
+from neco.client.errors import (
     BankContractError,
     BankCorruptError,
-    BankError,
-    MemoryBank,
-    NecoClient,
     NoveltyError,
-    NoveltyModel,
     NoveltyNotCalibratedError,
     NoveltyNotFittedError,
-    NoveltySpec,
-    calibrate_novelty,
-    fit_novelty,
-    novelty,
-    segment,
 )
-from neco.client.bank_io import MANIFEST
-from neco.client.novelty import NOVELTY_FILES, calibrate
+from neco.client.novelty import NOVELTY_FILES, NoveltyModel, NoveltySpec, calibrate
 from neco.client.render import COLOUR_BAR_WIDTH, heat_colours
+from neco.client.retrieval import calibrate_novelty
 from neco.contract import BANK_FORMAT_VERSION, ModelContract
 from neco.scenes import generate_scene
 
@@ -212,18 +205,19 @@ def test_version_1_bank_loads_and_neco_asks_for_a_refit(colour_backend, scenes_2
     with pytest.raises(NoveltyNotFittedError):
         segment(colour_backend, image, bank, unknown=True)
     assert novelty(colour_backend, image, bank, method="knn").scores.shape == (224, 224)  # needs no fit
-    fit_novelty(bank, NoveltySpec(dim=3))
+    bank.fit_novelty(NoveltySpec(dim=3))
     assert bank.novelty.dim == 3 and novelty(colour_backend, image, bank).scores.shape == (224, 224)
     with pytest.raises(NoveltyNotCalibratedError, match="calibrate_novelty"):
         segment(colour_backend, image, bank, unknown=True)
 
 
 def test_bad_input_gets_typed_errors(colour_backend, scene_bank) -> None:
-    small = MemoryBank(colour_backend.contract, scene_bank.features[:5], scene_bank.soft_labels[:5], CLASSES)
+    rows = BankRows(scene_bank.features[:5], scene_bank.soft_labels[:5])
+    small = MemoryBank(colour_backend.contract, rows, scene_bank.settings)
     with pytest.raises(NoveltyError, match="holds 5 patches.*needs at least 11"):
-        fit_novelty(small, NoveltySpec(dim=10))
+        small.fit_novelty(NoveltySpec(dim=10))
     with pytest.raises(NoveltyError, match="d=400 exceeds the feature width 384"):
-        fit_novelty(scene_bank, NoveltySpec(dim=400))
+        scene_bank.fit_novelty(NoveltySpec(dim=400))
     assert issubclass(NoveltyError, BankError)
     with pytest.raises(ValueError):
         NoveltySpec(variance=1.5)
@@ -241,7 +235,8 @@ def test_bad_input_gets_typed_errors(colour_backend, scene_bank) -> None:
         calibrate_novelty(other, [image], scene_bank)
     with pytest.raises(NoveltyNotCalibratedError, match="calibrate_novelty"):
         segment(colour_backend, image, scene_bank, unknown=True)
-    named = MemoryBank(colour_backend.contract, scene_bank.features, scene_bank.soft_labels, [*CLASSES[:3], "unknown"])
+    named_settings = BankSettings(class_names=[*CLASSES[:3], "unknown"], image_size=scene_bank.image_size)
+    named = MemoryBank(colour_backend.contract, scene_bank.rows, named_settings)
     with pytest.raises(BankError, match="already has a class named 'unknown'"):
         segment(colour_backend, image, named, unknown=0.5)
 
@@ -272,8 +267,7 @@ def test_cli_fits_calibrates_and_writes_the_overlay(scene_bank, tmp_path: Path, 
     import neco.client.cli as cli
 
     monkeypatch.setattr(cli, "_client", lambda args: FakeClient())
-    scene_bank.novelty = None
-    scene_bank.save(tmp_path / "bank")
+    MemoryBank(scene_bank.contract, scene_bank.rows, scene_bank.settings).save(tmp_path / "bank")  # no NECO fit
     held_out = tmp_path / "held_out"
     held_out.mkdir()
     for i, image in enumerate(held_out_scenes(21, 8)):

@@ -19,6 +19,7 @@ from neco.client import (
     segment_features,
     transfer_labels,
 )
+from neco.client.bank import BankRows, BankSettings
 from neco.client.retrieval import _argmax_upsampled, upsample_bilinear
 from neco.contract import ModelContract
 from neco.signature import InputLimits
@@ -37,7 +38,7 @@ def _prototype_bank(noise: float = 0.05, per_class: int = 40, seed: int = 0) -> 
     )
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     soft = np.repeat(np.eye(3, dtype=np.float32), per_class, axis=0)
-    return MemoryBank(CONTRACT, feats, soft, ["a", "b", "c"]), protos
+    return MemoryBank(CONTRACT, BankRows(feats, soft), BankSettings(class_names=["a", "b", "c"])), protos
 
 
 def test_transfer_labels_matches_the_formula() -> None:

@@ -8,7 +8,7 @@ only when a store is opened, so the `client` extra never needs it.
 
 One collection holds one bank:
 
-    key       INT64 primary key = the bank's row key (`MemoryBank.row_keys`)
+    key       INT64 primary key = the bank's row key (`BankRows.keys`)
     image_id  INT64 support image of the row (delete by image)
     vector    FLOAT_VECTOR (or FLOAT16_VECTOR where the server has it) of `embed_dim`, unit norm
     soft      ARRAY<FLOAT> of the K class frequencies of the patch
@@ -23,19 +23,25 @@ Milvus Lite (3.x) refuses FLOAT16_VECTOR; asking for it there raises `BankStoreE
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
+from neco.client.backend import FeatureBackend
+from neco.client.bank import BankRows, BankSettings, MemoryBank
+from neco.client.bank_build import normalise
+from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE, Count, ImageSize, StorageDtype
+from neco.client.errors import (
+    BankContractError,
+    BankCorruptError,
+    BankError,
+    BankStoreError,
+    BankStoreUnavailableError,
+)
 from neco.contract import ModelContract
-
-from .backend import FeatureBackend
-from .bank import DEFAULT_IMAGE_SIZE, MemoryBank
-from .bank_build import normalise
-from .errors import BankContractError, BankCorruptError, BankError, BankStoreError, BankStoreUnavailableError
 
 DEFAULT_URI = "neco_bank.db"
 """Milvus Lite file used when no URI is given (relative to the working directory)."""
@@ -52,6 +58,30 @@ SEARCH_BATCH = 1024
 
 VectorDtype = Literal["float32", "float16"]
 _NUMPY = {"float32": np.float32, "float16": np.float16}
+
+
+class MilvusBankOptions(BaseModel):
+    """What `open_bank` needs besides the rows to restore the same `MemoryBank`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    image_size: ImageSize = DEFAULT_IMAGE_SIZE
+    dtype: StorageDtype = "float32"
+    num_images: Count = 0
+    classes_inferred: StrictBool = False
+
+
+class MilvusManifest(BaseModel):
+    """The collection property `MANIFEST_PROPERTY`: the model, classes and options of the bank it holds."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format: Literal["neco-milvus-bank"] = FORMAT_NAME
+    version: Annotated[int, Field(strict=True, ge=1, le=FORMAT_VERSION)] = FORMAT_VERSION
+    contract: ModelContract
+    class_names: list[StrictStr] = Field(max_length=MAX_CLASSES)
+    vector_dtype: VectorDtype = "float32"
+    bank: MilvusBankOptions = MilvusBankOptions()
 
 
 def _pymilvus() -> Any:
@@ -87,14 +117,14 @@ class MilvusStore:
     Use `create` for a new collection and `open` for an existing one (which checks its manifest).
     """
 
-    def __init__(self, client: Any, uri: str, collection: str, manifest: dict[str, Any]) -> None:
+    def __init__(self, client: Any, uri: str, collection: str, manifest: MilvusManifest) -> None:
         self.client = client
         self.uri = uri
         self.collection = collection
         self.manifest = manifest
-        self.contract = ModelContract.model_validate(manifest["contract"])
-        self.vector_dtype: VectorDtype = manifest["vector_dtype"]
-        self.num_classes = len(manifest["class_names"])
+        self.contract = manifest.contract
+        self.vector_dtype: VectorDtype = manifest.vector_dtype
+        self.num_classes = len(manifest.class_names)
 
     def __repr__(self) -> str:
         return f"MilvusStore({self.uri!r}, {self.collection!r}, {self.contract.arch}, {self.vector_dtype})"
@@ -118,7 +148,7 @@ class MilvusStore:
         *,
         uri: str = DEFAULT_URI,
         collection: str = DEFAULT_COLLECTION,
-        bank_options: dict[str, Any] | None = None,
+        bank_options: MilvusBankOptions | None = None,
         vector_dtype: VectorDtype = "float32",
         overwrite: bool = False,
         timeout: float = 10.0,
@@ -133,20 +163,18 @@ class MilvusStore:
             raise BankError(f"a Milvus bank holds at most {MAX_CLASSES} classes, got {len(class_names)}")
         if vector_dtype not in _NUMPY:
             raise BankError(f"vector_dtype must be 'float32' or 'float16', got {vector_dtype!r}")
+        manifest = MilvusManifest(
+            contract=contract,
+            class_names=list(class_names),
+            vector_dtype=vector_dtype,
+            bank=bank_options or MilvusBankOptions(),
+        )
         client = cls.connect(uri, timeout)
         if client.has_collection(collection):
             if not overwrite:
                 raise BankStoreError(f"collection {collection!r} already exists at {uri!r}; pass overwrite=True")
             cls._read_manifest(client, uri, collection)  # never drop a collection this project did not write
             client.drop_collection(collection)
-        manifest = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "contract": contract.model_dump(mode="json"),
-            "class_names": list(class_names),
-            "vector_dtype": vector_dtype,
-            "bank": bank_options or {},
-        }
         pymilvus = _pymilvus()
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("key", pymilvus.DataType.INT64, is_primary=True)
@@ -164,7 +192,7 @@ class MilvusStore:
                 schema=schema,
                 index_params=index,
                 consistency_level="Strong",  # a search sees every insert and delete before it
-                properties={MANIFEST_PROPERTY: json.dumps(manifest)},
+                properties={MANIFEST_PROPERTY: manifest.model_dump_json()},
             )
         except pymilvus.exceptions.MilvusException as exc:
             detail = getattr(exc, "message", "") or repr(exc)
@@ -198,8 +226,8 @@ class MilvusStore:
         return store
 
     @staticmethod
-    def _read_manifest(client: Any, uri: str, collection: str) -> dict[str, Any]:
-        """The collection's manifest, checked against its schema (dimension, class count)."""
+    def _read_manifest(client: Any, uri: str, collection: str) -> MilvusManifest:
+        """The collection's manifest, validated and checked against its schema (dimension, class count)."""
         with _milvus_errors(uri, f"describe collection {collection!r}"):
             described = client.describe_collection(collection)
         where = f"Milvus collection {collection!r} at {uri!r}"
@@ -207,14 +235,10 @@ class MilvusStore:
         if text is None:
             raise BankStoreError(f"{where} is not a memory bank of this project (no {MANIFEST_PROPERTY!r} property)")
         try:
-            manifest = json.loads(text)
-            contract = ModelContract.model_validate(manifest["contract"])
-            classes = len(manifest["class_names"])
-            ok = manifest["format"] == FORMAT_NAME and manifest["vector_dtype"] in _NUMPY
-        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-            raise BankCorruptError(f"{where}: malformed manifest: {exc!r}") from None
-        if not ok or not isinstance(manifest.get("version"), int) or not 1 <= manifest["version"] <= FORMAT_VERSION:
-            raise BankCorruptError(f"{where}: format {manifest.get('format')!r} v{manifest.get('version')!r} unknown")
+            manifest = MilvusManifest.model_validate_json(text)
+        except ValidationError as exc:
+            raise BankCorruptError(f"{where}: malformed manifest: {exc}") from None
+        contract, classes = manifest.contract, len(manifest.class_names)
         fields = {field["name"]: field for field in described.get("fields", [])}
         if set(fields) != {"key", "image_id", "vector", "soft"}:
             raise BankCorruptError(f"{where}: fields {sorted(fields)}, expected key, image_id, vector, soft")
@@ -353,12 +377,12 @@ def build_bank(
         raise BankError("building a Milvus bank from a support set needs a backend")
     else:
         bank = MemoryBank.build(backend, source, **build_options)
-    options = {
-        "image_size": bank.image_size,
-        "dtype": bank.dtype,
-        "num_images": bank.num_images,
-        "classes_inferred": bank.classes_inferred,
-    }
+    options = MilvusBankOptions(
+        image_size=bank.image_size,
+        dtype=bank.dtype,
+        num_images=bank.num_images,
+        classes_inferred=bank.classes_inferred,
+    )
     store = MilvusStore.create(
         bank.contract,
         bank.class_names,
@@ -371,9 +395,8 @@ def build_bank(
     )
     if len(bank):
         store.insert(0, bank.features, bank.soft_labels, bank.image_ids)
-    bank.row_keys = np.arange(len(bank), dtype=np.int64)
-    bank.store = store
-    return bank
+    rows = BankRows(bank.features, bank.soft_labels, bank.image_ids, bank.num_images)  # keys 0..N-1, as inserted
+    return MemoryBank(bank.contract, rows, bank.settings, novelty=bank.novelty, store=store)
 
 
 def open_bank(
@@ -386,20 +409,13 @@ def open_bank(
     a collection of another model is `BankContractError`."""
     store = MilvusStore.open(uri, collection, contract, timeout)
     keys, features, soft, image_ids = store.rows()
-    options = store.manifest["bank"]
-    size = options.get("image_size", DEFAULT_IMAGE_SIZE)
-    dtype = options.get("dtype", "float32")
-    bank = MemoryBank(
-        store.contract,
-        features.astype(dtype, copy=False),
-        soft,
-        store.manifest["class_names"],
-        image_size=tuple(size) if isinstance(size, list) else size,
-        dtype=dtype,
-        num_images=int(np.unique(image_ids).size) if (image_ids >= 0).all() else int(options.get("num_images", 0)),
-        image_ids=image_ids,
-        classes_inferred=bool(options.get("classes_inferred", False)),
-        store=store,
+    options = store.manifest.bank
+    settings = BankSettings(
+        class_names=store.manifest.class_names,
+        image_size=options.image_size,
+        dtype=options.dtype,
+        classes_inferred=options.classes_inferred,
     )
-    bank.row_keys = keys
-    return bank
+    num_images = int(np.unique(image_ids).size) if (image_ids >= 0).all() else options.num_images
+    rows = BankRows(features.astype(settings.dtype, copy=False), soft, image_ids, num_images, keys)
+    return MemoryBank(store.contract, rows, settings, store=store)
