@@ -14,10 +14,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from neco.client.backend import FeatureBackend, batch_features
+from neco.client.backend import FeatureBackend, batch_features, prepare_for
 from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE, IndexSpec, StorageDtype
 from neco.client.errors import SupportSetError
-from neco.client.images import SizeSpec, describe, load_mask, prepare_image, resize_mask
+from neco.client.images import SizeSpec, describe, load_mask, resize_mask
 from neco.client.novelty import NoveltySpec
 from neco.client.support import SupportSet, iter_pairs, patch_soft_labels, sample_rare_first, shard_length
 
@@ -111,7 +111,7 @@ def extract(
 
     for index, image_like, mask_like in iter_pairs(support):
         name = f"support item {index} ({describe(image_like)})"
-        prepared = prepare_image(image_like, image_size, patch)
+        prepared = prepare_for(backend, image_like, image_size)  # within the backend's own limits
         mask = load_mask(mask_like)
         if mask.shape != prepared.original_size:
             raise SupportSetError(

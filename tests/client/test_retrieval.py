@@ -150,3 +150,15 @@ def test_the_overlay_draws_the_query_segment_already_decoded(colour_backend, sce
     np.testing.assert_array_equal(np.asarray(result.overlay()), expected)
     with pytest.raises(ValueError, match="pass the image"):
         segment_features(np.asarray(colour_backend.features(image[None]))[0], bank, (224, 224)).overlay()
+
+
+def test_bank_build_prepares_support_images_within_the_backends_own_limits(scenes_224) -> None:
+    """Regression: building a bank resized support images with the default InputLimits."""
+    tight = ColourBackend()
+    tight.limits = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
+    with pytest.raises(ImageError, match="max_image_pixels=50176"):
+        MemoryBank.build(tight, scenes_224[:1], image_size=(238, 238))
+    assert tight.calls == []
+    roomy = ColourBackend()
+    roomy.limits = InputLimits(max_image_pixels=1036 * 1036, max_request_pixels=1036 * 1036)
+    assert MemoryBank.build(roomy, scenes_224[:1], image_size=(1036, 1036)).image_size == (1036, 1036)
