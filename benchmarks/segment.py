@@ -30,8 +30,9 @@ import faiss
 import numpy as np
 from common import default_path, machine_info, make_result, write_result
 
-from neco.client import MemoryBank, segment_features
+from neco.client import MemoryBank
 from neco.client.bank import BankRows, BankSettings
+from neco.client.retrieval import segment_features
 from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, PATCH_SIZE, ModelContract
 
 DIM = 384

@@ -1,101 +1,55 @@
 """neco.client: torch-free dense features, memory banks and in-context segmentation.
 
 Imports only numpy, Pillow, pydantic, pyyaml, tqdm, tritonclient and faiss (a test enforces
-it), so applications can install the `client` extra without torch.
+it), so applications can install the `client` extra without torch. This package exports what an
+application starts from; everything else stays importable from its module (`neco.client.images`,
+`neco.client.retrieval`, `neco.client.novelty`, `neco.client.errors`, ...).
 """
 
-from .backend import FeatureBackend, batch_features
-from .bank import IndexSpec, MemoryBank
-from .errors import (
-    BankContractError,
-    BankCorruptError,
+from neco.client.backend import FeatureBackend, batch_features
+from neco.client.bank import IndexSpec, MemoryBank
+from neco.client.errors import (
     BankError,
-    BankStoreError,
-    BankStoreUnavailableError,
-    BankVersionError,
     ClientError,
     ContractError,
-    EndpointError,
     ImageError,
     InferenceError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    NoveltyError,
-    NoveltyNotCalibratedError,
-    NoveltyNotFittedError,
-    ServerOverloadedError,
     ServerUnavailableError,
     SupportSetError,
 )
-from .images import ImageLike, PreparedImage, SizeSpec, load_mask, load_rgb, prepare_image, resize_mask
-from .novelty import Calibration, NoveltyModel, NoveltySpec
-from .render import features_to_rgb, heatmap_overlay, overlay, palette
-from .retrieval import (
-    UNKNOWN_LABEL,
-    NoveltyResult,
-    SegmentationResult,
-    calibrate_novelty,
-    check_contract,
-    novelty,
-    novelty_features,
-    segment,
-    segment_features,
-    transfer_labels,
-    upsample_bilinear,
-)
-from .transport import RetryPolicy
-from .triton import DenseFeatures, NecoClient
+from neco.client.images import PreparedImage, load_mask, load_rgb, prepare_image
+from neco.client.render import features_to_rgb, overlay
+from neco.client.retrieval import UNKNOWN_LABEL, NoveltyResult, SegmentationResult, novelty, segment
+from neco.client.transport import RetryPolicy
+from neco.client.triton import DenseFeatures, NecoClient
 
 __all__ = [
-    "BankContractError",
-    "BankCorruptError",
-    "BankError",
-    "BankStoreError",
-    "BankStoreUnavailableError",
-    "BankVersionError",
-    "Calibration",
-    "ClientError",
-    "ContractError",
-    "DenseFeatures",
-    "EndpointError",
-    "FeatureBackend",
-    "ImageError",
-    "ImageLike",
-    "IndexSpec",
-    "InferenceError",
-    "MemoryBank",
-    "ModelNotFoundError",
-    "ModelNotReadyError",
+    # features
     "NecoClient",
-    "NoveltyError",
-    "NoveltyModel",
-    "NoveltyNotCalibratedError",
-    "NoveltyNotFittedError",
-    "NoveltyResult",
-    "NoveltySpec",
-    "PreparedImage",
-    "RetryPolicy",
-    "SegmentationResult",
-    "ServerOverloadedError",
-    "ServerUnavailableError",
-    "SizeSpec",
-    "SupportSetError",
-    "UNKNOWN_LABEL",
+    "DenseFeatures",
+    "FeatureBackend",
     "batch_features",
-    "calibrate_novelty",
-    "check_contract",
-    "features_to_rgb",
-    "heatmap_overlay",
-    "load_mask",
-    "load_rgb",
-    "novelty",
-    "novelty_features",
-    "overlay",
-    "palette",
+    "PreparedImage",
     "prepare_image",
-    "resize_mask",
+    "load_rgb",
+    "load_mask",
+    "RetryPolicy",
+    # memory banks and what they answer
+    "MemoryBank",
+    "IndexSpec",
     "segment",
-    "segment_features",
-    "transfer_labels",
-    "upsample_bilinear",
+    "SegmentationResult",
+    "novelty",
+    "NoveltyResult",
+    "UNKNOWN_LABEL",
+    "overlay",
+    "features_to_rgb",
+    # the error bases a caller catches (every one derives from neco.errors.NecoError)
+    "ClientError",
+    "ImageError",
+    "ServerUnavailableError",
+    "InferenceError",
+    "ContractError",
+    "BankError",
+    "SupportSetError",
 ]

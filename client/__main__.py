@@ -1,5 +1,5 @@
 """`python -m neco.client ...`: the client's CLI without torch or the other stages."""
 
-from .cli import main
+from neco.client.cli import main
 
 raise SystemExit(main())

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from neco.atomic import make_parent
+from neco.client.bank import DEFAULT_IMAGE_SIZE
+from neco.client.novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_VARIANCE, METHODS
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
-
-from .bank import DEFAULT_IMAGE_SIZE
-from .novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_VARIANCE, METHODS
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -75,8 +74,8 @@ def _policy(size: int | tuple[int, int] | list[int]) -> str:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .transport import RetryPolicy
-    from .triton import NecoClient
+    from neco.client.transport import RetryPolicy
+    from neco.client.triton import NecoClient
 
     size = args.size if args.size is not None else DEFAULT_IMAGE_SIZE
     retry = RetryPolicy(

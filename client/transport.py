@@ -24,7 +24,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tritonclient.utils import InferenceServerException
 
-from .errors import (
+from neco.client.errors import (
     ClientError,
     EndpointError,
     InferenceError,

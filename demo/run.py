@@ -259,7 +259,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
 
 def write_summary_pictures(val, results: dict, material: dict, pictures: Path) -> None:
     """panel.png (image | ground truth | start | after NeCo) and pca.png (image | PCA maps)."""
-    from .pictures import pca_sheet, segmentation_panel
+    from neco.demo.pictures import pca_sheet, segmentation_panel
 
     count = len(next(iter(material.values()))["masks"])
     if not count:

@@ -23,7 +23,8 @@ from neco.errors import InputError, NecoError
 from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME
 
 if TYPE_CHECKING:
-    from neco.client import FeatureBackend, SizeSpec
+    from neco.client import FeatureBackend
+    from neco.client.images import SizeSpec
 
 BackendKind = Literal["triton", "onnx", "torch"]
 

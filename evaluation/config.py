@@ -14,7 +14,8 @@ from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.datasets import DatasetKind
 
 if TYPE_CHECKING:
-    from neco.client import FeatureBackend, SizeSpec
+    from neco.client import FeatureBackend
+    from neco.client.images import SizeSpec
 
 
 class EvalConfig(BaseModel):

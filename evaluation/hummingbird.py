@@ -33,7 +33,8 @@ from neco.evaluation.metrics import ConfusionAccumulator, IoUResult
 from neco.evaluation.protocols import PROTOCOL_HELP, PROTOCOLS, Protocol, hbird_eval
 
 if TYPE_CHECKING:
-    from neco.client import FeatureBackend, MemoryBank, SizeSpec
+    from neco.client import FeatureBackend, MemoryBank
+    from neco.client.images import SizeSpec
 
 
 ProtocolChoice = Literal["hbird-eval", "strict", "both"]
@@ -166,7 +167,7 @@ def evaluate_bank(
     goes through `segment_features`, which returns the mask at the image's own size.
     `beta` is the deprecated name of `temperature`.
     """
-    from neco.client import check_contract, segment_features
+    from neco.client.retrieval import check_contract, segment_features
 
     if beta is not None:
         warnings.warn("evaluate_bank(beta=...) is deprecated; use temperature=", DeprecationWarning, stacklevel=2)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
-from neco.client import SizeSpec
+from neco.client.images import SizeSpec
 from neco.contract import IGNORE_INDEX
 from neco.evaluation.backends import iter_features
 from neco.evaluation.config import EvalConfig

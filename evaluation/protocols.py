@@ -133,7 +133,7 @@ def hbird_eval(
     """
     import faiss
 
-    from neco.client import transfer_labels, upsample_bilinear
+    from neco.client.retrieval import transfer_labels, upsample_bilinear
 
     num_classes = len(class_names)
     rng = np.random.default_rng(seed)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neco.client import SegmentationResult, features_to_rgb, palette
+from neco.client import SegmentationResult, features_to_rgb
+from neco.client.render import palette
 
 
 def test_palette_is_distinct_and_voc_compatible() -> None:

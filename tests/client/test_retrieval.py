@@ -10,17 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from neco.client import (
-    BankContractError,
-    ImageError,
-    MemoryBank,
-    SupportSetError,
-    segment,
-    segment_features,
-    transfer_labels,
-)
+from neco.client import ImageError, MemoryBank, SupportSetError, segment
 from neco.client.bank import BankRows, BankSettings
-from neco.client.retrieval import _argmax_upsampled, upsample_bilinear
+from neco.client.errors import BankContractError
+from neco.client.retrieval import _argmax_upsampled, segment_features, transfer_labels, upsample_bilinear
 from neco.contract import ModelContract
 from neco.signature import InputLimits
 

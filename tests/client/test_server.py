@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neco.client import (
-    ContractError,
-    DenseFeatures,
-    MemoryBank,
-    ModelNotFoundError,
-    NecoClient,
-    ServerUnavailableError,
-)
+from neco.client import ContractError, DenseFeatures, MemoryBank, NecoClient, ServerUnavailableError
+from neco.client.errors import ModelNotFoundError
 from neco.client.triton import DEFAULT_URLS
 from neco.contract import ModelContract
 from neco.scenes import SCENE_CLASSES, generate_scene, write_scene_dataset
@@ -191,7 +185,7 @@ def test_known_but_unready_model_is_reported() -> None:
     """A model that failed to load (hard to provoke on the shared server): the server's answers are stubbed."""
     from tritonclient.utils import InferenceServerException
 
-    from neco.client import ModelNotReadyError
+    from neco.client.errors import ModelNotReadyError
 
     class LoadingServer:
         def is_server_live(self, **_):

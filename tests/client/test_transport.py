@@ -26,15 +26,8 @@ from geventhttpclient.response import HTTPConnectionClosed
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from neco.client import (
-    EndpointError,
-    InferenceError,
-    ModelNotReadyError,
-    NecoClient,
-    RetryPolicy,
-    ServerOverloadedError,
-    ServerUnavailableError,
-)
+from neco.client import InferenceError, NecoClient, RetryPolicy, ServerUnavailableError
+from neco.client.errors import EndpointError, ModelNotReadyError, ServerOverloadedError
 from neco.client.transport import Endpoints, call_with_retries, parse_urls, translate
 
 SIZE = 112

@@ -127,9 +127,9 @@ def test_the_module_walk_sees_the_error_modules(name: str) -> None:
 
 
 def project_sources() -> list[Path]:
-    """Every Python file of the mapped packages, the benchmarks and the tests."""
+    """Every Python file of the mapped packages and the benchmarks (tests keep pytest's `from .conftest`)."""
     package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    folders = [*package_dir.values(), "benchmarks", "tests"]
+    folders = [*package_dir.values(), "benchmarks"]
     return sorted(path for folder in folders for path in (REPO / folder).rglob("*.py"))
 
 
@@ -146,7 +146,14 @@ def test_one_import_style_and_only_the_clients_public_names_outside_it() -> None
             names = [alias.name for alias in node.names]
             if node.level > 0:
                 offenders.append(f"{where}: relative import from {'.' * node.level}{node.module or ''}")
-            elif (node.module or "").startswith("neco.client") and not inside_client and where.parts[0] != "tests":
+            elif (node.module or "").startswith("neco.client") and not inside_client:
                 if node.module == "neco.client.cli" or any(n.startswith("_") for n in names):
                     offenders.append(f"{where}: from {node.module} import {', '.join(names)}")
     assert not offenders, offenders
+
+
+def test_the_client_exports_a_small_public_api() -> None:
+    import neco.client
+
+    assert len(neco.client.__all__) <= 25
+    assert all(hasattr(neco.client, name) for name in neco.client.__all__)
