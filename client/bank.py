@@ -171,8 +171,9 @@ class MemoryBank:
         given as a model or as its fields).
 
         An empty support set is an error. Without a class list or `num_classes`, K is inferred
-        as the largest label + 1 (a stray label 200 makes 201 classes): the build warns, and the
-        bank records `classes_inferred`. Join shard banks with `merge`.
+        as the largest label + 1: the build warns, and the bank records `classes_inferred`; when most
+        of those classes never occur (a stray label 200 would make 201) it refuses instead.
+        Join shard banks with `merge`.
         """
         if options is not None and fields:
             raise TypeError("give build options as a BuildOptions or as keywords, not both")
@@ -199,6 +200,11 @@ class MemoryBank:
             )
         if declared is None:
             seen = int((soft.sum(axis=0) > 0).sum())
+            if 2 * seen < width:  # most inferred classes never occur: a stray label, not a class list
+                raise SupportSetError(
+                    f"no class list for {opened.source}: the largest mask label {width - 1} would make {width} "
+                    f"classes, but only {seen} distinct labels occur; pass class_names or num_classes"
+                )
             warnings.warn(
                 f"no class list for {opened.source}: {width} classes inferred from the largest mask label "
                 f"{width - 1} ({seen} distinct labels seen); pass class_names or num_classes to fix K",

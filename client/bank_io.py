@@ -259,11 +259,12 @@ def _load_array(path: Path, name: str, entry: FileEntry | None, verify: bool) ->
     return array
 
 
-def read_bank(path: Path, verify: bool = True, attempts: int = 3) -> BankFiles:
+def read_bank(path: Path, verify: bool = True, attempts: int = 20) -> BankFiles:
     """Read the files of a bank written by `write_bank` (checksums verified unless told not to).
 
     A writer may swap in a new bank while this reads file by file; then the folder's inode
-    changes, and the read (whose files may mix both banks) is retried on the new bank.
+    changes, and the read (whose files may mix both banks) is retried on the new bank; a reader slowed
+    by load can overlap several swaps of a busy writer, hence the generous number of attempts.
     """
     for _ in range(attempts - 1):
         before = _inode(path)

@@ -192,3 +192,15 @@ def test_failed_save_leaves_the_old_bank_intact(saved_bank: Path, colour_backend
         other.mkdir()
         (other / "precious.txt").write_text("x")
         bigger.save(other)
+
+
+def test_a_stray_label_does_not_become_two_hundred_classes(colour_backend, scenes_224) -> None:
+    """Without a class list K is inferred from the largest label; a stray 200 is refused, not 201 classes."""
+    image, mask = scenes_224[0]
+    stray = mask.copy()
+    stray[0, 0] = 200
+    with pytest.raises(SupportSetError, match="largest mask label 200 would make 201 classes"):
+        MemoryBank.build(colour_backend, [(image, stray)])
+    with pytest.warns(UserWarning, match="classes inferred"):
+        assert len(MemoryBank.build(colour_backend, [(image, mask)]).class_names) == int(mask.max()) + 1
+    assert len(MemoryBank.build(colour_backend, [(image, stray)], num_classes=201).class_names) == 201

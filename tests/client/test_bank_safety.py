@@ -139,10 +139,13 @@ def test_crafted_index_file_is_a_typed_error(tmp_path: Path) -> None:
 def test_without_a_class_list_k_is_inferred_loudly_and_recorded(colour_backend, tmp_path: Path) -> None:
     image = np.zeros((28, 28, 3), np.uint8)
     mask = np.zeros((28, 28), np.uint8)
-    mask[:14] = 200  # one stray label
-    with pytest.warns(UserWarning, match="201 classes inferred"):
-        bank = MemoryBank.build(colour_backend, [(image, mask)], image_size=28)
-    assert len(bank.class_names) == 201 and bank.classes_inferred
+    mask[:14] = 200  # one stray label: refused (most of 201 inferred classes never occur)
+    with pytest.raises(SupportSetError, match="would make 201 classes, but only 2 distinct labels occur"):
+        MemoryBank.build(colour_backend, [(image, mask)], image_size=28)
+    dense = np.repeat(np.arange(4, dtype=np.uint8), 7)[:, None].repeat(28, axis=1)  # labels 0..3, all present
+    with pytest.warns(UserWarning, match="4 classes inferred"):
+        bank = MemoryBank.build(colour_backend, [(image, dense)], image_size=28)
+    assert len(bank.class_names) == 4 and bank.classes_inferred
     bank.save(tmp_path / "bank")
     assert json.loads((tmp_path / "bank" / MANIFEST).read_text())["classes_inferred"] is True
     assert MemoryBank.load(tmp_path / "bank").classes_inferred

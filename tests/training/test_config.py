@@ -108,3 +108,12 @@ def test_config_errors(overrides: list[str], message: str) -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_train_config(CONFIGS / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("train_*.yaml")))
+def test_configs_keeping_one_checkpoint_say_what_that_means_for_recovery(name: str) -> None:
+    """keep_checkpoints: 1 leaves no fallback (tests/training/test_faults.py shows the exit); the YAML says so."""
+    lines = (CONFIGS / name).read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.strip().startswith("keep_checkpoints: 1"):
+            assert "no usable checkpoint" in " ".join(lines[index : index + 3]), name
