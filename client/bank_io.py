@@ -279,12 +279,14 @@ def read_bank(path: Path, verify: bool = True, attempts: int = 20) -> BankFiles:
     return _read_once(path, verify)
 
 
-def _inode(path: Path) -> tuple[int, int] | None:
+def _inode(path: Path) -> tuple[int, int, int] | None:
+    """The folder's identity; with its change time, since a swapped-out folder's inode number can be
+    reused by a later save (A -> B -> A' would look unchanged by inode alone)."""
     try:
         stat = path.stat()
     except OSError:
         return None
-    return stat.st_dev, stat.st_ino
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
 
 
 def _read_once(path: Path, verify: bool) -> BankFiles:
