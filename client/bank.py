@@ -43,6 +43,7 @@ from neco.client.errors import (
 from neco.client.images import SizeSpec
 from neco.client.novelty import (
     DEFAULT_KNN_K,
+    DEFAULT_METHOD,
     METHODS,
     Calibration,
     NoveltyMethod,
@@ -328,8 +329,14 @@ class MemoryBank:
             )
         return self._novelty
 
-    def patch_novelty(self, features: np.ndarray, method: NoveltyMethod = "neco", k: int = DEFAULT_KNN_K) -> np.ndarray:
-        """Novelty of every patch of (..., C) unit-norm query features; the result has shape (...)."""
+    def patch_novelty(
+        self, features: np.ndarray, method: NoveltyMethod = DEFAULT_METHOD, k: int = DEFAULT_KNN_K
+    ) -> np.ndarray:
+        """Novelty of every patch of (..., C) unit-norm query features; the result has shape (...).
+
+        The default method is `novelty.DEFAULT_METHOD` (the k-NN baseline: it measures best on the
+        project's benchmark); "neco" needs the fitted subspace, "knn" only the bank's index.
+        """
         if method == "neco":
             return self.require_novelty().novelty(features)
         if method == "knn":
