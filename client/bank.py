@@ -332,11 +332,8 @@ class MemoryBank:
     def patch_novelty(
         self, features: np.ndarray, method: NoveltyMethod = DEFAULT_METHOD, k: int = DEFAULT_KNN_K
     ) -> np.ndarray:
-        """Novelty of every patch of (..., C) unit-norm query features; the result has shape (...).
-
-        The default method is `novelty.DEFAULT_METHOD` (the k-NN baseline: it measures best on the
-        project's benchmark); "neco" needs the fitted subspace, "knn" only the bank's index.
-        """
+        """Novelty of every patch of (..., C) unit-norm query features, shape (...); by default the k-NN
+        baseline (`novelty.DEFAULT_METHOD`, best on the benchmark), which needs no fitted subspace."""
         if method == "neco":
             return self.require_novelty().novelty(features)
         if method == "knn":
