@@ -223,13 +223,13 @@ def diagnose(
             "neco_ratio": kept / norm_z,
             "uncentred_ratio": np.linalg.norm(test @ uncentred, axis=1) / np.linalg.norm(test, axis=1),
         }
-        novel_when_high = {"norm_z": True, "residual": True}  # the others are similarities: low = novel
+        distances = {"norm_z", "residual"}  # high = novel; the others are similarities, low = novel
         out[ood] = {
             name: {
                 "id_median": float(np.median(values[labels == 0])),
                 "ood_median": float(np.median(values[labels == 1])),
                 "auroc_as_novelty": auroc(
-                    *(v if novel_when_high.get(name) else -v for v in (values[labels == 0], values[labels == 1]))
+                    *((1 if name in distances else -1) * values[labels == split] for split in (0, 1))
                 ),
             }
             for name, values in parts.items()
