@@ -19,7 +19,9 @@ The bank holds the support patches; thresholds are calibrated on separate held-o
 
 Metrics: AUROC (rank statistic, ties counted half) and FPR@95%TPR (share of ID samples scored
 at least as novel as the 5% quantile of the OOD scores, i.e. the false alarms at the threshold
-that catches 95% of OOD). Features come from a RANDOM-INIT ViT-S/14-reg4 run in-process
+that catches 95% of OOD). The goal: the library's default method (`DEFAULT_METHOD`) measures
+best at patch and image level on both OOD sets. `results.diagnosis` says why NECO does what it
+does: per OOD set, medians of the quantities its ratio is made of, and the AUROC each would give. Features come from a RANDOM-INIT ViT-S/14-reg4 run in-process
 (`neco.evaluation.backends.TorchBackend`) unless `--weights` names a checkpoint: the numbers say
 how the scores behave on such features, not what a trained DINOv2 would give.
 Results: benchmarks/results/novelty_<device>.json (see benchmarks/common.py for the schema).
@@ -38,7 +40,15 @@ import numpy as np
 from common import default_path, make_result, write_result  # benchmarks/ is the script's folder
 
 from neco.client import MemoryBank, batch_features
-from neco.client.novelty import DEFAULT_KNN_K, NoveltyModel, NoveltySpec, aggregate, calibrate, knn_novelty
+from neco.client.novelty import (
+    DEFAULT_KNN_K,
+    DEFAULT_METHOD,
+    NoveltyModel,
+    NoveltySpec,
+    aggregate,
+    calibrate,
+    knn_novelty,
+)
 from neco.contract import DEFAULT_K, PATCH_SIZE, ModelContract
 from neco.scenes import SCENE_CLASSES, generate_scene
 
@@ -70,7 +80,7 @@ def make_backend(args: argparse.Namespace) -> Any:
     import torch
 
     from neco.evaluation.backends import TorchBackend
-    from neco.training.backbone import create_backbone
+    from neco.model import create_backbone
 
     if args.weights is not None:
         return TorchBackend(args.weights, device=args.device)
@@ -177,6 +187,56 @@ def evaluate(
     return image_rows, patch_rows
 
 
+def diagnose(
+    model: NoveltyModel, bank_features: np.ndarray, feats: dict[str, np.ndarray], truth: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """What NECO's ratio is made of, for ID and OOD test patches of each set (medians), and each part's AUROC.
+
+    NECO = ||P_d z|| / ||z|| with z = (h - mean) / std. `cos_to_id_mean` is the cosine of the raw
+    unit feature h with the ID mean; `norm_z` alone and the residual ||z - P_d z|| alone are the
+    distance-like scores the ratio divides away. `uncentred_ratio` is ||P h|| / ||h|| with P from
+    the uncentred PCA of the raw bank features (d by the same explained-variance rule): the
+    ratio without the centring step.
+    """
+    raw = bank_features.astype(np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(raw.T @ raw)
+    share = np.cumsum(eigenvalues[::-1]) / eigenvalues.sum()
+    uncentred = eigenvectors[:, ::-1][:, : int(np.searchsorted(share, model.spec.variance)) + 1]
+    mean_direction = model.mean / np.linalg.norm(model.mean)
+    out: dict[str, Any] = {
+        "neco_d": model.dim,
+        "uncentred_d": int(uncentred.shape[1]),
+        "standardised_mean_share_inside_subspace": float(
+            np.linalg.norm(model.components @ (model.mean / model.scale)) / np.linalg.norm(model.mean / model.scale)
+        ),
+    }
+    for ood in OOD_SETS:
+        test = np.concatenate([feats["id"], feats[ood]]).reshape(-1, model.mean.shape[0]).astype(np.float64)
+        labels = np.concatenate([truth["id"], truth[ood]]).reshape(-1)
+        z = (test - model.mean) / model.scale
+        norm_z, kept = np.linalg.norm(z, axis=1), np.linalg.norm(z @ model.components.T, axis=1)
+        parts = {
+            "cos_to_id_mean": test @ mean_direction,
+            "norm_z": norm_z,
+            "norm_projected": kept,
+            "residual": np.sqrt(np.maximum(norm_z**2 - kept**2, 0.0)),
+            "neco_ratio": kept / norm_z,
+            "uncentred_ratio": np.linalg.norm(test @ uncentred, axis=1) / np.linalg.norm(test, axis=1),
+        }
+        distances = {"norm_z", "residual"}  # high = novel; the others are similarities, low = novel
+        out[ood] = {
+            name: {
+                "id_median": float(np.median(values[labels == 0])),
+                "ood_median": float(np.median(values[labels == 1])),
+                "auroc_as_novelty": auroc(
+                    *((1 if name in distances else -1) * values[labels == split] for split in (0, 1))
+                ),
+            }
+            for name, values in parts.items()
+        }
+    return out
+
+
 def describe(row: dict[str, Any]) -> str:
     return f"d {row['d']} ({row['spec']})" if row["method"] == "neco" else f"k {row['k']}"
 
@@ -200,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
 
     image_rows: list[dict[str, Any]] = []
     patch_rows: list[dict[str, Any]] = []
+    diagnosis = diagnose(NoveltyModel.fit(bank.features), bank.features, feats, truth)
     for spec in NECO_SPECS:
         model = NoveltyModel.fit(bank.features, spec)
         maps = {split: model.novelty(f) for split, f in feats.items()}
@@ -234,20 +295,32 @@ def main(argv: list[str] | None = None) -> None:
         ]
 
     goal: dict[str, Any] = {
-        "target": "NECO (default spec) image-level AUROC >= 0.9 on the generated split, and patch-level "
-        f"AUROC not below the k-NN baseline (k={DEFAULT_KNN_K})",
+        "target": f"the default method ({DEFAULT_METHOD}) has the higher patch AUROC and the higher best-aggregation "
+        f"image AUROC on both OOD sets (NECO: default spec; k-NN: k={DEFAULT_KNN_K})",
+        "default_method": DEFAULT_METHOD,
     }
     met = True
     for ood in OOD_SETS:
-        best = max(r["auroc"] for r in pick(image_rows, "neco", ood, spec="default"))
-        neco_patch = pick(patch_rows, "neco", ood, spec="default")[0]["auroc"]
-        knn_patch = pick(patch_rows, "knn", ood, k=DEFAULT_KNN_K)[0]["auroc"]
-        goal[ood] = {
-            "neco_image_auroc_best_aggregation": best,
-            "neco_patch_auroc": neco_patch,
-            "knn_patch_auroc": knn_patch,
+        measured = {
+            "neco": {
+                "image_auroc_best_aggregation": max(r["auroc"] for r in pick(image_rows, "neco", ood, spec="default")),
+                "patch_auroc": pick(patch_rows, "neco", ood, spec="default")[0]["auroc"],
+            },
+            "knn": {
+                "image_auroc_best_aggregation": max(r["auroc"] for r in pick(image_rows, "knn", ood, k=DEFAULT_KNN_K)),
+                "patch_auroc": pick(patch_rows, "knn", ood, k=DEFAULT_KNN_K)[0]["auroc"],
+            },
         }
-        met = met and best >= 0.9 and neco_patch >= knn_patch
+        other = "neco" if DEFAULT_METHOD == "knn" else "knn"
+        goal[ood] = measured
+        met = met and all(measured[DEFAULT_METHOD][key] > measured[other][key] for key in measured[other])
+        print(
+            f"{ood}: "
+            + ", ".join(
+                f"{m} patch {v['patch_auroc']:.3f} image {v['image_auroc_best_aggregation']:.3f}"
+                for m, v in measured.items()
+            )
+        )
     goal["met"] = met
     settings = {
         **{key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
@@ -261,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         "total_s": round(time.perf_counter() - start, 1),
     }
     out = args.out or default_path("novelty", "cuda" if str(args.device).startswith("cuda") else "cpu")
-    write_result(make_result("novelty", settings, {"image": image_rows, "patch": patch_rows}, goal), out)
+    results = {"image": image_rows, "patch": patch_rows, "diagnosis": diagnosis}
+    write_result(make_result("novelty", settings, results, goal), out)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from neco.client.errors import (
 from neco.client.images import SizeSpec
 from neco.client.novelty import (
     DEFAULT_KNN_K,
+    DEFAULT_METHOD,
     METHODS,
     Calibration,
     NoveltyMethod,
@@ -328,8 +329,11 @@ class MemoryBank:
             )
         return self._novelty
 
-    def patch_novelty(self, features: np.ndarray, method: NoveltyMethod = "neco", k: int = DEFAULT_KNN_K) -> np.ndarray:
-        """Novelty of every patch of (..., C) unit-norm query features; the result has shape (...)."""
+    def patch_novelty(
+        self, features: np.ndarray, method: NoveltyMethod = DEFAULT_METHOD, k: int = DEFAULT_KNN_K
+    ) -> np.ndarray:
+        """Novelty of every patch of (..., C) unit-norm query features, shape (...); by default the k-NN
+        baseline (`novelty.DEFAULT_METHOD`, best on the benchmark), which needs no fitted subspace."""
         if method == "neco":
             return self.require_novelty().novelty(features)
         if method == "knn":

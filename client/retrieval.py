@@ -34,6 +34,7 @@ from neco.client.novelty import (
     DEFAULT_ACCEPTANCE,
     DEFAULT_AGGREGATION,
     DEFAULT_KNN_K,
+    DEFAULT_METHOD,
     METHODS,
     Aggregation,
     Calibration,
@@ -183,45 +184,55 @@ def segment_features(
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
     return_scores: bool = False,
-    unknown: bool | float = False,
+    unknown: bool | float | NoveltyMethod = False,
 ) -> SegmentationResult:
     """Segment from already computed (h, w, C) unit-norm query features.
 
-    `unknown=True` labels pixels whose NECO novelty exceeds the bank's calibrated patch
-    threshold as `UNKNOWN_LABEL` (mask value K, appended to `class_names`); a float is used as
-    that threshold directly. Their confidence and scores stay those of label transfer.
+    `unknown` labels novel pixels `UNKNOWN_LABEL` (mask value K, appended to `class_names`); their
+    confidence and scores stay those of label transfer. It names the novelty method and threshold:
+    a method ("knn" or "neco") uses that method's calibrated patch threshold, True the default
+    method's (`DEFAULT_METHOD`, the k-NN baseline), and a float is a threshold on the default
+    method's novelty.
     """
     if features.ndim != 3:
         raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
     height, width, channels = features.shape
-    threshold = _unknown_threshold(bank, unknown)
+    rule = _unknown_rule(bank, unknown)
     sims, idx = bank.search(features.reshape(-1, channels), k)
     patch_scores = transfer_labels(sims, idx, bank.labels32, temperature)
     grid = np.ascontiguousarray(patch_scores.T).reshape(-1, height, width)
     mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
     names = list(bank.class_names)
-    if threshold is not None:
-        novel = upsample_bilinear(bank.patch_novelty(features, "neco")[None], output_size)[0] > threshold
+    if rule is not None:
+        method, threshold = rule
+        novel = upsample_bilinear(bank.patch_novelty(features, method)[None], output_size)[0] > threshold
         mask = np.where(novel, len(names), mask).astype(np.uint8 if len(names) < 256 else np.uint16)
         names.append(UNKNOWN_LABEL)
     return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores)
 
 
-def _unknown_threshold(bank: MemoryBank, unknown: bool | float) -> float | None:
-    """The NECO patch threshold `segment(..., unknown=...)` asks for, or None for no marking."""
+def _unknown_rule(bank: MemoryBank, unknown: bool | float | NoveltyMethod) -> tuple[NoveltyMethod, float] | None:
+    """The novelty method and patch threshold `segment(..., unknown=...)` asks for, or None for no marking."""
     if unknown is False:
         return None
     if UNKNOWN_LABEL in bank.class_names:
         raise BankError(f"the bank already has a class named {UNKNOWN_LABEL!r}; it cannot also mark novel pixels")
-    if unknown is not True:
-        return float(unknown)
-    calibration = bank.require_novelty().calibration("neco", None, DEFAULT_KNN_K)
+    method: NoveltyMethod
+    if unknown is True:
+        method = DEFAULT_METHOD
+    elif isinstance(unknown, str):
+        if unknown not in METHODS:
+            raise NoveltyError(f"unknown= takes True, a novelty threshold or a method among {METHODS}, got {unknown!r}")
+        method = unknown
+    else:
+        return DEFAULT_METHOD, float(unknown)
+    calibration = bank.require_novelty().calibration(method, None, DEFAULT_KNN_K)  # calibrations live there
     if calibration is None:
         raise NoveltyNotCalibratedError(
-            "segment(unknown=True) needs the bank's NECO calibration: run calibrate_novelty(backend, "
+            f"segment(unknown={unknown!r}) needs the bank's {method} calibration: run calibrate_novelty(backend, "
             "held_out_images, bank) first, or pass unknown=<novelty threshold>"
         )
-    return calibration.patch_threshold
+    return method, calibration.patch_threshold
 
 
 def novelty_features(
@@ -229,7 +240,7 @@ def novelty_features(
     bank: MemoryBank,
     output_size: tuple[int, int],
     *,
-    method: NoveltyMethod = "neco",
+    method: NoveltyMethod = DEFAULT_METHOD,
     aggregation: Aggregation | None = None,
     k: int = DEFAULT_KNN_K,
 ) -> NoveltyResult:
@@ -295,7 +306,7 @@ def segment(
     size: SizeSpec | None = None,
     return_scores: bool = False,
     class_names: Sequence[str] | None = None,
-    unknown: bool | float = False,
+    unknown: bool | float | NoveltyMethod = False,
 ) -> SegmentationResult:
     """Segment `image` by label transfer from `support` (bank, bank folder, or pairs).
 
@@ -332,15 +343,17 @@ def novelty(
     image: ImageLike,
     support: Any,
     *,
-    method: NoveltyMethod = "neco",
+    method: NoveltyMethod = DEFAULT_METHOD,
     aggregation: Aggregation | None = None,
     k: int = DEFAULT_KNN_K,
     size: SizeSpec | None = None,
 ) -> NoveltyResult:
     """How unlike the support set `image` is: a per-pixel map, an image score and a decision.
 
-    `support` is a bank, a saved bank folder, or pairs / a folder (then built on the fly, with
-    its NECO subspace but no calibration, hence no decision). `aggregation` defaults to the
+    `method` is "knn" (the default, `DEFAULT_METHOD`: the k-NN distance baseline, which measures
+    best on the project's benchmark) or "neco"; the result states which. `support` is a bank, a
+    saved bank folder, or pairs / a folder (then built on the fly, with its NECO subspace when
+    NECO is asked for, but no calibration, hence no decision). `aggregation` defaults to the
     calibrated one ("mean" without calibration); `k` is the k-NN baseline's.
     """
     options: dict[str, Any] = {"novelty": NoveltySpec()} if method == "neco" else {}

@@ -1,4 +1,5 @@
-"""NECO novelty: PCA parity, invariances, separation, calibration, bank format, segment, CLI."""
+"""Novelty (NECO and k-NN): PCA parity, invariances, separation, the default method, calibration, bank format,
+segment, CLI."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from neco.client.errors import (
     NoveltyNotCalibratedError,
     NoveltyNotFittedError,
 )
-from neco.client.novelty import NOVELTY_FILES, NoveltyModel, NoveltySpec, calibrate
+from neco.client.novelty import DEFAULT_KNN_K, DEFAULT_METHOD, NOVELTY_FILES, NoveltyModel, NoveltySpec, calibrate
 from neco.client.render import COLOUR_BAR_WIDTH, heat_colours
 from neco.client.retrieval import calibrate_novelty
 from neco.contract import BANK_FORMAT_VERSION, ModelContract
@@ -94,6 +95,60 @@ def test_ood_features_outside_the_subspace_are_separated(synthetic) -> None:
     assert auroc(model.novelty(test), model.novelty(ood)) >= 0.95
 
 
+def unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def unseen_mixtures() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ID train, ID test, unseen) unit features in 384-D, built like the benchmark's generated scenes.
+
+    ID patches are 4 "colour" clusters plus a shared component of varying strength (a 5-D subspace
+    and a little noise); unseen-class patches are mixtures of two seen colours without the shared
+    component: inside the ID subspace, but far from every ID cluster.
+    """
+    rng = np.random.default_rng(4)
+    axes = np.linalg.qr(rng.standard_normal((384, 5)))[0].T
+    shared, colours = axes[0], axes[1:]
+
+    def seen(count: int) -> np.ndarray:
+        strength = rng.uniform(0.3, 2.0, (count, 1))
+        return unit(strength * shared + colours[rng.integers(0, 4, count)] + 0.01 * rng.standard_normal((count, 384)))
+
+    first = rng.integers(0, 4, 300)
+    mixed = colours[first] + 0.8 * colours[(first + 1) % 4]
+    return seen(3000), seen(300), unit(mixed + 0.01 * rng.standard_normal((300, 384)))
+
+
+def test_neco_inverts_on_unseen_mixtures_and_the_default_method_does_not(colour_backend, unseen_mixtures) -> None:
+    """The benchmark's failure, on synthetic features: NECO (computed here independently, as defined)
+    ranks unseen patches inside the ID subspace as MORE in-distribution; the default method flags them."""
+    train, test, unseen = unseen_mixtures
+    z = (train - train.mean(axis=0)) / train.std(axis=0)
+    _, singular, vt = np.linalg.svd(z, full_matrices=False)
+    d = int(np.argmax(np.cumsum(singular**2) / (singular**2).sum() >= 0.9)) + 1
+    assert d <= 5  # ID lies in a low-dimensional subspace
+
+    def neco(queries: np.ndarray) -> np.ndarray:
+        zq = (queries - train.mean(axis=0)) / train.std(axis=0)
+        return np.linalg.norm(zq @ vt[:d].T, axis=1) / np.linalg.norm(zq, axis=1)
+
+    model = NoveltyModel.fit(train)
+    assert model.dim == d
+    np.testing.assert_allclose(model.neco(unseen), neco(unseen), rtol=1e-4)
+    assert auroc(1 - neco(test), 1 - neco(unseen)) < 0.1  # inverted: a property of the score, not of the code
+
+    soft = np.eye(4, dtype=np.float32)[np.arange(len(train)) % 4]
+    bank = MemoryBank(
+        colour_backend.contract, BankRows(train.astype(np.float32), soft), BankSettings(class_names=CLASSES)
+    )
+    bank.fit_novelty()
+    default_test, default_unseen = bank.patch_novelty(test), bank.patch_novelty(unseen)
+    kth = np.sort(unseen @ train.T, axis=1)[:, -DEFAULT_KNN_K]  # independent k-NN: the k-th largest cosine
+    np.testing.assert_allclose(default_unseen, 1 - kth, atol=1e-5)
+    assert DEFAULT_METHOD == "knn" and auroc(default_test, default_unseen) > 0.99
+
+
 def test_calibration_accepts_the_requested_share_of_held_out_images() -> None:
     rng = np.random.default_rng(3)
 
@@ -149,22 +204,27 @@ def test_knn_baseline_is_the_kth_neighbour_cosine_distance(colour_backend, scene
     assert result.is_novel is None and result.threshold is None  # no calibration yet
 
 
-def test_segment_marks_novel_pixels_unknown_aligned_with_the_novelty_map(colour_backend, scene_bank) -> None:
-    calibrate_novelty(colour_backend, held_out_scenes(21, 20), scene_bank, methods=("neco",), acceptance=0.95)
+@pytest.mark.parametrize("method", ["knn", "neco"])
+def test_segment_marks_novel_pixels_unknown_aligned_with_the_novelty_map(colour_backend, scene_bank, method) -> None:
+    calibrate_novelty(colour_backend, held_out_scenes(21, 20), scene_bank, methods=(method,), acceptance=0.95)
     image, _ = generate_scene(np.random.default_rng(2), size=(112, 112), num_classes=4)
     image[28:84, 28:84] = (255, 0, 255)  # a colour no support scene holds
     plain = segment(colour_backend, image, scene_bank)
-    marked = segment(colour_backend, image, scene_bank, unknown=True)
+    marked = segment(colour_backend, image, scene_bank, unknown=method)  # unknown= names the method
     assert marked.class_names == [*CLASSES, UNKNOWN_LABEL]
-    result = novelty(colour_backend, image, scene_bank)
-    novel = result.scores > scene_bank.novelty.calibrations["neco"].patch_threshold
+    result = novelty(colour_backend, image, scene_bank, method=method)
+    assert result.method == method
+    novel = result.scores > scene_bank.novelty.calibrations[method].patch_threshold
     np.testing.assert_array_equal(marked.mask == 4, novel)  # the same pixel grid as the map
     np.testing.assert_array_equal(marked.mask[~novel], plain.mask[~novel])
     outside = np.ones_like(novel)
     outside[14:98, 14:98] = False  # a patch away from the square
     assert novel[35:77, 35:77].mean() > 0.95 and novel[outside].mean() < 0.1
     assert result.is_novel
-    explicit = segment(colour_backend, image, scene_bank, unknown=2.0)  # novelty never exceeds 1
+    if method == DEFAULT_METHOD:  # True and a bare threshold mean the default method
+        np.testing.assert_array_equal(segment(colour_backend, image, scene_bank, unknown=True).mask, marked.mask)
+        assert novelty(colour_backend, image, scene_bank).method == method
+    explicit = segment(colour_backend, image, scene_bank, unknown=2.0)  # 1 - cosine never exceeds 2
     np.testing.assert_array_equal(explicit.mask, plain.mask)
 
 
@@ -201,12 +261,12 @@ def test_version_1_bank_loads_and_neco_asks_for_a_refit(colour_backend, scenes_2
     assert bank.novelty is None
     image = scenes_224[0][0]
     with pytest.raises(NoveltyNotFittedError, match="format version 2.*fit_novelty"):
-        novelty(colour_backend, image, bank)
+        novelty(colour_backend, image, bank, method="neco")
     with pytest.raises(NoveltyNotFittedError):
         segment(colour_backend, image, bank, unknown=True)
-    assert novelty(colour_backend, image, bank, method="knn").scores.shape == (224, 224)  # needs no fit
+    assert novelty(colour_backend, image, bank).scores.shape == (224, 224)  # the default, k-NN, needs no fit
     bank.fit_novelty(NoveltySpec(dim=3))
-    assert bank.novelty.dim == 3 and novelty(colour_backend, image, bank).scores.shape == (224, 224)
+    assert bank.novelty.dim == 3 and novelty(colour_backend, image, bank, method="neco").scores.shape == (224, 224)
     with pytest.raises(NoveltyNotCalibratedError, match="calibrate_novelty"):
         segment(colour_backend, image, bank, unknown=True)
 
@@ -233,8 +293,10 @@ def test_bad_input_gets_typed_errors(colour_backend, scene_bank) -> None:
     other = ColourBackend(ModelContract.for_arch("vit_small_patch14_dinov2"))
     with pytest.raises(BankContractError, match="rebuild the bank"):
         calibrate_novelty(other, [image], scene_bank)
-    with pytest.raises(NoveltyNotCalibratedError, match="calibrate_novelty"):
+    with pytest.raises(NoveltyNotCalibratedError, match="knn calibration.*calibrate_novelty"):
         segment(colour_backend, image, scene_bank, unknown=True)
+    with pytest.raises(NoveltyError, match="method among"):
+        segment(colour_backend, image, scene_bank, unknown="mahalanobis")
     named_settings = BankSettings(class_names=[*CLASSES[:3], "unknown"], image_size=scene_bank.image_size)
     named = MemoryBank(colour_backend.contract, scene_bank.rows, named_settings)
     with pytest.raises(BankError, match="already has a class named 'unknown'"):
