@@ -23,7 +23,7 @@ VOCABULARY: dict[str, str] = {
     "Triton transport (grpc | http)": "--transport",
     "scoring protocol of an evaluation": "--protocol",
     "Triton model name (served)": "--model-name",
-    "model files or weights (path, artefact, timm id)": "--model-path",
+    "weights to load (artefact, checkpoint, model.onnx, timm id)": "--source",
     "encoder input size": "--size",
     "softmax temperature": "--temperature",
 }

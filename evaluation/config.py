@@ -109,7 +109,7 @@ def build_backend(backend: BackendConfig, hbird_eval_std_typo: bool = False) -> 
 
     source = backend.model if backend.model is not None else backend.arch
     if source is None:
-        raise BackendError("--backend torch needs --model (artefact/checkpoint) or --arch")
+        raise BackendError("--backend torch needs --source (artefact/checkpoint) or --arch")
     model, contract = load_backbone(source, backend.arch)
     typo = contract.model_copy(update={"std": HBIRD_EVAL_STD_TYPO})
     return TorchBackend(model=model, contract=typo, device=backend.device, batch_size=backend.batch_size)

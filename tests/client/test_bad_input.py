@@ -287,7 +287,7 @@ def test_refusing_a_huge_image_costs_no_memory(case: str, tmp_path: Path) -> Non
 
 # --------------------------------------------------------------------------- the real server
 def test_bad_inputs_against_the_embedded_server_then_a_good_one(triton_server, tmp_path: Path, capsys) -> None:
-    server = ["--url", triton_server.http_url, "--protocol", "http"]
+    server = ["--url", triton_server.http_url, "--transport", "http"]
     for case in ("non-image", "truncated-png", "declared-100000x100000", "strip-10000x20", "rgb-16-bit"):
         image = tmp_path / f"{case}.png"
         image.write_bytes(BAD_FILES[case][0])

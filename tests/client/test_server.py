@@ -119,7 +119,7 @@ def test_cli_end_to_end_without_torch(triton_server, tmp_path: Path) -> None:
         tmp_path / "data", splits={"train": 3, "val": 1}, size=(SIZE, SIZE), num_classes=4, seed=1
     )
     query = root / "val" / "images" / "0000.png"
-    server = ["--url", triton_server.http_url, "--protocol", "http", "--size", str(SIZE)]
+    server = ["--url", triton_server.http_url, "--transport", "http", "--size", str(SIZE)]
     commands = [
         ["features", str(query), "--out", str(tmp_path / "f.npy"), "--pca", str(tmp_path / "pca.png"), *server],
         ["bank", "build", str(root / "train"), "--out", str(tmp_path / "bank"), "--fp16", *server],
