@@ -57,7 +57,7 @@ COMMON_FLAGS: Flags = (
     ("--size", "input_size", int, "encoder input side (rounded down to a multiple of 14)"),
     ("--seed", "seed", int, "random seed"),
     ("--out", "out", str, "write the JSON report here"),
-    ("--backend", "backend.kind", str, "triton | onnx | torch"),
+    ("--backend", "backend.kind", str, "triton | onnx | torch (default: torch with --source or --arch, else triton)"),
     ("--source", "backend.model", str, "onnx: model.onnx / model dir; torch: artefact or checkpoint"),
     ("--url", "backend.url", str, "triton: server URL"),
     ("--transport", "backend.protocol", str, "triton: grpc | http"),
@@ -145,13 +145,19 @@ def _overrides(args: argparse.Namespace, flags: Flags) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in given] + list(args.overrides)
 
 
+def _served_unless_given(cfg: Any) -> Any:
+    """`cfg` with the backend kind of `neco.evaluation.config.served_unless_given`."""
+    from neco.evaluation.config import served_unless_given
+
+    return cfg.model_copy(update={"backend": served_unless_given(cfg.backend)})
+
+
 def _hummingbird(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.hummingbird import HummingbirdConfig, run_hummingbird
 
     flags = SEGMENTATION_FLAGS + HUMMINGBIRD_FLAGS
-    cfg = load_config(HummingbirdConfig, args.config, _overrides(args, flags))
-    run_hummingbird(cfg)
+    run_hummingbird(_served_unless_given(load_config(HummingbirdConfig, args.config, _overrides(args, flags))))
     return 0
 
 
@@ -159,7 +165,9 @@ def _linear(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.linear import LinearConfig, run_linear
 
-    cfg = load_config(LinearConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + LINEAR_FLAGS))
+    cfg = _served_unless_given(
+        load_config(LinearConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + LINEAR_FLAGS))
+    )
     run_linear(cfg, cfg.build_backend())
     return 0
 
@@ -168,8 +176,8 @@ def _overcluster(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.overcluster import OverclusterConfig, run_overcluster
 
-    cfg = load_config(OverclusterConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS))
-    run_overcluster(cfg)
+    flags = SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS
+    run_overcluster(_served_unless_given(load_config(OverclusterConfig, args.config, _overrides(args, flags))))
     return 0
 
 

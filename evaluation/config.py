@@ -94,6 +94,14 @@ class EvalConfig(BaseModel):
         return build_backend(self.backend, self.hbird_eval_std_typo)
 
 
+def served_unless_given(backend: BackendConfig) -> BackendConfig:
+    """The backend kind nobody chose on the command line: torch with weights to load (`--source` / `--arch`),
+    else the served model (triton), as every other `neco` command uses; a chosen kind is kept."""
+    if "kind" in backend.model_fields_set or backend.model is not None or backend.arch is not None:
+        return backend
+    return backend.model_copy(update={"kind": "triton"})
+
+
 def build_backend(backend: BackendConfig, hbird_eval_std_typo: bool = False) -> FeatureBackend:
     """`backend.build()`, or with `hbird_eval_std_typo` a torch backend normalising with that std."""
     if not hbird_eval_std_typo:

@@ -161,3 +161,25 @@ def test_eval_results_state_the_size_the_encoder_ran_at() -> None:
     assert "input_size_asked" not in load_config(HummingbirdConfig, None, ["data_root=data"]).report_header(
         "hummingbird", Split(), Split(), ModelContract.for_arch(ARCH)
     )
+
+
+def test_segment_writes_the_overlay_alone_and_needs_one_output(
+    colour_backend, bank_112, tmp_path, monkeypatch, capsys
+) -> None:
+    """Regression: `neco segment` required --out even when only --overlay was wanted."""
+    import contextlib
+
+    import neco.client.cli as client_cli
+    from neco.client.retrieval import segment as real_segment
+
+    bank_112.save(tmp_path / "bank")
+    query = tmp_path / "q.png"
+    Image.fromarray(generate_scene(np.random.default_rng(9), size=(112, 112), num_classes=4)[0]).save(query)
+    colour_backend.segment = lambda image, support, **options: real_segment(colour_backend, image, support, **options)
+    monkeypatch.setattr(client_cli, "_client", lambda args: contextlib.nullcontext(colour_backend))
+    argv = ["segment", str(query), "--bank", str(tmp_path / "bank")]
+    assert main([*argv, "--overlay", str(tmp_path / "o.png")]) == 0
+    assert (tmp_path / "o.png").is_file() and not (tmp_path / "m.png").exists()
+    assert f"-> {tmp_path / 'o.png'} (" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith("--out (the mask), --overlay (the picture) or both: give one")

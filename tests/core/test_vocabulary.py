@@ -112,3 +112,15 @@ def test_old_spellings_still_work_with_one_line_each(argv, expected, capsys) -> 
 def test_canonical_spellings_say_nothing(capsys) -> None:
     args = build_parser().parse_args(["eval", "hummingbird", "--data-root", "d", "--size", "112", "--source", "a"])
     assert (args.input_size, getattr(args, "backend.model")) == (112, "a") and capsys.readouterr().err == ""
+
+
+def test_eval_uses_the_served_model_unless_given_weights_or_a_backend() -> None:
+    """Regression: `neco eval` defaulted to --backend torch, alone among the commands that need features."""
+    from neco.evaluation.backends import BackendConfig
+    from neco.evaluation.config import served_unless_given
+
+    assert served_unless_given(BackendConfig()).kind == "triton"
+    assert served_unless_given(BackendConfig(model="outputs/train/artefact")).kind == "torch"
+    assert served_unless_given(BackendConfig(arch="vit_small_patch14_reg4_dinov2")).kind == "torch"
+    assert served_unless_given(BackendConfig(kind="onnx")).kind == "onnx"
+    assert served_unless_given(BackendConfig(kind="torch")).kind == "torch"  # chosen: kept (and it says what it needs)
