@@ -24,11 +24,14 @@ from neco.atomic import make_parent
 from neco.cli import deprecated_alias
 from neco.client.bank import DEFAULT_IMAGE_SIZE
 from neco.client.novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_VARIANCE, METHODS
-from neco.client.size_policy import SIZE_MISMATCH_FLAG, shown
+from neco.client.size_policy import SIZE_MISMATCH_FLAG, shown, support_size
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 from neco.errors import InputError
 
 Handler = Callable[[argparse.Namespace], int]
+BUILD_SIZE_HELP = (
+    f"shorter side N, or exact HxW (default: the support images' own shorter side, at most {DEFAULT_IMAGE_SIZE})"
+)
 
 
 def _aggregation(text: str) -> str | float:
@@ -143,8 +146,9 @@ def _bank_build(args: argparse.Namespace) -> int:
     )
     check_writable(args.out)  # fail before minutes of feature extraction, not after
     make_parent(args.out)
+    size = args.size if args.size is not None else support_size(args.support)
     with _client(args) as client:
-        bank = MemoryBank.build(client, args.support, options.model_copy(update={"image_size": client.size}))
+        bank = MemoryBank.build(client, args.support, options.model_copy(update={"image_size": size}))
     bank.save(args.out)
     shard = f" (shard {args.shard})" if args.shard != "0/1" else ""
     print(f"{bank!r}, input size {shown(bank.image_size)} -> {args.out}{shard}")
@@ -291,7 +295,7 @@ def register(subparsers: Any) -> None:
         sub.add_argument("--memory-size", type=int, default=None, help="patch budget (rare classes favoured)")
         sub.add_argument("--batch-size", type=int, default=8)
         sub.add_argument("--seed", type=int, default=0)
-        _server_options(sub)
+        _server_options(sub, **({"size_help": BUILD_SIZE_HELP} if sub is build else {}))
     build.set_defaults(handler=_bank_build)
     append = actions.choices["append"]
     append.add_argument("bank", type=Path, help="saved bank folder")

@@ -183,3 +183,17 @@ def test_segment_writes_the_overlay_alone_and_needs_one_output(
     assert f"-> {tmp_path / 'o.png'} (" in capsys.readouterr().out
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().endswith("--out (the mask), --overlay (the picture) or both: give one")
+
+
+def test_bank_build_without_a_size_uses_the_support_images_own(colour_backend, tmp_path, monkeypatch, capsys) -> None:
+    """Regression: `neco bank build` of 112-px scenes without --size built at 448 (16x the patches)."""
+    import contextlib
+
+    import neco.client.cli as client_cli
+    from neco.scenes import write_scene_dataset
+
+    root = write_scene_dataset(tmp_path / "scenes", {"train": 2}, size=(112, 112))
+    monkeypatch.setattr(client_cli, "_client", lambda args: contextlib.nullcontext(colour_backend))
+    assert main(["bank", "build", str(root / "train"), "--out", str(tmp_path / "bank")]) == 0
+    assert "input size 112 (shorter side)" in capsys.readouterr().out
+    assert MemoryBank.load(tmp_path / "bank").image_size == 112

@@ -59,7 +59,7 @@ def test_help_shows_defaults(capsys):
     for argv, expected in [
         (["segment"], ["neighbours per patch (default: 30)", "softmax temperature (default: 0.02)",
                        "Triton model name (default: neco_dinov2)", "transport (default: grpc)"]),
-        (["bank", "build"], ["(default 448)", "--index {flat,ivf,hnsw}", "(default: flat)"]),
+        (["bank", "build"], ["(default: the support images' own shorter side, at most 448)", "--index {flat,ivf,hnsw}", "(default: flat)"]),
         (["eval", "hummingbird"], ["(default: 448)", "(default: 30)", "(default: 0.02)", "(default: localhost:8001)"]),
         (["serve"], ["http_port=8000", "grpc_port=8001", "metrics_port=8002", "host=127.0.0.1"]),
     ]:  # fmt: skip
