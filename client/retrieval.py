@@ -44,7 +44,7 @@ from neco.client.novelty import (
     check_aggregation,
 )
 from neco.client.render import heatmap_overlay, mask_to_image, overlay
-from neco.client.size_policy import check_query_size, support_size
+from neco.client.size_policy import build_for_query, check_query_size
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 
 UNKNOWN_LABEL = "unknown"
@@ -282,8 +282,7 @@ def resolve_bank(
             f"(or a folder with images/ and masks/ to build one on the fly)"
         )
     else:
-        image_size = size if size is not None else support_size(support)
-        bank = MemoryBank.build(backend, support, **build_options, image_size=image_size)
+        bank = build_for_query(backend, support, size, **build_options)
     check_contract(backend.contract, bank)
     check_query_size(size, bank.image_size, allow_size_mismatch)
     return bank

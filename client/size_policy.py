@@ -14,6 +14,8 @@ queried at 224 px labels everything "background"). Hence two rules, applied by `
 from __future__ import annotations
 
 import io
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from neco.client.backend import FeatureBackend
+from neco.client.bank import MemoryBank
 from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE
 from neco.client.errors import BankError, SupportSetError
 from neco.client.images import SizeSpec
@@ -68,6 +72,24 @@ def support_size(support: Any) -> SizeSpec:
         first = support[0][0]
     side = _shorter_side(first) if first is not None else None
     return DEFAULT_IMAGE_SIZE if side is None else min(side, DEFAULT_IMAGE_SIZE)
+
+
+def build_for_query(backend: FeatureBackend, support: Any, size: SizeSpec | None, **options: Any) -> MemoryBank:
+    """The bank `segment`/`novelty` build on the fly: at `size`, or at the support images' own size.
+
+    Its warnings (a class list inferred from the masks) are issued again at the line outside the
+    client that asked for the segmentation, not inside it, so a user sees which call to fix.
+    """
+    image_size = size if size is not None else support_size(support)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bank = MemoryBank.build(backend, support, **options, image_size=image_size)
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("neco.client"):
+        frame, level = frame.f_back, level + 1
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=level)
+    return bank
 
 
 def _shorter_side(image: Any) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,11 @@ def test_bank_build_without_a_size_uses_the_support_images_own(colour_backend, t
     assert main(["bank", "build", str(root / "train"), "--out", str(tmp_path / "bank")]) == 0
     assert "input size 112 (shorter side)" in capsys.readouterr().out
     assert MemoryBank.load(tmp_path / "bank").image_size == 112
+
+
+def test_a_bank_warning_points_at_the_line_that_asked_for_the_segmentation(colour_backend, scenes_224) -> None:
+    """Regression: the inferred-classes warning of a bank built by segment() named a line inside the client."""
+    with pytest.warns(UserWarning, match="no class list") as record:
+        line = inspect.currentframe().f_lineno + 1
+        segment(colour_backend, scenes_224[0][0], scenes_224[:2])
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
