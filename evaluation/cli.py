@@ -185,7 +185,7 @@ def _keypoints(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.keypoints import KeypointConfig, run_keypoints
 
-    run_keypoints(load_config(KeypointConfig, args.config, _overrides(args, KEYPOINT_FLAGS)))
+    run_keypoints(_served_unless_given(load_config(KeypointConfig, args.config, _overrides(args, KEYPOINT_FLAGS))))
     return 0
 
 
