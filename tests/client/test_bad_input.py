@@ -220,7 +220,7 @@ def test_client_segment_prepares_the_query_with_the_clients_limits(offline, scen
     bank = MemoryBank.build(ColourBackend(), scenes_224, image_size=224, class_names=["a", "b", "c", "d"])
     client.limits = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
     with pytest.raises(ImageError, match="would be resized to 238x238.*max_image_pixels=50176"):
-        client.segment(scenes_224[0][0], bank, size=(238, 238))
+        client.segment(scenes_224[0][0], bank, size=(238, 238), allow_size_mismatch=True)
     assert offline.sent == []
 
 

@@ -81,7 +81,7 @@ def test_self_retrieval_recovers_the_support_mask(client: NecoClient, scenes) ->
         result = client.segment(image, bank)
         assert result.mask.shape == mask.shape
         assert miou(result.mask, mask) >= 0.9
-    on_the_fly = client.segment(scenes[0][0], scenes)  # pairs: bank built at the client's size
+    on_the_fly = client.segment(scenes[0][0], scenes)  # pairs: bank built at the images' own size
     np.testing.assert_array_equal(on_the_fly.mask, client.segment(scenes[0][0], bank).mask)
 
 
