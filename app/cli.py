@@ -1,6 +1,6 @@
 """`neco app`: serve the in-context segmentation page (extra `app`); torch- and FastAPI-free at import.
 
-neco app [--config configs/app.yaml] [--url HOST:PORT] [--protocol grpc|http] [--banks DIR] [key=value ...]
+neco app [--config configs/app.yaml] [--url HOST:PORT] [--transport grpc|http] [--banks DIR] [key=value ...]
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from neco.app.config import AppConfig
+from neco.cli import deprecated_alias
 from neco.errors import MissingExtraError
 
 APP_MODULES = ("fastapi", "uvicorn", "multipart")
@@ -29,7 +30,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--config", default=None, help="YAML with AppConfig fields (configs/app.yaml)")
     parser.add_argument("--url", default=None, help="Triton host:port (default localhost:8001 grpc, 8000 http)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default=None, help=f"default {defaults.protocol}")
+    transport = parser.add_argument(
+        "--transport", dest="protocol", choices=("grpc", "http"), default=None, help=f"default {defaults.protocol}"
+    )
+    deprecated_alias(parser, transport, "--protocol")  # the old spelling, for one release
     parser.add_argument("--banks", default=None, help=f"folder of saved banks (default {defaults.banks})")
     parser.add_argument("--host", default=None, help=f"address to bind (default {defaults.host}: this machine only)")
     parser.add_argument("--port", type=int, default=None, help=f"port of the page (default {defaults.port})")

@@ -6,10 +6,11 @@
     neco bank append BANK SUPPORT
     neco bank info BANK
     neco bank novelty BANK [--dim D | --variance V] [--calibrate HELD_OUT_DIR]
-    neco segment IMG --bank BANK --out mask.png [--overlay overlay.png] [--unknown]
+    neco segment IMG --bank BANK [--out mask.png] [--overlay overlay.png] [--unknown [METHOD]]
     neco novelty IMG --bank BANK --out map.png [--method neco|knn]
 
-Every command that talks to a server takes --url / --protocol / --model / --size.
+Every command that talks to a server takes --url / --transport / --model-name / --size (the
+flag names of `neco.cli.VOCABULARY`; the old --protocol / --model work for one release).
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from neco.atomic import make_parent
+from neco.cli import deprecated_alias
 from neco.client.bank import DEFAULT_IMAGE_SIZE
-from neco.client.novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_VARIANCE, METHODS
+from neco.client.novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_METHOD, DEFAULT_VARIANCE, METHODS
+from neco.client.size_policy import SIZE_MISMATCH_FLAG, shown, support_size
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
+from neco.errors import InputError
 
 Handler = Callable[[argparse.Namespace], int]
+BUILD_SIZE_HELP = (
+    f"shorter side N, or exact HxW (default: the support images' own shorter side, at most {DEFAULT_IMAGE_SIZE})"
+)
 
 
 def _aggregation(text: str) -> str | float:
@@ -58,8 +65,11 @@ def _server_options(
         help="host:port, a comma-separated list (round-robin with failover), or dns:///NAME:PORT for every "
         "address of NAME (default localhost:8001 for grpc, 8000 for http)",
     )
-    group.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="transport")
-    group.add_argument("--model", default=DEFAULT_MODEL_NAME, help="Triton model name")
+    transport = group.add_argument("--transport", choices=("grpc", "http"), default="grpc", help="transport")
+    deprecated_alias(group, transport, "--protocol")
+    deprecated_alias(
+        group, group.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="Triton model name"), "--model"
+    )
     group.add_argument("--size", type=_size, default=None, help=size_help)
     group.add_argument("--timeout", type=float, default=60.0, help="seconds per request, retries included")
     group.add_argument(
@@ -68,9 +78,14 @@ def _server_options(
     group.add_argument("--retry-backoff", type=float, default=0.1, help="first wait between retries, doubled up to 2 s")
 
 
-def _policy(size: int | tuple[int, int] | list[int]) -> str:
-    """A size policy as the user reads it: `448` resizes the shorter side, `448x448` is exact."""
-    return f"{size[0]}x{size[1]} (exact)" if isinstance(size, (tuple, list)) else f"{size} (shorter side)"
+def _size_options(parser: argparse.ArgumentParser) -> None:
+    """Server options of a query command: the size is the bank's, another one only when asked for."""
+    _server_options(
+        parser, size_help="resize policy N or HxW (default: the bank's own; another needs " + SIZE_MISMATCH_FLAG + ")"
+    )
+    parser.add_argument(
+        SIZE_MISMATCH_FLAG, action="store_true", help="query at --size although the bank was built at another size"
+    )
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -82,7 +97,7 @@ def _client(args: argparse.Namespace) -> Any:
         attempts=args.retries + 1, initial_backoff_s=args.retry_backoff, max_backoff_s=max(2.0, args.retry_backoff)
     )
     return NecoClient(
-        args.url, protocol=args.protocol, model=args.model, size=size, timeout_s=args.timeout, retry=retry
+        args.url, protocol=args.transport, model=args.model_name, size=size, timeout_s=args.timeout, retry=retry
     )
 
 
@@ -131,11 +146,12 @@ def _bank_build(args: argparse.Namespace) -> int:
     )
     check_writable(args.out)  # fail before minutes of feature extraction, not after
     make_parent(args.out)
+    size = args.size if args.size is not None else support_size(args.support)
     with _client(args) as client:
-        bank = MemoryBank.build(client, args.support, options.model_copy(update={"image_size": client.size}))
+        bank = MemoryBank.build(client, args.support, options.model_copy(update={"image_size": size}))
     bank.save(args.out)
     shard = f" (shard {args.shard})" if args.shard != "0/1" else ""
-    print(f"{bank!r}, input size {_policy(bank.image_size)} -> {args.out}{shard}")
+    print(f"{bank!r}, input size {shown(bank.image_size)} -> {args.out}{shard}")
     return 0
 
 
@@ -215,20 +231,26 @@ def _bank_novelty(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     import numpy as np
 
+    if args.out is None and args.overlay is None:
+        raise InputError("neco segment writes --out (the mask), --overlay (the picture) or both: give one")
     with _client(args) as client:
         result = client.segment(
-            args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown
-        )
-    make_parent(args.out)
-    result.mask_image().save(args.out)
+            args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown,
+            allow_size_mismatch=args.allow_size_mismatch,
+        )  # fmt: skip
+    if args.out is not None:
+        make_parent(args.out)
+        result.mask_image().save(args.out)
     if args.overlay is not None:
+        make_parent(args.overlay)
         result.overlay().save(args.overlay)  # the query segment() decoded, not a second read
     labels, counts = np.unique(result.mask, return_counts=True)
     shares = ", ".join(f"{result.class_names[lab]} {cnt / result.mask.size:.1%}" for lab, cnt in zip(labels, counts))
     height, width = result.input_size
+    written = " and ".join(str(path) for path in (args.out, args.overlay) if path is not None)
     print(
-        f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {args.out} ({shares}); "
-        f"encoder input {height}x{width} (size {_policy(args.size) if args.size is not None else 'of the bank'})"
+        f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {written} ({shares}); "
+        f"encoder input {height}x{width} (size {shown(args.size) if args.size is not None else 'of the bank'})"
     )
     return 0
 
@@ -236,8 +258,9 @@ def _segment(args: argparse.Namespace) -> int:
 def _novelty(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.novelty(
-            args.image, args.bank, method=args.method, aggregation=args.aggregate, k=args.k, size=args.size
-        )
+            args.image, args.bank, method=args.method, aggregation=args.aggregate, k=args.k, size=args.size,
+            allow_size_mismatch=args.allow_size_mismatch,
+        )  # fmt: skip
     make_parent(args.out)
     result.overlay(args.image, alpha=args.alpha).save(args.out)
     verdict = "uncalibrated" if result.is_novel is None else ("NOVEL" if result.is_novel else "in-distribution")
@@ -272,7 +295,7 @@ def register(subparsers: Any) -> None:
         sub.add_argument("--memory-size", type=int, default=None, help="patch budget (rare classes favoured)")
         sub.add_argument("--batch-size", type=int, default=8)
         sub.add_argument("--seed", type=int, default=0)
-        _server_options(sub)
+        _server_options(sub, **({"size_help": BUILD_SIZE_HELP} if sub is build else {}))
     build.set_defaults(handler=_bank_build)
     append = actions.choices["append"]
     append.add_argument("bank", type=Path, help="saved bank folder")
@@ -300,23 +323,33 @@ def register(subparsers: Any) -> None:
     seg = subparsers.add_parser("segment", help="segment an image by k-NN label transfer from a bank")
     seg.add_argument("image", help="image file")
     seg.add_argument("--bank", required=True, help="saved bank folder, or a support folder (built on the fly)")
-    seg.add_argument("--out", type=Path, required=True, help="mask PNG (pixel value = class index)")
-    seg.add_argument("--overlay", type=Path, default=None, help="colour overlay PNG with legend")
+    seg.add_argument("--out", type=Path, default=None, help="mask PNG (pixel value = class index)")
+    seg.add_argument("--overlay", type=Path, default=None, help="colour overlay PNG with legend (one of the two)")
     seg.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per patch")
     seg.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature")
-    seg.add_argument("--unknown", action="store_true", help="label pixels above the NECO threshold 'unknown'")
-    _server_options(seg, size_help="resize policy N or HxW (default: the bank's own)")
+    seg.add_argument(
+        "--unknown",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=METHODS,
+        help=f"label novel pixels 'unknown' (the bank's calibrated threshold; METHOD: {' or '.join(METHODS)}, "
+        f"default {DEFAULT_METHOD})",
+    )
+    _size_options(seg)
     seg.set_defaults(handler=_segment)
 
     nov = subparsers.add_parser("novelty", help="novelty heat map and decision of an image against a bank")
     nov.add_argument("image", help="image file")
     nov.add_argument("--bank", required=True, help="saved bank folder, or a support folder (built on the fly)")
     nov.add_argument("--out", type=Path, required=True, help="heat-map overlay PNG with a colour bar")
-    nov.add_argument("--method", choices=METHODS, default="neco", help="NECO, or the k-NN distance baseline")
+    nov.add_argument(
+        "--method", choices=METHODS, default=DEFAULT_METHOD, help="the k-NN distance (measures best) or NECO"
+    )
     nov.add_argument("--aggregate", type=_aggregation, default=None, help="mean or a quantile (default: calibrated)")
     nov.add_argument("--k", type=int, default=DEFAULT_KNN_K, help="neighbours of the k-NN baseline")
     nov.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
-    _server_options(nov, size_help="resize policy N or HxW (default: the bank's own)")
+    _size_options(nov)
     nov.set_defaults(handler=_novelty)
 
 

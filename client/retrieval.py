@@ -45,6 +45,7 @@ from neco.client.novelty import (
     check_aggregation,
 )
 from neco.client.render import heatmap_overlay, mask_to_image, overlay
+from neco.client.size_policy import build_for_query, check_query_size
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 
 UNKNOWN_LABEL = "unknown"
@@ -270,8 +271,18 @@ def is_saved_bank(support: Any) -> bool:
     return isinstance(support, (str, Path)) and (Path(support) / MANIFEST).is_file()
 
 
-def resolve_bank(backend: FeatureBackend, support: Any, **build_options: Any) -> MemoryBank:
-    """A `MemoryBank` from a bank, a saved bank folder, a support folder or (image, mask) pairs."""
+def resolve_bank(
+    backend: FeatureBackend,
+    support: Any,
+    size: SizeSpec | None = None,
+    allow_size_mismatch: bool = False,
+    **build_options: Any,
+) -> MemoryBank:
+    """A `MemoryBank` from a bank, a saved bank folder, a support folder or (image, mask) pairs.
+
+    `size` is the query's size policy: a bank built here is built with it (without it, with the
+    support images' own size), a given bank must have it (`neco.client.size_policy`).
+    """
     if isinstance(support, MemoryBank):
         bank = support
     elif is_saved_bank(support):
@@ -282,8 +293,9 @@ def resolve_bank(backend: FeatureBackend, support: Any, **build_options: Any) ->
             f"(or a folder with images/ and masks/ to build one on the fly)"
         )
     else:
-        bank = MemoryBank.build(backend, support, **build_options)
+        bank = build_for_query(backend, support, size, **build_options)
     check_contract(backend.contract, bank)
+    check_query_size(size, bank.image_size, allow_size_mismatch)
     return bank
 
 
@@ -307,16 +319,16 @@ def segment(
     return_scores: bool = False,
     class_names: Sequence[str] | None = None,
     unknown: bool | float | NoveltyMethod = False,
+    allow_size_mismatch: bool = False,
 ) -> SegmentationResult:
     """Segment `image` by label transfer from `support` (bank, bank folder, or pairs).
 
-    The query is resized with the bank's image-size policy unless `size` says otherwise, and
-    the mask comes back at the input image's own size. `unknown`: see `segment_features`.
+    The query is resized with the bank's image-size policy, and the mask comes back at the
+    input image's own size. `size` builds a bank from pairs at that size (default: the support
+    images' own); a built bank's size is refused unless `allow_size_mismatch=True`.
+    `unknown`: see `segment_features`.
     """
-    options: dict[str, Any] = {"class_names": class_names}
-    if size is not None:
-        options["image_size"] = size
-    bank = resolve_bank(backend, support, **options)
+    bank = resolve_bank(backend, support, size, allow_size_mismatch, class_names=class_names)
     prepared, features = _query_features(backend, image, bank, size)
     result = segment_features(
         features,
@@ -347,6 +359,7 @@ def novelty(
     aggregation: Aggregation | None = None,
     k: int = DEFAULT_KNN_K,
     size: SizeSpec | None = None,
+    allow_size_mismatch: bool = False,
 ) -> NoveltyResult:
     """How unlike the support set `image` is: a per-pixel map, an image score and a decision.
 
@@ -354,12 +367,11 @@ def novelty(
     best on the project's benchmark) or "neco"; the result states which. `support` is a bank, a
     saved bank folder, or pairs / a folder (then built on the fly, with its NECO subspace when
     NECO is asked for, but no calibration, hence no decision). `aggregation` defaults to the
-    calibrated one ("mean" without calibration); `k` is the k-NN baseline's.
+    calibrated one ("mean" without calibration); `k` is the k-NN baseline's. `size` and
+    `allow_size_mismatch`: as in `segment`.
     """
     options: dict[str, Any] = {"novelty": NoveltySpec()} if method == "neco" else {}
-    if size is not None:
-        options["image_size"] = size
-    bank = resolve_bank(backend, support, **options)
+    bank = resolve_bank(backend, support, size, allow_size_mismatch, **options)
     prepared, features = _query_features(backend, image, bank, size)
     return novelty_features(features, bank, prepared.original_size, method=method, aggregation=aggregation, k=k)
 

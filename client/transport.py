@@ -82,7 +82,7 @@ def parse_urls(urls: str | Sequence[str], resolve: Callable[..., list] = socket.
     """`host:port` strings from a URL, a comma-separated list, or a sequence; `dns:///` names expanded.
 
     A scheme such as `http://` is refused with a clear message (the protocol is chosen by
-    `protocol=` / `--protocol`, and tritonclient would fail on it with a traceback).
+    `protocol=` / `--transport`, and tritonclient would fail on it with a traceback).
     """
     items = [part.strip() for part in urls.split(",")] if isinstance(urls, str) else [str(u).strip() for u in urls]
     out: list[str] = []
@@ -95,7 +95,7 @@ def parse_urls(urls: str | Sequence[str], resolve: Callable[..., list] = socket.
         if "://" in given:
             raise EndpointError(
                 f"server URL {given!r}: give host:port without a scheme; the protocol is chosen by "
-                f"protocol= / --protocol (grpc or http)"
+                f"protocol= / --transport (grpc or http)"
             )
         _check_host_port(given, given)
         out.append(given)

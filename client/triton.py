@@ -19,7 +19,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from neco.client.backend import batch_features, prepare_for
-from neco.client.bank import MemoryBank
 from neco.client.errors import (
     ClientError,
     ContractError,
@@ -30,7 +29,7 @@ from neco.client.errors import (
     ServerUnavailableError,
 )
 from neco.client.images import ImageLike, PreparedImage, SizeSpec
-from neco.client.retrieval import NoveltyResult, SegmentationResult, is_saved_bank, novelty, segment
+from neco.client.retrieval import NoveltyResult, SegmentationResult, novelty, segment
 from neco.client.transport import Endpoints, RetryPolicy, call_with_retries, parse_urls, translate
 from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
 from neco.errors import InputError
@@ -277,19 +276,15 @@ class NecoClient:
     def segment(self, image: ImageLike, support: Any, **options: Any) -> SegmentationResult:
         """Segment `image` against a bank, a saved bank folder or (image, mask) pairs.
 
-        Same as `neco.client.segment(client, image, support, **options)`, except that a bank
-        built on the fly from pairs or a folder uses this client's `size` unless told otherwise
-        (a bank brings its own).
+        Same as `neco.client.segment(client, image, support, **options)`: a bank brings its own
+        size, a bank built on the fly from pairs or a folder uses `size=` or the support images'
+        own size (`neco.client.size_policy`), not this client's `size`, which is for `features`.
         """
-        if "size" not in options and not isinstance(support, MemoryBank) and not is_saved_bank(support):
-            options["size"] = self.size
         return segment(self, image, support, **options)
 
     def novelty(self, image: ImageLike, support: Any, **options: Any) -> NoveltyResult:
         """Novelty map, image score and decision of `image` against a bank (see `neco.client.novelty`);
-        a bank built on the fly uses this client's `size`, as in `segment`."""
-        if "size" not in options and not isinstance(support, MemoryBank) and not is_saved_bank(support):
-            options["size"] = self.size
+        sizes as in `segment`."""
         return novelty(self, image, support, **options)
 
     def close(self) -> None:

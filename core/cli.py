@@ -9,13 +9,28 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from neco.errors import MissingExtraError, run_reporting_errors
 
 DISTRIBUTION = "neco-dense"
+
+VOCABULARY: dict[str, str] = {
+    "Triton transport (grpc | http)": "--transport",
+    "scoring protocol of an evaluation": "--protocol",
+    "Triton model name (served)": "--model-name",
+    "weights to load (artefact, checkpoint, model.onnx, timm id)": "--source",
+    "encoder input size": "--size",
+    "softmax temperature": "--temperature",
+}
+"""One flag per concept across every sub-command (`tests/core/test_vocabulary.py` walks the parsers).
+
+Old spellings (`--protocol grpc`, `--model NAME`, `--input-size`, `--beta`) are `deprecated_alias`es
+for one release: hidden from --help, still accepted, with a one-line notice on stderr."""
 
 # Stage modules that contribute sub-commands, in the order they appear in --help.
 STAGE_CLIS: tuple[str, ...] = (
@@ -88,6 +103,33 @@ class NecoArgumentParser(argparse.ArgumentParser):
             )
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: hidden from --help, it still works and says so once on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, target: argparse.Action, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.target = target
+        self.canonical = target.option_strings[0]
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        print(
+            f"note: {option} is deprecated and goes in the next release; use {self.canonical}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.target(parser, namespace, values, option)
+
+
+def deprecated_alias(container: Any, target: argparse.Action, *old: str) -> None:
+    """Accept the `old` spellings of `target`'s flag (a parser or argument group's action) for one release."""
+    for flag in old:
+        container.add_argument(
+            flag, action=DeprecatedAlias, target=target, dest=target.dest, nargs=target.nargs, const=target.const,
+            type=target.type, choices=target.choices, metavar=target.metavar, default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )  # fmt: skip
+
+
 def _shown(value: Any) -> str:
     """A default as a user would type it in key=value (None as null)."""
     return "null" if value is None else str(value)
@@ -120,7 +162,51 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
         for name in set(sub.choices) - before:
             sub.choices[name].set_defaults(extra=STAGE_EXTRAS.get(module_name))
+    _register_scenes(sub)
     return parser
+
+
+def _register_scenes(subparsers: Any) -> None:
+    """`neco scenes OUT`: the generated dataset of the README pipeline (core only: numpy and Pillow)."""
+    from neco.scenes import SCENE_FAMILIES
+
+    scenes = subparsers.add_parser(
+        "scenes",
+        help="write the generated scenes dataset (images/ + masks/ per split, classes.json); no torch, no server",
+        description="Write OUT/train and OUT/val, each with images/ and masks/, and OUT/classes.json: the "
+        "colour-independent 'textures' scenes `make demo` uses, for `neco bank build OUT/train` and "
+        "`neco eval hummingbird --data-root OUT`.",
+    )
+    scenes.add_argument("out", type=Path, help="dataset folder to write (e.g. demo_output/scenes)")
+    scenes.add_argument("--train", type=int, default=24, help="images of the train split (the bank's support)")
+    scenes.add_argument("--val", type=int, default=12, help="images of the val split (queries)")
+    scenes.add_argument("--image-size", type=int, default=112, help="side of each square image, pixels")
+    scenes.add_argument("--num-classes", type=int, default=4, help="classes, background included")
+    scenes.add_argument("--family", choices=sorted(SCENE_FAMILIES), default="textures", help="scene family")
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.set_defaults(handler=_scenes, extra=None)
+
+
+def _scenes(args: argparse.Namespace) -> int:
+    from neco.contract import PATCH_SIZE
+    from neco.errors import InputError
+    from neco.scenes import write_scene_dataset
+
+    if args.image_size < PATCH_SIZE or args.num_classes < 2:
+        raise InputError(
+            f"need --image-size >= {PATCH_SIZE} and --num-classes >= 2, got {args.image_size} and {args.num_classes}"
+        )
+    try:
+        root = write_scene_dataset(
+            args.out, {"train": args.train, "val": args.val}, size=(args.image_size, args.image_size),
+            num_classes=args.num_classes, seed=args.seed, family=args.family,
+        )  # fmt: skip
+    except ValueError as exc:  # a negative split size
+        raise InputError(str(exc)) from exc
+    print(
+        f"{args.train}+{args.val} '{args.family}' scenes ({args.image_size} px, {args.num_classes} classes) -> {root}"
+    )
+    return 0
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:

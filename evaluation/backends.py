@@ -175,12 +175,12 @@ def make_backend(
         return NecoClient(url=url, protocol=protocol, model=model_name, batch_size=batch_size)  # type: ignore[arg-type]
     if kind == "onnx":
         if model is None:
-            raise BackendError("--backend onnx needs --model PATH (model.onnx or a Triton model directory)")
+            raise BackendError("--backend onnx needs --source PATH (model.onnx or a Triton model directory)")
         return OnnxBackend(model, arch=arch, batch_size=batch_size)
     if kind == "torch":
         source = model if model is not None else arch
         if source is None:
-            raise BackendError("--backend torch needs --model (artefact/checkpoint) or --arch")
+            raise BackendError("--backend torch needs --source (artefact/checkpoint) or --arch")
         return TorchBackend(source, arch=arch, device=device, batch_size=batch_size)
     raise BackendError(f"unknown backend {kind!r}; use triton, onnx or torch")
 

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from neco.cli import deprecated_alias
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE
 
 PROTOCOL_CHOICES = ("hbird-eval", "strict", "both")
@@ -53,11 +54,11 @@ COMMON_FLAGS: Flags = (
     ("--train-split", "train_split", str, "split the bank / head is built from"),
     ("--val-split", "val_split", str, "split that is scored"),
     ("--train-subset", "train_subset", int, "use 1/N of the train split"),
-    ("--input-size", "input_size", int, "encoder input size (multiple of 14)"),
+    ("--size", "input_size", int, "encoder input side (rounded down to a multiple of 14)"),
     ("--seed", "seed", int, "random seed"),
     ("--out", "out", str, "write the JSON report here"),
-    ("--backend", "backend.kind", str, "triton | onnx | torch"),
-    ("--model", "backend.model", str, "onnx: model.onnx / model dir; torch: artefact or checkpoint"),
+    ("--backend", "backend.kind", str, "triton | onnx | torch (default: torch with --source or --arch, else triton)"),
+    ("--source", "backend.model", str, "onnx: model.onnx / model dir; torch: artefact or checkpoint"),
     ("--url", "backend.url", str, "triton: server URL"),
     ("--transport", "backend.protocol", str, "triton: grpc | http"),
     ("--model-name", "backend.model_name", str, "triton: model name"),
@@ -74,7 +75,6 @@ HUMMINGBIRD_FLAGS = (
     ("--val-subset", "val_subset", int, "use 1/N of the val split"),
     ("--k", "k", int, f"nearest neighbours (protocol: {DEFAULT_K})"),
     ("--temperature", "temperature", float, f"softmax temperature (protocol: {DEFAULT_TEMPERATURE})"),
-    ("--beta", "beta", float, "deprecated alias of --temperature"),
     ("--memory-size", "memory_size", int, "memory bound in patches (over all passes)"),
     ("--augment-passes", "augment_passes", int, "memory passes over the train split"),
 )
@@ -87,7 +87,7 @@ OVERCLUSTER_FLAGS = (
 KEYPOINT_FLAGS = (
     ("--data-root", "data_root", str, "SPair-71k root (holds JPEGImages/ and PairAnnotation/)"),
     ("--split", "split", str, "trn | val | test"),
-    ("--input-size", "input_size", int, "square input side (multiple of 14)"),
+    ("--size", "input_size", int, "square input side (rounded down to a multiple of 14)"),
     ("--max-pairs", "max_pairs", int, "score only the first N pairs"),
     ("--soft-argmax", "soft_argmax", _flag, "refine matches by a windowed soft-argmax"),
     ("--out", "out", str, "write the JSON report here"),
@@ -97,7 +97,7 @@ REPORT_FLAGS = (
     ("--protocol", "protocol", _protocol, "hummingbird protocol(s): hbird-eval | strict | both"),
     ("--clusters", "clusters", _ints, "overclustering K values (default 500)"),
     ("--overcluster-protocol", "overcluster_protocol", str, "overclustering protocol: neco | raw"),
-    ("--input-size", "input_size", int, "encoder input side"),
+    ("--size", "input_size", int, "encoder input side"),
     ("--train-split", "train_split", str, "memory / head split (e.g. trainaug for VOC)"),
     ("--val-split", "val_split", str, "scored split"),
     ("--train-subset", "train_subset", int, "use 1/N of the train split"),
@@ -105,7 +105,7 @@ REPORT_FLAGS = (
     ("--memory-size", "memory_size", int, "Hummingbird memory bound in patches"),
     ("--epochs", "epochs", int, "linear head epochs"),
     ("--out", "out", str, "output path without suffix: writes <out>.json and <out>.md"),
-) + tuple(f for f in BACKEND_FLAGS if f[0] != "--model")
+) + tuple(f for f in BACKEND_FLAGS if f[0] != "--source")
 LINEAR_FLAGS = (
     ("--epochs", "epochs", int, "head training epochs"),
     ("--lr", "lr", float, "head learning rate"),
@@ -114,14 +114,24 @@ LINEAR_FLAGS = (
 )
 
 
+OLD_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "--size": ("--input-size",),
+    "--source": ("--model",),
+    "--temperature": ("--beta",),
+}
+"""Flags renamed to `neco.cli.VOCABULARY`'s names: the old spellings work for one release, with a notice."""
+
+
 def _add_flags(parser: argparse.ArgumentParser, flags: Flags) -> None:
     for flag, key, kind, text in flags:
         if kind is _flag:  # `--soft-argmax` alone means true; `--soft-argmax false` still works
-            parser.add_argument(
+            action = parser.add_argument(
                 flag, dest=key, type=kind, nargs="?", const=True, default=None, help=text, metavar="BOOL"
             )
         else:
-            parser.add_argument(flag, dest=key, type=kind, default=None, help=text, metavar=key.split(".")[-1].upper())
+            metavar = key.split(".")[-1].upper()
+            action = parser.add_argument(flag, dest=key, type=kind, default=None, help=text, metavar=metavar)
+        deprecated_alias(parser, action, *OLD_SPELLINGS.get(flag, ()))
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -135,13 +145,19 @@ def _overrides(args: argparse.Namespace, flags: Flags) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in given] + list(args.overrides)
 
 
+def _served_unless_given(cfg: Any) -> Any:
+    """`cfg` with the backend kind of `neco.evaluation.config.served_unless_given`."""
+    from neco.evaluation.config import served_unless_given
+
+    return cfg.model_copy(update={"backend": served_unless_given(cfg.backend)})
+
+
 def _hummingbird(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.hummingbird import HummingbirdConfig, run_hummingbird
 
     flags = SEGMENTATION_FLAGS + HUMMINGBIRD_FLAGS
-    cfg = load_config(HummingbirdConfig, args.config, _overrides(args, flags))
-    run_hummingbird(cfg)
+    run_hummingbird(_served_unless_given(load_config(HummingbirdConfig, args.config, _overrides(args, flags))))
     return 0
 
 
@@ -149,7 +165,9 @@ def _linear(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.linear import LinearConfig, run_linear
 
-    cfg = load_config(LinearConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + LINEAR_FLAGS))
+    cfg = _served_unless_given(
+        load_config(LinearConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + LINEAR_FLAGS))
+    )
     run_linear(cfg, cfg.build_backend())
     return 0
 
@@ -158,8 +176,8 @@ def _overcluster(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.overcluster import OverclusterConfig, run_overcluster
 
-    cfg = load_config(OverclusterConfig, args.config, _overrides(args, SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS))
-    run_overcluster(cfg)
+    flags = SEGMENTATION_FLAGS + OVERCLUSTER_FLAGS
+    run_overcluster(_served_unless_given(load_config(OverclusterConfig, args.config, _overrides(args, flags))))
     return 0
 
 
@@ -167,7 +185,7 @@ def _keypoints(args: argparse.Namespace) -> int:
     from neco.config import load_config
     from neco.evaluation.keypoints import KeypointConfig, run_keypoints
 
-    run_keypoints(load_config(KeypointConfig, args.config, _overrides(args, KEYPOINT_FLAGS)))
+    run_keypoints(_served_unless_given(load_config(KeypointConfig, args.config, _overrides(args, KEYPOINT_FLAGS))))
     return 0
 
 
@@ -260,14 +278,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep = protocols.add_parser(
         "all",
         help="every evaluation of every model: one JSON + a Markdown table (NeCo paper layout)",
-        description="Run the chosen evaluations for each --model on each dataset and write <out>.json and "
+        description="Run the chosen evaluations for each --source on each dataset and write <out>.json and "
         "<out>.md: rows = models, columns = dataset x protocol, each header naming its protocol.\n"
-        "  neco eval all --model dinov2=vit_small_patch14_reg4_dinov2 --model neco=outputs/train/artefact "
+        "  neco eval all --source dinov2=vit_small_patch14_reg4_dinov2 --source neco=outputs/train/artefact "
         "--datasets voc=/data/VOCdevkit ade20k=/data/ADEChallengeData2016",
         formatter_class=raw,
     )
-    rep.add_argument("--model", dest="models", action="append", default=None, metavar="NAME=SOURCE",
-                     help="a model to evaluate (repeat); SOURCE is what --backend loads")  # fmt: skip
+    models = rep.add_argument("--source", dest="models", action="append", default=None, metavar="NAME=SOURCE",
+                              help="a model to evaluate (repeat); SOURCE is what --backend loads")  # fmt: skip
+    deprecated_alias(rep, models, *OLD_SPELLINGS["--source"])
     rep.add_argument("--datasets", nargs="+", default=None, metavar="KIND=ROOT",
                      help="voc, ade20k, coco-stuff, cityscapes, folder or spair roots")  # fmt: skip
     _add_flags(rep, REPORT_FLAGS)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from neco.atomic import make_parent
 from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE, ModelContract
@@ -40,6 +40,17 @@ class EvalConfig(BaseModel):
     )
     backend: BackendConfig = BackendConfig()
     out: Path | None = None
+    _asked_input_size: int | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _encoder_input_size(self) -> EvalConfig:
+        """`input_size` becomes the side the encoder runs at (rounded down to a patch multiple, as the
+        published protocol does), so every printed and written result states the size that ran;
+        the asked one is kept for the report (`input_size_asked`)."""
+        side = self.input_size - self.input_size % PATCH_SIZE
+        if side != self.input_size:
+            self._asked_input_size, self.input_size = self.input_size, side
+        return self
 
     @property
     def size(self) -> SizeSpec:
@@ -49,13 +60,18 @@ class EvalConfig(BaseModel):
     @property
     def size_text(self) -> str:
         """The resize policy as printed with every result (numbers depend on it: docs/client.md)."""
-        return f"{self.input_size}x{self.input_size}" if self.square else f"shorter side {self.input_size}"
+        text = f"{self.input_size}x{self.input_size}" if self.square else f"shorter side {self.input_size}"
+        if self._asked_input_size is not None:
+            text += f" (input_size {self._asked_input_size} rounded down to a multiple of {PATCH_SIZE})"
+        return text
 
     def report_header(self, evaluation: str, train: Any, val: Any, contract: ModelContract) -> dict[str, object]:
         """The fields every evaluation report starts with (which data, which model, which size, which config)."""
+        asked = {} if self._asked_input_size is None else {"input_size_asked": self._asked_input_size}
         return {
             "evaluation": evaluation,
             "input_size": self.input_size,
+            **asked,
             "resize": "square" if self.square else "shorter side",
             "dataset": self.dataset,
             "train_split": train.split,
@@ -78,6 +94,14 @@ class EvalConfig(BaseModel):
         return build_backend(self.backend, self.hbird_eval_std_typo)
 
 
+def served_unless_given(backend: BackendConfig) -> BackendConfig:
+    """The backend kind nobody chose on the command line: torch with weights to load (`--source` / `--arch`),
+    else the served model (triton), as every other `neco` command uses; a chosen kind is kept."""
+    if "kind" in backend.model_fields_set or backend.model is not None or backend.arch is not None:
+        return backend
+    return backend.model_copy(update={"kind": "triton"})
+
+
 def build_backend(backend: BackendConfig, hbird_eval_std_typo: bool = False) -> FeatureBackend:
     """`backend.build()`, or with `hbird_eval_std_typo` a torch backend normalising with that std."""
     if not hbird_eval_std_typo:
@@ -93,7 +117,7 @@ def build_backend(backend: BackendConfig, hbird_eval_std_typo: bool = False) -> 
 
     source = backend.model if backend.model is not None else backend.arch
     if source is None:
-        raise BackendError("--backend torch needs --model (artefact/checkpoint) or --arch")
+        raise BackendError("--backend torch needs --source (artefact/checkpoint) or --arch")
     model, contract = load_backbone(source, backend.arch)
     typo = contract.model_copy(update={"std": HBIRD_EVAL_STD_TYPO})
     return TorchBackend(model=model, contract=typo, device=backend.device, batch_size=backend.batch_size)

@@ -220,7 +220,7 @@ def test_client_segment_prepares_the_query_with_the_clients_limits(offline, scen
     bank = MemoryBank.build(ColourBackend(), scenes_224, image_size=224, class_names=["a", "b", "c", "d"])
     client.limits = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
     with pytest.raises(ImageError, match="would be resized to 238x238.*max_image_pixels=50176"):
-        client.segment(scenes_224[0][0], bank, size=(238, 238))
+        client.segment(scenes_224[0][0], bank, size=(238, 238), allow_size_mismatch=True)
     assert offline.sent == []
 
 
@@ -287,7 +287,7 @@ def test_refusing_a_huge_image_costs_no_memory(case: str, tmp_path: Path) -> Non
 
 # --------------------------------------------------------------------------- the real server
 def test_bad_inputs_against_the_embedded_server_then_a_good_one(triton_server, tmp_path: Path, capsys) -> None:
-    server = ["--url", triton_server.http_url, "--protocol", "http"]
+    server = ["--url", triton_server.http_url, "--transport", "http"]
     for case in ("non-image", "truncated-png", "declared-100000x100000", "strip-10000x20", "rgb-16-bit"):
         image = tmp_path / f"{case}.png"
         image.write_bytes(BAD_FILES[case][0])

@@ -81,7 +81,7 @@ def test_self_retrieval_recovers_the_support_mask(client: NecoClient, scenes) ->
         result = client.segment(image, bank)
         assert result.mask.shape == mask.shape
         assert miou(result.mask, mask) >= 0.9
-    on_the_fly = client.segment(scenes[0][0], scenes)  # pairs: bank built at the client's size
+    on_the_fly = client.segment(scenes[0][0], scenes)  # pairs: bank built at the images' own size
     np.testing.assert_array_equal(on_the_fly.mask, client.segment(scenes[0][0], bank).mask)
 
 
@@ -119,7 +119,7 @@ def test_cli_end_to_end_without_torch(triton_server, tmp_path: Path) -> None:
         tmp_path / "data", splits={"train": 3, "val": 1}, size=(SIZE, SIZE), num_classes=4, seed=1
     )
     query = root / "val" / "images" / "0000.png"
-    server = ["--url", triton_server.http_url, "--protocol", "http", "--size", str(SIZE)]
+    server = ["--url", triton_server.http_url, "--transport", "http", "--size", str(SIZE)]
     commands = [
         ["features", str(query), "--out", str(tmp_path / "f.npy"), "--pca", str(tmp_path / "pca.png"), *server],
         ["bank", "build", str(root / "train"), "--out", str(tmp_path / "bank"), "--fp16", *server],

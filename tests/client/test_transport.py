@@ -229,7 +229,7 @@ def test_half_built_http_client_prints_nothing_on_collection(monkeypatch) -> Non
 
 @pytest.fixture
 def grpc_port() -> Iterator[str]:
-    """A bare gRPC (HTTP/2) server: what `--protocol http` meets on Triton's gRPC port."""
+    """A bare gRPC (HTTP/2) server: what `--transport http` meets on Triton's gRPC port."""
     import grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
@@ -247,14 +247,14 @@ def _cli(tmp_path: Path, *server: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_http_against_a_grpc_port_is_one_line(tmp_path: Path, grpc_port: str) -> None:
-    done = _cli(tmp_path, "--protocol", "http", "--url", grpc_port, "--retries", "5")
+    done = _cli(tmp_path, "--transport", "http", "--url", grpc_port, "--retries", "5")
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert grpc_port in done.stderr and "gRPC port" in done.stderr and "gave up" not in done.stderr  # not retried
 
 
 def test_cli_url_with_a_scheme_is_one_line(tmp_path: Path) -> None:
-    done = _cli(tmp_path, "--protocol", "http", "--url", "http://localhost:8000")
+    done = _cli(tmp_path, "--transport", "http", "--url", "http://localhost:8000")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Exception ignored" not in done.stderr
     assert "'http://localhost:8000'" in done.stderr and "without a scheme" in done.stderr

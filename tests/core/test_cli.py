@@ -59,7 +59,7 @@ def test_help_shows_defaults(capsys):
     for argv, expected in [
         (["segment"], ["neighbours per patch (default: 30)", "softmax temperature (default: 0.02)",
                        "Triton model name (default: neco_dinov2)", "transport (default: grpc)"]),
-        (["bank", "build"], ["(default 448)", "--index {flat,ivf,hnsw}", "(default: flat)"]),
+        (["bank", "build"], ["(default: the support images' own shorter side, at most 448)", "--index {flat,ivf,hnsw}", "(default: flat)"]),
         (["eval", "hummingbird"], ["(default: 448)", "(default: 30)", "(default: 0.02)", "(default: localhost:8001)"]),
         (["serve"], ["http_port=8000", "grpc_port=8001", "metrics_port=8002", "host=127.0.0.1"]),
     ]:  # fmt: skip
@@ -67,3 +67,16 @@ def test_help_shows_defaults(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for piece in expected:
             assert piece in text, (argv, piece)
+
+
+def test_scenes_writes_the_readme_dataset_without_torch(tmp_path):
+    """`neco scenes OUT` makes the README pipeline self-contained (steps 4-6 read OUT), torch blocked."""
+    out = tmp_path / "scenes"
+    result = neco("scenes", str(out), "--train", "3", "--val", "2", blocked=("torch", "torchvision", "timm"))
+    assert result.returncode == 0, result.stderr
+    assert (
+        len(list((out / "train" / "images").glob("*.png"))) == 3 and len(list((out / "val" / "masks").iterdir())) == 2
+    )
+    assert (out / "classes.json").is_file() and "3+2 'textures' scenes (112 px, 4 classes)" in result.stdout
+    bad = neco("scenes", str(tmp_path / "bad"), "--num-classes", "1")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--num-classes" in bad.stderr

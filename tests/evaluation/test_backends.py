@@ -54,7 +54,7 @@ def test_torch_backend_matches_timm_intermediate_layers(random_model: torch.nn.M
 
 
 def test_make_backend_errors() -> None:
-    with pytest.raises(BackendError, match="--model"):
+    with pytest.raises(BackendError, match="--source"):
         make_backend("onnx")
     with pytest.raises(BackendError, match="--arch"):
         make_backend("torch")
