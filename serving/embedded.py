@@ -17,98 +17,63 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
-import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from pytriton.client.exceptions import PyTritonClientTimeoutError
 from pytriton.triton import Triton, TritonConfig
 from pytriton.utils.workspace import Workspace
 from tritonclient.grpc import model_config_pb2
 
 from neco.contract import ModelContract
-from neco.errors import EXIT_USAGE, NecoError
+from neco.errors import NecoError
 from neco.serving.config import ServeConfig
 from neco.serving.gateway import RequestGateway
+from neco.serving.ports import check_ports_free, pick_free_ports
 from neco.serving.pytriton_compat import (
+    drop_exit_warning,
     ensure_stub_library_path,
     merge_parameters,
     pytriton_model_config,
     pytriton_tensors,
     silence_console,
+    start_tritonserver,
     tokenless_triton,
+    tritonserver_console,
     tritonserver_pid,
 )
 from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
-from neco.serving.supervision import BackendSupervisor, ProcessTree
+from neco.serving.supervision import BackendSupervisor, ProcessTree, likely_cause, wait_until_listening
 from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, config_problems, contract_from_config, read_model_config
 
 LOGGER = logging.getLogger(__name__)
 TRITON_LOG_FILENAME = "tritonserver.log"
-"""Triton's log inside its workspace unless `ServeConfig.verbose` (then it goes to stdout)."""
+"""Triton's log, in a folder of its own (PyTriton deletes its workspace when tritonserver exits), unless
+`ServeConfig.verbose` (then it goes to stdout)."""
 LOG_TAIL_LINES = 20
 PORT_KEYS = ("http_port", "grpc_port", "metrics_port")
 """The public ports, in the order `_ports` holds them."""
-
-
-class PortInUseError(NecoError, OSError):
-    """A port the server is configured to bind is taken by another process (exit status 2)."""
-
-    exit_code = EXIT_USAGE
 
 
 class ServingError(NecoError, RuntimeError):
     """The embedded server could not start, died, or is used before `start()`."""
 
 
-def pick_free_ports(host: str, count: int) -> list[int]:
-    """Ask the OS for `count` distinct free TCP ports (all held open until all are chosen).
-
-    tritonserver cannot report a port it chose itself, so port 0 is resolved here; another
-    process could take a port between this call and the server binding it (rare; start fails
-    loudly if it happens).
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def check_ports_free(host: str, ports: dict[str, int]) -> None:
-    """Fail before Triton starts when a configured port is taken (a second server, another service).
-
-    Otherwise tritonserver fails to bind while PyTriton's readiness check talks to whatever
-    listens there (e.g. another PyTriton: a 403 "expecting header 'triton-access-token'").
-    SO_REUSEADDR as Triton binds, so a port in TIME_WAIT after a restart is not reported.
-    """
-    for name, port in ports.items():
-        if port == 0:
-            continue
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                raise PortInUseError(
-                    f"port {port} ({name}) on {host} is in use ({exc.strerror}); stop the other server or choose "
-                    f"another port ({name}=PORT, 0 = a free one)"
-                ) from None
+def tail_lines(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a tritonserver log, without blank lines and its start-up tables."""
+    kept = [line for line in text.splitlines() if line.strip() and not line.startswith(("|", "+"))]
+    return "\n".join(kept[-lines:])
 
 
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of Triton's log file, for an error message ('' when there is none)."""
+    """The end of Triton's log file, for an error message ('' when there is none)."""
     if path is None or not path.is_file():
         return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return tail_lines(path.read_text(errors="replace"), lines)
 
 
 def find_model_version(model_dir: Path, filename: str) -> int:
@@ -166,7 +131,9 @@ class EmbeddedServer:
         """How many times the python backend died while serving (each answered by a restart or a stop)."""
         self.version: int | None = None
         self.providers: list[str] = []
+        self._log_dir: Path | None = None
         self._log_file: Path | None = None
+        drop_exit_warning()
 
     # --- endpoints ----------------------------------------------------------------------------
     @property
@@ -212,13 +179,16 @@ class EmbeddedServer:
             ports = [getattr(self.cfg, name) for name in PORT_KEYS]
             free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
             self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
-            self._upstream = tuple(pick_free_ports("127.0.0.1", 2))  # type: ignore[assignment]
-            self._gateway = RequestGateway(self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits).start()
+            self._upstream = tuple(pick_free_ports("127.0.0.1", 2, exclude=self._ports))  # type: ignore[assignment]
+            self._gateway = RequestGateway(self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits)
             self._launch = lambda: self._launch_triton(exported, version, runner)
             self._supervisor = BackendSupervisor(self._on_backend_death)
             try:
+                # tritonserver first: gRPC prints a fork_posix.cc line for a fork made while its threads run
                 self._launch()
+                self._gateway.start()
             except BaseException:
+                self._shutdown()
                 self._supervisor.close()
                 self._stop_gateway()
                 raise
@@ -234,7 +204,8 @@ class EmbeddedServer:
         """Start tritonserver on the chosen ports and put its process tree under supervision."""
         ensure_stub_library_path()
         workspace = Workspace()  # sockets + generated model store; removed by Triton.stop()
-        self._log_file = None if self.cfg.verbose else workspace.path / TRITON_LOG_FILENAME
+        self._log_dir = None if self.cfg.verbose else Path(tempfile.mkdtemp(prefix="neco-tritonserver-"))
+        self._log_file = None if self._log_dir is None else self._log_dir / TRITON_LOG_FILENAME
         try:
             uses_gpu = "CUDAExecutionProvider" in runner.providers
             triton = tokenless_triton(self._triton_config(uses_gpu, self._log_file), workspace)
@@ -250,30 +221,59 @@ class EmbeddedServer:
             merge_parameters(workspace.model_store_path / self.cfg.model_name / CONFIG_FILENAME, exported)
         except BaseException:
             workspace.clean()  # nothing started yet, so Triton.stop() would not clean it
+            self._remove_log()
             raise
         self._triton = triton
         previous_umask = os.umask(0o077)  # files tritonserver creates (shm regions) are the user's only
         try:
-            triton.run()
+            start_tritonserver(triton)
             if not self.cfg.verbose:
                 silence_console(triton)
+            self._wait_until_bound(triton)
+            triton.connect()  # tritonserver is up: PyTriton's readiness checks pass at once
             self._tree = ProcessTree(tritonserver_pid(triton))
             self._supervisor.watch(self._tree)  # type: ignore[union-attr]
             self._check_served_contract()
             self._gateway.set_available(True)  # type: ignore[union-attr]
-        except PyTritonClientTimeoutError as exc:
-            tail = log_tail(self._log_file)
-            self._shutdown()
-            where = f"the end of its log:\n{tail}" if tail else "its log above says why"
-            raise ServingError(f"tritonserver did not become ready; {where}") from exc
+        except ServingError:
+            self._shutdown()  # the error carries the end of tritonserver's log already
+            raise
         except BaseException:
-            tail = log_tail(self._log_file)
+            tail = self._triton_log_tail()
             self._shutdown()
             if tail:
                 LOGGER.error("tritonserver failed to start; the end of its log:\n%s", tail)
             raise
         finally:
             os.umask(previous_umask)
+
+    def _wait_until_bound(self, triton: Triton) -> None:
+        """Return once tritonserver listens on its three ports; a `ServingError` saying why if it exits first."""
+        http, grpc = self._upstream  # type: ignore[misc]
+        configured = self.cfg.metrics_port != 0
+        ports = {
+            http: "tritonserver's private HTTP port, chosen at start",
+            grpc: "tritonserver's private gRPC port, chosen at start",
+            self._ports[2]: "metrics_port" if configured else "metrics_port=0, chosen at start",  # type: ignore[index]
+        }
+        problem = wait_until_listening(tritonserver_pid(triton), ports)
+        if problem is None:
+            return
+        tail = self._triton_log_tail()
+        where = f"the end of tritonserver's log:\n{tail}" if tail else "tritonserver wrote no log"
+        raise ServingError(f"{problem}: {likely_cause(tail, ports)}\n{where}")
+
+    def _triton_log_tail(self) -> str:
+        """The end of tritonserver's log file, else of what it printed on its console."""
+        tail = log_tail(self._log_file)
+        if not tail and self._triton is not None:
+            tail = tail_lines(tritonserver_console(self._triton))
+        return tail
+
+    def _remove_log(self) -> None:
+        log_dir, self._log_dir = self._log_dir, None
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop tritonserver, end every process it left and remove its shared memory; safe to call twice."""
@@ -301,6 +301,7 @@ class EmbeddedServer:
             triton.stop()
         if tree is not None:
             tree.clean_up()
+        self._remove_log()
 
     def _on_backend_death(self, problem: str) -> None:
         """Called by the supervisor: stop the dead server at once, then restart it unless told not to."""
@@ -308,7 +309,7 @@ class EmbeddedServer:
             return  # start() or stop() is running and decides the server's fate
         try:
             self.backend_failures += 1
-            tail = log_tail(self._log_file)
+            tail = self._triton_log_tail()
             if tail:
                 LOGGER.error("the python backend died (%s); the end of tritonserver's log:\n%s", problem, tail)
             self._shutdown()

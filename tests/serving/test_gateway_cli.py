@@ -21,7 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
-from neco.serving.embedded import pick_free_ports
+from neco.serving.ports import pick_free_ports
 
 from .conftest import random_images, reap
 
