@@ -46,69 +46,35 @@ from neco.serving.pytriton_compat import (
     tritonserver_console,
     tritonserver_pid,
 )
-from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
-from neco.serving.supervision import BackendSupervisor, ProcessTree, likely_cause, wait_until_listening
-from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, config_problems, contract_from_config, read_model_config
+from neco.serving.repository import exported_model
+from neco.serving.runtime import OnnxFeatureRunner
+from neco.serving.supervision import (
+    BackendSupervisor,
+    ProcessTree,
+    likely_cause,
+    log_tail,
+    tail_lines,
+    taken_port,
+    wait_until_listening,
+)
+from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, contract_from_config
 
 LOGGER = logging.getLogger(__name__)
 TRITON_LOG_FILENAME = "tritonserver.log"
 """Triton's log, in a folder of its own (PyTriton deletes its workspace when tritonserver exits), unless
 `ServeConfig.verbose` (then it goes to stdout)."""
-LOG_TAIL_LINES = 20
 PORT_KEYS = ("http_port", "grpc_port", "metrics_port")
 """The public ports, in the order `_ports` holds them."""
+START_ATTEMPTS = 3
+"""Starts on newly chosen ports when another process took a chosen one first (see `pick_free_ports`)."""
 
 
 class ServingError(NecoError, RuntimeError):
     """The embedded server could not start, died, or is used before `start()`."""
 
 
-def tail_lines(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` lines of a tritonserver log, without blank lines and its start-up tables."""
-    kept = [line for line in text.splitlines() if line.strip() and not line.startswith(("|", "+"))]
-    return "\n".join(kept[-lines:])
-
-
-def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
-    """The end of Triton's log file, for an error message ('' when there is none)."""
-    if path is None or not path.is_file():
-        return ""
-    return tail_lines(path.read_text(errors="replace"), lines)
-
-
-def find_model_version(model_dir: Path, filename: str) -> int:
-    """The newest numeric version folder holding `filename` (Triton's default `latest: 1` policy)."""
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()]
-    if not versions:
-        raise ModelLoadError(
-            f"{model_dir} has no <version>/{filename}: the embedded server runs ONNX through onnxruntime, "
-            f"so export with backend=onnxruntime (TensorRT plans are served by the Docker Triton)"
-        )
-    return max(versions)
-
-
-def check_served_signature(config: model_config_pb2.ModelConfig) -> None:
-    """The exported config must declare the contract's tensors, batched (dynamic batching needs it)."""
-    problems = config_problems(config)
-    if problems:
-        raise ModelLoadError(f"model config {config.name!r}: " + "; ".join(problems))
-    if config.max_batch_size < 1:
-        raise ModelLoadError(f"model config {config.name!r}: max_batch_size must be >= 1 for dynamic batching")
-
-
-def exported_model(repository: Path, model_name: str) -> tuple[model_config_pb2.ModelConfig, int]:
-    """The exported config of `model_name` and its newest ONNX version, checked to be servable."""
-    model_dir = repository / model_name
-    if not (model_dir / CONFIG_FILENAME).is_file():
-        available = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file())
-        if available:
-            raise FileNotFoundError(
-                f"model {model_name!r} is not in {repository}; it holds {available} (model_name=NAME)"
-            )
-        raise FileNotFoundError(f"{model_dir}/{CONFIG_FILENAME} not found: is {repository} a model repository?")
-    exported = read_model_config(model_dir)
-    check_served_signature(exported)
-    return exported, find_model_version(model_dir, ONNX_FILENAME)
+class ChosenPortTakenError(ServingError):
+    """A port chosen for tritonserver was taken by another process before it bound it (started again)."""
 
 
 class EmbeddedServer:
@@ -176,17 +142,10 @@ class EmbeddedServer:
             self.contract = contract_from_config(exported)
             onnx_path = self.cfg.repository / self.cfg.model_name / str(version) / ONNX_FILENAME
             runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
-            ports = [getattr(self.cfg, name) for name in PORT_KEYS]
-            free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
-            self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
-            self._upstream = tuple(pick_free_ports("127.0.0.1", 2, exclude=self._ports))  # type: ignore[assignment]
-            self._gateway = RequestGateway(self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits)
             self._launch = lambda: self._launch_triton(exported, version, runner)
             self._supervisor = BackendSupervisor(self._on_backend_death)
             try:
-                # tritonserver first: gRPC prints a fork_posix.cc line for a fork made while its threads run
-                self._launch()
-                self._gateway.start()
+                self._start_on_free_ports()
             except BaseException:
                 self._shutdown()
                 self._supervisor.close()
@@ -199,6 +158,27 @@ class EmbeddedServer:
                 runner.providers,
             )  # fmt: skip
             return self
+
+    def _start_on_free_ports(self) -> None:
+        """Choose the ports for 0, start tritonserver, then the gateway; again on new ports if one was taken.
+
+        tritonserver starts first: gRPC prints a fork_posix.cc line for a fork made while its threads run.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            ports = [getattr(self.cfg, name) for name in PORT_KEYS]
+            free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
+            self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
+            self._upstream = tuple(pick_free_ports("127.0.0.1", 2, exclude=self._ports))  # type: ignore[assignment]
+            self._gateway = RequestGateway(self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits)
+            try:
+                self._launch()  # type: ignore[misc]
+            except ChosenPortTakenError as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                LOGGER.warning("%s; starting again on other ports", str(exc).splitlines()[0])
+                continue
+            self._gateway.start()
+            return
 
     def _launch_triton(self, exported: model_config_pb2.ModelConfig, version: int, runner: OnnxFeatureRunner) -> None:
         """Start tritonserver on the chosen ports and put its process tree under supervision."""
@@ -261,7 +241,8 @@ class EmbeddedServer:
             return
         tail = self._triton_log_tail()
         where = f"the end of tritonserver's log:\n{tail}" if tail else "tritonserver wrote no log"
-        raise ServingError(f"{problem}: {likely_cause(tail, ports)}\n{where}")
+        chosen = "chosen at start" in ports.get(taken_port(tail) or -1, "")
+        raise (ChosenPortTakenError if chosen else ServingError)(f"{problem}: {likely_cause(tail, ports)}\n{where}")
 
     def _triton_log_tail(self) -> str:
         """The end of tritonserver's log file, else of what it printed on its console."""

@@ -49,6 +49,7 @@ LOGGER = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0
 """How long tritonserver may take to load the model and bind its ports (PyTriton waits as long)."""
 PORT_TAKEN = re.compile(r"failed to start (\w+) service: .*?'([^']*):(\d+)' already in use")
+LOG_TAIL_LINES = 20
 MODEL_FAILED = re.compile(r"failed to load '([^']+)'[^:]*: (.+?)\"?$", re.M)
 
 
@@ -66,12 +67,30 @@ def wait_until_listening(pid: int, ports: Mapping[int, str], timeout_s: float = 
     return "tritonserver exited while starting"
 
 
+def tail_lines(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a tritonserver log, without blank lines and its start-up tables."""
+    kept = [line for line in text.splitlines() if line.strip() and not line.startswith(("|", "+"))]
+    return "\n".join(kept[-lines:])
+
+
+def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    """The end of Triton's log file, for an error message ('' when there is none)."""
+    if path is None or not path.is_file():
+        return ""
+    return tail_lines(path.read_text(errors="replace"), lines)
+
+
+def taken_port(log: str) -> int | None:
+    """The port tritonserver's log says another process holds, if any."""
+    taken = PORT_TAKEN.search(log)
+    return int(taken.group(3)) if taken else None
+
+
 def likely_cause(log: str, ports: Mapping[int, str]) -> str:
     """The likely reason for a failed start, from the end of tritonserver's log and the ports it was given."""
-    taken = PORT_TAKEN.search(log)
-    if taken:
-        port = int(taken.group(3))
-        what = ports.get(port, f"its {taken.group(1)} port")
+    port = taken_port(log)
+    if port is not None:
+        what = ports.get(port, "one of its ports")
         return (
             f"port {port} ({what}) was taken by another process before tritonserver could bind it; free it or "
             f"choose another port (a port set to 0 is chosen anew at every start)"

@@ -204,3 +204,35 @@ def test_pytritons_exit_warning_is_dropped(model_repository, caplog):
         )
         logging.getLogger("pytriton.server.triton_server").warning("another warning")
     assert [r.getMessage() for r in caplog.records] == ["another warning"]
+
+
+def test_a_chosen_port_taken_before_tritonserver_binds_it_is_chosen_anew(model_repository, monkeypatch, caplog):
+    """A port chosen for tritonserver and taken meanwhile costs one restart on other ports, not the start."""
+    import neco.serving.embedded as embedded
+
+    real, private_picks = embedded.pick_free_ports, []
+
+    def rigged(host: str, count: int, exclude=()) -> list[int]:
+        ports = real(host, count, exclude)
+        if count == 2:  # tritonserver's private HTTP and gRPC ports
+            private_picks.append(ports)
+            if len(private_picks) == 1:
+                ports[1] = port  # the first choice of its gRPC port is already taken
+        return ports
+
+    monkeypatch.setattr(embedded, "pick_free_ports", rigged)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = ServeConfig(repository=model_repository, http_port=0, grpc_port=0, metrics_port=0)
+        with caplog.at_level(logging.WARNING, logger="neco.serving.embedded"), EmbeddedServer(cfg) as server:
+            assert server.is_alive() and server.upstream_urls[1] != f"127.0.0.1:{port}"
+            np.testing.assert_array_equal(grpc_infer(server, random_images(3, 1, 28, 28)).shape, (1, 2, 2, 384))
+    assert len(private_picks) == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        warning.startswith("tritonserver exited while starting: port ")
+        and f"{port} (tritonserver's private gRPC port" in warning
+    )
+    assert warning.endswith("starting again on other ports")
