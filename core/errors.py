@@ -40,8 +40,8 @@ class MissingExtraError(NecoError, ModuleNotFoundError):
             hint = "install the extra of this command"
         else:
             hint = (
-                f'install the `{extra}` extra: pip install -c constraints.txt "./neco[{extra}]" from a checkout '
-                f'named neco, or "neco_dense-<version>-py3-none-any.whl[{extra}]" from `make wheel`'
+                f'install the `{extra}` extra: pip install -c neco/constraints.txt "./neco[{extra}]" beside a checkout '
+                f'named neco, or "neco_dense-<version>-py3-none-any.whl[{extra}]" from `make wheel` (README.md, Install)'
             )
         super().__init__(f"`{command}` needs the Python package {module!r}, which is not installed; {hint}")
         self.name = module

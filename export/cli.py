@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trtexec.add_argument("--precision", choices=TENSORRT_PRECISIONS, help="engine precision (default: config, fp32)")
     trtexec.add_argument(
         "--tensorrt-version",
-        help="TensorRT of the image that builds AND serves the plan, e.g. 10.3 (default: the installed tensorrt)",
+        help="TensorRT of the image that builds AND serves the plan, e.g. 11 for Triton 26.08 (default: the installed tensorrt)",
     )
     trtexec.add_argument(
         "--reduced-onnx", type=Path, help="where the FP16/BF16 ONNX is written (default: beside --onnx)"

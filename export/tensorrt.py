@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
+from neco.errors import MissingExtraError
 from neco.export.config import ExportConfig, Shape, TensorRTSettings
 from neco.export.errors import EngineMismatchError, ExportError, ParityError
 from neco.export.tensorrt_build import build_engine, strongly_typed_opt_in
@@ -200,9 +201,7 @@ def require_tensorrt() -> None:
     try:
         import tensorrt
     except ImportError as exc:
-        raise ExportError(
-            "backend tensorrt needs the `tensorrt` Python package (pip install neco-dense[tensorrt])"
-        ) from exc
+        raise MissingExtraError("neco export --backend tensorrt", "tensorrt", "tensorrt") from exc
     strongly_typed_opt_in(tensorrt.__version__)  # refuses versions this code is not written for
     import torch
 

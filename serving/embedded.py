@@ -17,133 +17,64 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
-import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from pytriton.client.exceptions import PyTritonClientTimeoutError
 from pytriton.triton import Triton, TritonConfig
 from pytriton.utils.workspace import Workspace
 from tritonclient.grpc import model_config_pb2
 
 from neco.contract import ModelContract
-from neco.errors import EXIT_USAGE, NecoError
+from neco.errors import NecoError
 from neco.serving.config import ServeConfig
 from neco.serving.gateway import RequestGateway
+from neco.serving.ports import check_ports_free, pick_free_ports
 from neco.serving.pytriton_compat import (
+    drop_exit_warning,
     ensure_stub_library_path,
     merge_parameters,
     pytriton_model_config,
     pytriton_tensors,
     silence_console,
+    start_tritonserver,
     tokenless_triton,
+    tritonserver_console,
     tritonserver_pid,
 )
-from neco.serving.runtime import ModelLoadError, OnnxFeatureRunner
-from neco.serving.supervision import BackendSupervisor, ProcessTree
-from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, config_problems, contract_from_config, read_model_config
+from neco.serving.repository import exported_model
+from neco.serving.runtime import OnnxFeatureRunner
+from neco.serving.supervision import (
+    BackendSupervisor,
+    ProcessTree,
+    likely_cause,
+    log_tail,
+    tail_lines,
+    taken_port,
+    wait_until_listening,
+)
+from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME, contract_from_config
 
 LOGGER = logging.getLogger(__name__)
 TRITON_LOG_FILENAME = "tritonserver.log"
-"""Triton's log inside its workspace unless `ServeConfig.verbose` (then it goes to stdout)."""
-LOG_TAIL_LINES = 20
+"""Triton's log, in a folder of its own (PyTriton deletes its workspace when tritonserver exits), unless
+`ServeConfig.verbose` (then it goes to stdout)."""
 PORT_KEYS = ("http_port", "grpc_port", "metrics_port")
 """The public ports, in the order `_ports` holds them."""
-
-
-class PortInUseError(NecoError, OSError):
-    """A port the server is configured to bind is taken by another process (exit status 2)."""
-
-    exit_code = EXIT_USAGE
+START_ATTEMPTS = 3
+"""Starts on newly chosen ports when another process took a chosen one first (see `pick_free_ports`)."""
 
 
 class ServingError(NecoError, RuntimeError):
     """The embedded server could not start, died, or is used before `start()`."""
 
 
-def pick_free_ports(host: str, count: int) -> list[int]:
-    """Ask the OS for `count` distinct free TCP ports (all held open until all are chosen).
-
-    tritonserver cannot report a port it chose itself, so port 0 is resolved here; another
-    process could take a port between this call and the server binding it (rare; start fails
-    loudly if it happens).
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def check_ports_free(host: str, ports: dict[str, int]) -> None:
-    """Fail before Triton starts when a configured port is taken (a second server, another service).
-
-    Otherwise tritonserver fails to bind while PyTriton's readiness check talks to whatever
-    listens there (e.g. another PyTriton: a 403 "expecting header 'triton-access-token'").
-    SO_REUSEADDR as Triton binds, so a port in TIME_WAIT after a restart is not reported.
-    """
-    for name, port in ports.items():
-        if port == 0:
-            continue
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                raise PortInUseError(
-                    f"port {port} ({name}) on {host} is in use ({exc.strerror}); stop the other server or choose "
-                    f"another port ({name}=PORT, 0 = a free one)"
-                ) from None
-
-
-def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of Triton's log file, for an error message ('' when there is none)."""
-    if path is None or not path.is_file():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def find_model_version(model_dir: Path, filename: str) -> int:
-    """The newest numeric version folder holding `filename` (Triton's default `latest: 1` policy)."""
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()]
-    if not versions:
-        raise ModelLoadError(
-            f"{model_dir} has no <version>/{filename}: the embedded server runs ONNX through onnxruntime, "
-            f"so export with backend=onnxruntime (TensorRT plans are served by the Docker Triton)"
-        )
-    return max(versions)
-
-
-def check_served_signature(config: model_config_pb2.ModelConfig) -> None:
-    """The exported config must declare the contract's tensors, batched (dynamic batching needs it)."""
-    problems = config_problems(config)
-    if problems:
-        raise ModelLoadError(f"model config {config.name!r}: " + "; ".join(problems))
-    if config.max_batch_size < 1:
-        raise ModelLoadError(f"model config {config.name!r}: max_batch_size must be >= 1 for dynamic batching")
-
-
-def exported_model(repository: Path, model_name: str) -> tuple[model_config_pb2.ModelConfig, int]:
-    """The exported config of `model_name` and its newest ONNX version, checked to be servable."""
-    model_dir = repository / model_name
-    if not (model_dir / CONFIG_FILENAME).is_file():
-        available = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file())
-        if available:
-            raise FileNotFoundError(
-                f"model {model_name!r} is not in {repository}; it holds {available} (model_name=NAME)"
-            )
-        raise FileNotFoundError(f"{model_dir}/{CONFIG_FILENAME} not found: is {repository} a model repository?")
-    exported = read_model_config(model_dir)
-    check_served_signature(exported)
-    return exported, find_model_version(model_dir, ONNX_FILENAME)
+class ChosenPortTakenError(ServingError):
+    """A port chosen for tritonserver was taken by another process before it bound it (started again)."""
 
 
 class EmbeddedServer:
@@ -166,7 +97,9 @@ class EmbeddedServer:
         """How many times the python backend died while serving (each answered by a restart or a stop)."""
         self.version: int | None = None
         self.providers: list[str] = []
+        self._log_dir: Path | None = None
         self._log_file: Path | None = None
+        drop_exit_warning()
 
     # --- endpoints ----------------------------------------------------------------------------
     @property
@@ -209,18 +142,12 @@ class EmbeddedServer:
             self.contract = contract_from_config(exported)
             onnx_path = self.cfg.repository / self.cfg.model_name / str(version) / ONNX_FILENAME
             runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
-            ports = [getattr(self.cfg, name) for name in PORT_KEYS]
-            free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
-            self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
-            self._upstream = tuple(pick_free_ports("127.0.0.1", 2))  # type: ignore[assignment]
-            self._gateway = RequestGateway(
-                self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits, bodies=self.cfg.bodies
-            ).start()
             self._launch = lambda: self._launch_triton(exported, version, runner)
             self._supervisor = BackendSupervisor(self._on_backend_death)
             try:
-                self._launch()
+                self._start_on_free_ports()
             except BaseException:
+                self._shutdown()
                 self._supervisor.close()
                 self._stop_gateway()
                 raise
@@ -232,11 +159,35 @@ class EmbeddedServer:
             )  # fmt: skip
             return self
 
+    def _start_on_free_ports(self) -> None:
+        """Choose the ports for 0, start tritonserver, then the gateway; again on new ports if one was taken.
+
+        tritonserver starts first: gRPC prints a fork_posix.cc line for a fork made while its threads run.
+        """
+        for attempt in range(1, START_ATTEMPTS + 1):
+            ports = [getattr(self.cfg, name) for name in PORT_KEYS]
+            free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
+            self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
+            self._upstream = tuple(pick_free_ports("127.0.0.1", 2, exclude=self._ports))  # type: ignore[assignment]
+            self._gateway = RequestGateway(
+                self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits, bodies=self.cfg.bodies
+            )
+            try:
+                self._launch()  # type: ignore[misc]
+            except ChosenPortTakenError as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                LOGGER.warning("%s; starting again on other ports", str(exc).splitlines()[0])
+                continue
+            self._gateway.start()
+            return
+
     def _launch_triton(self, exported: model_config_pb2.ModelConfig, version: int, runner: OnnxFeatureRunner) -> None:
         """Start tritonserver on the chosen ports and put its process tree under supervision."""
         ensure_stub_library_path()
         workspace = Workspace()  # sockets + generated model store; removed by Triton.stop()
-        self._log_file = None if self.cfg.verbose else workspace.path / TRITON_LOG_FILENAME
+        self._log_dir = None if self.cfg.verbose else Path(tempfile.mkdtemp(prefix="neco-tritonserver-"))
+        self._log_file = None if self._log_dir is None else self._log_dir / TRITON_LOG_FILENAME
         try:
             uses_gpu = "CUDAExecutionProvider" in runner.providers
             triton = tokenless_triton(self._triton_config(uses_gpu, self._log_file), workspace)
@@ -252,30 +203,60 @@ class EmbeddedServer:
             merge_parameters(workspace.model_store_path / self.cfg.model_name / CONFIG_FILENAME, exported)
         except BaseException:
             workspace.clean()  # nothing started yet, so Triton.stop() would not clean it
+            self._remove_log()
             raise
         self._triton = triton
         previous_umask = os.umask(0o077)  # files tritonserver creates (shm regions) are the user's only
         try:
-            triton.run()
+            start_tritonserver(triton)
             if not self.cfg.verbose:
                 silence_console(triton)
+            self._wait_until_bound(triton)
+            triton.connect()  # tritonserver is up: PyTriton's readiness checks pass at once
             self._tree = ProcessTree(tritonserver_pid(triton))
             self._supervisor.watch(self._tree)  # type: ignore[union-attr]
             self._check_served_contract()
             self._gateway.set_available(True)  # type: ignore[union-attr]
-        except PyTritonClientTimeoutError as exc:
-            tail = log_tail(self._log_file)
-            self._shutdown()
-            where = f"the end of its log:\n{tail}" if tail else "its log above says why"
-            raise ServingError(f"tritonserver did not become ready; {where}") from exc
+        except ServingError:
+            self._shutdown()  # the error carries the end of tritonserver's log already
+            raise
         except BaseException:
-            tail = log_tail(self._log_file)
+            tail = self._triton_log_tail()
             self._shutdown()
             if tail:
                 LOGGER.error("tritonserver failed to start; the end of its log:\n%s", tail)
             raise
         finally:
             os.umask(previous_umask)
+
+    def _wait_until_bound(self, triton: Triton) -> None:
+        """Return once tritonserver listens on its three ports; a `ServingError` saying why if it exits first."""
+        http, grpc = self._upstream  # type: ignore[misc]
+        configured = self.cfg.metrics_port != 0
+        ports = {
+            http: "tritonserver's private HTTP port, chosen at start",
+            grpc: "tritonserver's private gRPC port, chosen at start",
+            self._ports[2]: "metrics_port" if configured else "metrics_port=0, chosen at start",  # type: ignore[index]
+        }
+        problem = wait_until_listening(tritonserver_pid(triton), ports)
+        if problem is None:
+            return
+        tail = self._triton_log_tail()
+        where = f"the end of tritonserver's log:\n{tail}" if tail else "tritonserver wrote no log"
+        chosen = "chosen at start" in ports.get(taken_port(tail) or -1, "")
+        raise (ChosenPortTakenError if chosen else ServingError)(f"{problem}: {likely_cause(tail, ports)}\n{where}")
+
+    def _triton_log_tail(self) -> str:
+        """The end of tritonserver's log file, else of what it printed on its console."""
+        tail = log_tail(self._log_file)
+        if not tail and self._triton is not None:
+            tail = tail_lines(tritonserver_console(self._triton))
+        return tail
+
+    def _remove_log(self) -> None:
+        log_dir, self._log_dir = self._log_dir, None
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop tritonserver, end every process it left and remove its shared memory; safe to call twice."""
@@ -303,6 +284,7 @@ class EmbeddedServer:
             triton.stop()
         if tree is not None:
             tree.clean_up()
+        self._remove_log()
 
     def _on_backend_death(self, problem: str) -> None:
         """Called by the supervisor: stop the dead server at once, then restart it unless told not to."""
@@ -310,7 +292,7 @@ class EmbeddedServer:
             return  # start() or stop() is running and decides the server's fate
         try:
             self.backend_failures += 1
-            tail = log_tail(self._log_file)
+            tail = self._triton_log_tail()
             if tail:
                 LOGGER.error("the python backend died (%s); the end of tritonserver's log:\n%s", problem, tail)
             self._shutdown()

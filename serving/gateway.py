@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp.http_exceptions import HttpProcessingError
 from tritonclient.grpc import service_pb2
 
 from neco.errors import NecoError
@@ -50,6 +51,26 @@ from neco.serving.request_check import (
 from neco.signature import InputLimits
 
 LOGGER = logging.getLogger(__name__)
+
+
+class _OneLineProtocolErrors(logging.Filter):
+    """aiohttp logs a full traceback when a client speaks another protocol (gRPC's HTTP/2, TLS) to the
+    HTTP port; the server is fine and the traceback says nothing useful, so it becomes one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "not an HTTP/1.x request on the HTTP port (%s); gRPC clients use the gRPC port",
+                (type(error).__name__,),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_OneLineProtocolErrors())
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_CHECKED = {GRPC_SERVICE + "ModelInfer"}
 GRPC_STREAM = GRPC_SERVICE + "ModelStreamInfer"

@@ -21,6 +21,8 @@ PROC = Path("/proc")
 SHM = Path("/dev/shm")
 STUB_NAME = "triton_python_b"
 """`comm` of Triton's python-backend stub (`triton_python_backend_stub`, cut to 15 characters)."""
+TCP_LISTEN = "0A"
+"""The `st` column of a listening socket in `/proc/net/tcp`."""
 
 
 @dataclass(frozen=True)
@@ -128,3 +130,36 @@ def unlink_segments(paths: set[Path]) -> None:
     """Remove the given `/dev/shm` segments (those already gone are skipped)."""
     for path in paths:
         path.unlink(missing_ok=True)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports the process `pid` itself listens on (empty once it is gone).
+
+    Its socket inodes (from `/proc/<pid>/fd`) matched against the LISTEN rows of its network
+    namespace's `/proc/<pid>/net/tcp{,6}`: a port another process holds does not count, so a
+    health check answered by someone else's server is never mistaken for this one's.
+    """
+    fd_dir = PROC / str(pid) / "fd"
+    inodes: set[str] = set()
+    try:
+        fds = list(fd_dir.iterdir())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return set()
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = (PROC / str(pid) / "net" / table).read_text().splitlines()[1:]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == TCP_LISTEN and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -22,12 +22,21 @@ checked here, in one file. Each shim closes one gap:
   `ServeConfig` overrides them. That `ModelConfig` has no `parameters` field, and clients read
   the contract from the served model config, so the exported `parameters` are merged into the
   generated file in PyTriton's local model store at bind time, before tritonserver reads it.
-* **Private handles.** tritonserver's pid (for supervision) and its console echo (silenced once
-  its log goes to a file) have no public accessor.
+* **Private handles.** tritonserver's pid (for supervision), its console echo (silenced once
+  its log goes to a file) and its captured console (for a failed start) have no public accessor.
+* **Start without PyTriton's wait.** `Triton.run()` starts tritonserver and then polls its HTTP
+  health endpoint for 120 s, even after tritonserver exited (a port taken, a model that does not
+  load), and PyTriton's exit callback meanwhile deletes the workspace. The server is started
+  alone here, the embedded server watches it bind its ports, and only then calls `connect()`.
+* **One warning too many.** PyTriton logs "Triton Inference Server exited with failure. Please
+  wait." whenever tritonserver's exit status is not 0, including a stop on purpose whose exit
+  timeout ran out; the embedded server reports every exit it did not ask for itself (with the
+  end of tritonserver's log), so that line is dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sysconfig
 from collections.abc import Sequence
@@ -143,6 +152,31 @@ def tritonserver_pid(triton: Triton) -> int:
         return int(triton._triton_server._tritonserver_running_cmd.pid)  # noqa: SLF001
     except AttributeError as exc:
         raise UnsupportedPyTritonError("cannot find tritonserver's pid in this PyTriton version") from exc
+
+
+def start_tritonserver(triton: Triton) -> None:
+    """Start tritonserver without PyTriton's readiness wait (see the module docstring); `connect()` follows."""
+    try:
+        triton._run_server()  # noqa: SLF001  (PyTriton 0.7: `run()` = `_run_server()` + `connect()`)
+    except AttributeError as exc:
+        raise UnsupportedPyTritonError("cannot start tritonserver apart from connecting in this PyTriton") from exc
+
+
+def tritonserver_console(triton: Triton) -> str:
+    """What tritonserver printed on its console (all of its log when it has no log file)."""
+    return str(triton._triton_server.logs())  # noqa: SLF001
+
+
+class _NoExitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exited with failure" not in record.getMessage()
+
+
+def drop_exit_warning() -> None:
+    """Drop PyTriton's "exited with failure" line (see the module docstring); idempotent."""
+    logger = logging.getLogger("pytriton.server.triton_server")
+    if not any(isinstance(f, _NoExitWarning) for f in logger.filters):
+        logger.addFilter(_NoExitWarning())
 
 
 def silence_console(triton: Triton) -> None:

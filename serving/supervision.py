@@ -11,6 +11,11 @@ they mapped, so `clean_up()` after tritonserver's exit can end the survivors (th
 ignores SIGTERM) and unlink their segments, and it restricts those segments to this user
 (PyTriton's backend regions are created 0644 and hold request images).
 
+Before any of that, `wait_until_listening` watches the start itself: tritonserver binds its ports
+only after loading the model and exits at once when one is taken, while PyTriton's readiness
+check would poll for 120 s (and could be answered by whichever server holds the port); the
+wait ends the moment tritonserver exits, and `likely_cause` reads the reason from its log.
+
 One supervisor thread lives as long as the server: a tritonserver restarted from it has
 that thread as its parent, and PyTriton starts tritonserver with PR_SET_PDEATHSIG, which
 would SIGTERM a server whose parent thread had exited.
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from neco.errors import NecoError
@@ -29,6 +36,7 @@ from neco.serving.processes import (
     ProcessInfo,
     is_running,
     kill_survivors,
+    listening_ports,
     live_stubs,
     mapped_shm,
     process_tree,
@@ -38,6 +46,61 @@ from neco.serving.processes import (
 )
 
 LOGGER = logging.getLogger(__name__)
+START_TIMEOUT_S = 120.0
+"""How long tritonserver may take to load the model and bind its ports (PyTriton waits as long)."""
+PORT_TAKEN = re.compile(r"failed to start (\w+) service: .*?'([^']*):(\d+)' already in use")
+LOG_TAIL_LINES = 20
+MODEL_FAILED = re.compile(r"failed to load '([^']+)'[^:]*: (.+?)\"?$", re.M)
+
+
+def wait_until_listening(pid: int, ports: Mapping[int, str], timeout_s: float = START_TIMEOUT_S) -> str | None:
+    """Wait until tritonserver (`pid`) itself listens on every port of `ports`; None, or why it did not."""
+    root = read_process(pid)
+    deadline = time.monotonic() + timeout_s
+    while root is not None and is_running(root):
+        missing = set(ports) - listening_ports(pid)
+        if not missing:
+            return None
+        if time.monotonic() >= deadline:
+            return f"tritonserver did not open {', '.join(ports[p] for p in sorted(missing))} within {timeout_s:.0f} s"
+        time.sleep(0.1)
+    return "tritonserver exited while starting"
+
+
+def tail_lines(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a tritonserver log, without blank lines and its start-up tables."""
+    kept = [line for line in text.splitlines() if line.strip() and not line.startswith(("|", "+"))]
+    return "\n".join(kept[-lines:])
+
+
+def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    """The end of Triton's log file, for an error message ('' when there is none)."""
+    if path is None or not path.is_file():
+        return ""
+    return tail_lines(path.read_text(errors="replace"), lines)
+
+
+def taken_port(log: str) -> int | None:
+    """The port tritonserver's log says another process holds, if any."""
+    taken = PORT_TAKEN.search(log)
+    return int(taken.group(3)) if taken else None
+
+
+def likely_cause(log: str, ports: Mapping[int, str]) -> str:
+    """The likely reason for a failed start, from the end of tritonserver's log and the ports it was given."""
+    port = taken_port(log)
+    if port is not None:
+        what = ports.get(port, "one of its ports")
+        return (
+            f"port {port} ({what}) was taken by another process before tritonserver could bind it; free it or "
+            f"choose another port (a port set to 0 is chosen anew at every start)"
+        )
+    failed = MODEL_FAILED.search(log)
+    if failed:
+        return f"model {failed.group(1)!r} failed to load: {failed.group(2).strip()}"
+    if not log.strip():
+        return "it left no log; `neco serve --verbose` shows its console"
+    return "the end of its log (below) says why"
 
 
 class ProcessTree:

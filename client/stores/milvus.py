@@ -3,7 +3,7 @@
 A bank of billions of patches does not fit one faiss index in one process; Milvus shards it
 over a cluster. The same code runs against an embedded **Milvus Lite** file (a path ending in
 ``.db``, no server; the local default and what the tests use) and a cluster URI
-(``http://host:19530``). Install with ``pip install 'neco-dense[milvus]'``; pymilvus is imported
+(``http://host:19530``). Install the ``milvus`` extra (README.md, Install); pymilvus is imported
 only when a store is opened, so the `client` extra never needs it.
 
 One collection holds one bank:
@@ -42,6 +42,7 @@ from neco.client.errors import (
     BankStoreUnavailableError,
 )
 from neco.contract import ModelContract
+from neco.errors import MissingExtraError
 
 DEFAULT_URI = "neco_bank.db"
 """Milvus Lite file used when no URI is given (relative to the working directory)."""
@@ -89,7 +90,7 @@ def _pymilvus() -> Any:
     try:
         import pymilvus
     except ImportError as exc:
-        raise ImportError("Milvus bank stores need pymilvus and milvus-lite: pip install 'neco-dense[milvus]'") from exc
+        raise MissingExtraError("Milvus bank stores", "pymilvus", "milvus") from exc
     return pymilvus
 
 

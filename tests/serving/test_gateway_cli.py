@@ -21,7 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
-from neco.serving.embedded import pick_free_ports
+from neco.serving.ports import pick_free_ports
 
 from .conftest import random_images, reap
 
@@ -124,3 +124,21 @@ def test_unreachable_upstream_is_a_retryable_503_and_sigterm_stops_it():
         assert process.wait(timeout=30) == 0
     finally:
         reap(process)
+
+
+def test_a_grpc_client_on_the_http_port_logs_one_line_not_a_traceback():
+    """docs/serving.md promises quiet logs: HTTP/2 (gRPC) bytes sent to the HTTP port give one warning line."""
+    free_http, free_grpc = pick_free_ports("127.0.0.1", 2)
+    process, http, _ = start_gateway(f"127.0.0.1:{free_http}", f"127.0.0.1:{free_grpc}")
+    try:
+        client = grpcclient.InferenceServerClient(http)  # the wrong port: it speaks HTTP/1.1
+        with pytest.raises(Exception):  # noqa: B017 - whatever gRPC makes of an HTTP/1.1 answer
+            client.is_server_live(client_timeout=5)
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        stderr = process.stderr.read()
+    finally:
+        reap(process)
+    assert "Traceback" not in stderr, stderr
+    assert "not an HTTP/1.x request on the HTTP port" in stderr, stderr

@@ -11,8 +11,9 @@ import pytest
 
 from neco.config import ConfigError, load_config
 from neco.serving.config import ServeConfig
-from neco.serving.embedded import find_model_version, pick_free_ports
+from neco.serving.ports import pick_free_ports
 from neco.serving.pytriton_compat import ensure_stub_library_path
+from neco.serving.repository import find_model_version
 from neco.serving.runtime import (
     MalformedRequestError,
     ModelLoadError,
@@ -196,7 +197,7 @@ def test_runner_returns_only_requested_outputs(model_repository_model_dir, refer
 def test_port_check_passes_free_ports_and_names_a_taken_one():
     import socket
 
-    from neco.serving.embedded import PortInUseError, check_ports_free
+    from neco.serving.ports import PortInUseError, check_ports_free
 
     free = pick_free_ports("127.0.0.1", 1)[0]
     check_ports_free("127.0.0.1", {"http_port": free, "grpc_port": 0})  # 0 = chosen later: not checked
@@ -210,7 +211,8 @@ def test_port_check_passes_free_ports_and_names_a_taken_one():
 
 
 def test_triton_config_carries_the_log_file_and_its_tail_is_read(tmp_path):
-    from neco.serving.embedded import EmbeddedServer, log_tail
+    from neco.serving.embedded import EmbeddedServer
+    from neco.serving.supervision import log_tail
 
     quiet = EmbeddedServer(ServeConfig(repository=tmp_path))
     quiet._ports, quiet._upstream = (1, 2, 3), (4, 5)
