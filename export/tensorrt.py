@@ -27,7 +27,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
-from neco.errors import MissingExtraError
 from neco.export.config import ExportConfig, Shape, TensorRTSettings
 from neco.export.errors import EngineMismatchError, ExportError, ParityError
 from neco.export.tensorrt_build import build_engine, strongly_typed_opt_in
@@ -201,7 +200,9 @@ def require_tensorrt() -> None:
     try:
         import tensorrt
     except ImportError as exc:
-        raise MissingExtraError("neco export --backend tensorrt", "tensorrt", "tensorrt") from exc
+        raise ExportError(
+            "backend tensorrt needs the `tensorrt` Python package: install the `tensorrt` extra (README.md, Install)"
+        ) from exc
     strongly_typed_opt_in(tensorrt.__version__)  # refuses versions this code is not written for
     import torch
 

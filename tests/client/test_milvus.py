@@ -171,5 +171,5 @@ def test_pymilvus_is_imported_lazily_and_its_absence_names_the_extra(monkeypatch
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     monkeypatch.setitem(sys.modules, "pymilvus", None)  # makes `import pymilvus` fail
-    with pytest.raises(ImportError, match=r"neco-dense\[milvus\]"):
+    with pytest.raises(ImportError, match=r"install the `milvus` extra"):
         MilvusStore.connect("x.db")
