@@ -45,7 +45,7 @@ PAGE = """<!doctype html>
   .class-row input[type=color] { width: 2rem; height: 1.6rem; padding: 0; border: 1px solid var(--line); }
   kbd { font-size: 0.75rem; border: 1px solid var(--line); border-radius: 3px; padding: 0 0.3rem; color: var(--muted); }
   .tools { display: flex; flex-wrap: wrap; gap: 0.4rem 0.6rem; align-items: center; margin-bottom: 0.6rem; }
-  #stage { position: relative; display: inline-block; line-height: 0; background: #eceef1; }
+  #stage { position: relative; display: inline-block; line-height: 0; background: #eceef1; user-select: none; }
   #stage canvas { image-rendering: pixelated; display: block; }
   #canvas { position: absolute; left: 0; top: 0; opacity: 0.6; cursor: crosshair; touch-action: none; }
   #stage.empty { width: 100%; height: 8rem; }

@@ -185,6 +185,7 @@ function paintSegment(a, b) {
 let last = null;
 function strokeStart(event) {
   if (shown < 0 || event.button !== 0) return;
+  event.preventDefault();  // no text selection while dragging
   const entry = supports[shown];
   entry.history.push(entry.labels.slice());
   if (entry.history.length > HISTORY) entry.history.shift();
