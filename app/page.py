@@ -58,6 +58,7 @@ PAGE = """<!doctype html>
   #status { color: var(--muted); font-size: 0.9rem; }
   #result { display: none; }
   body[data-state="done"] #result { display: block; }
+  body[data-state="done"] #placeholder { display: none; }
   #summary { font-size: 0.9rem; margin: 0.2rem 0 0.4rem; }
   .legend { list-style: none; padding: 0; margin: 0.3rem 0; display: flex; flex-wrap: wrap; gap: 0.3rem 1rem;
             font-size: 0.9rem; align-items: center; }
@@ -98,7 +99,7 @@ PAGE = """<!doctype html>
     <button id="add-class" type="button">+ class</button>
     <button id="tool-brush" type="button" aria-pressed="true">brush <kbd>B</kbd></button>
     <button id="tool-eraser" type="button" aria-pressed="false">eraser <kbd>E</kbd></button>
-    <label>size <input id="brush" type="range" min="1" max="48" value="4"> <output id="brush-size">4</output> px
+    <label>size <input id="brush" type="range" min="1" max="128" value="4"> <output id="brush-size">4</output> px
       <kbd>[</kbd> <kbd>]</kbd></label>
     <button id="undo" type="button">undo <kbd>Ctrl+Z</kbd></button>
     <button id="clear" type="button">clear</button>
@@ -123,6 +124,9 @@ PAGE = """<!doctype html>
     <button id="run" type="button">Segment</button> <span id="status"></span>
   </div>
   <p id="error" role="alert"></p>
+  <p id="placeholder" class="hint">Results appear here, one card per query: the query, the prediction (colours as
+  in the class list), the confidence map, the features' first principal components and the mask PNG to download,
+  with the size the encoder ran at and the patches and k it used.</p>
   <section id="result">
     <p id="summary"></p>
     <ul id="legend" class="legend"></ul>

@@ -84,6 +84,12 @@ async function addSupport(file, labels) {
   return entry;
 }
 
+function fitBrush() {
+  // a brush of about 1/28 of the first image's shorter side: 4 px on a 112-px scene, 37 px on a 1024-px photo
+  if (supports.length) $("brush").value = Math.max(2, Math.round(Math.min(supports[0].width, supports[0].height) / 28));
+  renderTools();
+}
+
 function stem(name) { return name.replace(/\.[^.]*$/, ""); }
 
 async function chooseSupports(files) {
@@ -95,6 +101,7 @@ async function chooseSupports(files) {
   }
   $("ready").textContent = ready.length ? ready.length + " support file(s) with their own masks are sent as they are" : "";
   if (supports.length || ready.length) $("bank").value = "";
+  fitBrush();
   showSupport(supports.length ? 0 : -1);
 }
 
@@ -421,6 +428,7 @@ async function openExample(example) {
   await addSupport(await fileFrom(example.support.url, example.id + "-support.png"), bytes);
   setQueries(await Promise.all(example.queries.map((url, i) => fileFrom(url, example.id + "-query" + i + ".png"))));
   $("bank").value = ""; $("size-mode").value = "";
+  fitBrush();
   showSupport(0);
   await run();
 }

@@ -40,7 +40,7 @@ from neco.app.inputs import (
 )
 from neco.app.page import PAGE
 from neco.app.script import SCRIPT
-from neco.app.segmenter import Connect, Segmenter, class_colours, hex_colour, policy_text, zip_folder
+from neco.app.segmenter import Connect, Segmenter, class_colours, policy_text, zip_folder
 from neco.client import ContractError, FeatureBackend
 from neco.client.errors import (
     BankContractError,
@@ -50,12 +50,14 @@ from neco.client.errors import (
     ModelNotReadyError,
     ServerUnavailableError,
 )
-from neco.client.render import palette
 from neco.errors import NecoError
 
 log = logging.getLogger("neco.app")
-PALETTE_SIZE = 16
-"""Class colours the page offers before the user picks their own (the client's palette)."""
+PAGE_COLOURS = (
+    "#4c78a8", "#f58518", "#54a24b", "#e45756", "#b279a2", "#eeca3b", "#72b7b2", "#ff9da6", "#9d755d", "#bab0ac",
+)  # fmt: skip
+"""Class colours the page offers before the user picks their own: bright enough to read over photos.
+The page sends them with every painted support, so the overlay and its one legend use them too."""
 
 
 def status_of(exc: Exception) -> int:
@@ -115,7 +117,7 @@ def create_app(config: AppConfig, connect: Connect | None = None) -> FastAPI:
             "k": config.k,
             "temperature": config.temperature,
             "size": config.size,
-            "palette": [hex_colour(c) for c in palette(PALETTE_SIZE)],
+            "palette": list(PAGE_COLOURS),
         }
 
     @app.get("/api/banks")
