@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -199,12 +199,17 @@ def test_the_launcher_yields_the_grpc_address_and_stops_the_server(monkeypatch, 
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
     monkeypatch.setattr(launcher, "server_command", lambda repository, model: [sys.executable, str(script), model])
+    started: list[subprocess.Popen] = []
+    popen = subprocess.Popen
+
+    def recording(*args, **kwargs) -> subprocess.Popen:
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
     with launcher.embedded_server(tmp_path, "ok", timeout_s=30) as url:
-        assert url == "127.0.0.1:4242"
-        found = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "fake_server"], capture_output=True, text=True)
-        children = found.stdout.split()
-        assert len(children) == 1
-    assert not Path(f"/proc/{children[0]}").exists() or "zombie" in Path(f"/proc/{children[0]}/status").read_text()
+        assert url == "127.0.0.1:4242" and started[0].poll() is None
+    assert started[0].returncode == -signal.SIGTERM  # stopped on the way out, not left running
     with pytest.raises(launcher.ServerStartError, match=r"exited with 3: .*model failed to load"):
         with launcher.embedded_server(tmp_path, "fail", timeout_s=30):
             pass
