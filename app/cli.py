@@ -7,6 +7,7 @@ neco app [--url HOST:PORT] [--protocol grpc|http] [--config configs/app.yaml] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,9 @@ def app_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"model repository {str(args.serve)!r} does not exist; run `neco export` first")
     from neco.app.launcher import embedded_server
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # SIGTERM or Ctrl+C: the page, then the server, have stopped
         with embedded_server(args.serve, config.model) as url:
             serve(config.model_copy(update={"url": url, "protocol": "grpc"}))
-    except KeyboardInterrupt:  # SIGTERM or Ctrl+C: the page and then the server have stopped
-        return 0
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The page `neco app` serves: one HTML document with its CSS; the script is `neco.app.script`.
+"""The page `neco app` serves: one HTML document with its CSS; the scripts are `neco.app.painter` and `.script`.
 
 Python strings rather than data files so that they ship in every install of the package, and no
 frontend build: everything the page needs is served by the app itself (no external resources).
@@ -132,11 +132,12 @@ PAGE = """<!doctype html>
     <ul id="legend" class="legend"></ul>
     <p class="facts">confidence of the chosen class: 0 <span class="heat"></span> 1 &middot;
       <a id="bank-download" download="bank.zip">download the bank (zip)</a>
-      <span>unzip it, then <code>neco segment IMAGE --bank bank --out mask.png</code> or <code>MemoryBank.load("bank")</code></span></p>
+      <span>unzip it, then <code>neco segment IMAGE --bank FOLDER --out mask.png</code> or <code>MemoryBank.load(FOLDER)</code></span></p>
     <div id="gallery"></div>
   </section>
 </section>
 </main>
+<script src="paint.js"></script>
 <script src="page.js"></script>
 </body>
 </html>

@@ -1,6 +1,6 @@
 """`neco app`: the in-context segmentation page and its JSON API, against a running Triton server.
 
-    GET  /                      the page (`neco.app.page`), its script `page.js`
+    GET  /                      the page (`neco.app.page`), its scripts `paint.js` and `page.js`
     GET  /api/config            limits, defaults and the class palette the page shows
     GET  /api/banks             saved banks under the configured root
     GET  /api/banks/NAME.zip    a saved bank's folder as a zip (load it again from Python or `neco segment`)
@@ -39,6 +39,7 @@ from neco.app.inputs import (
     list_banks,
 )
 from neco.app.page import PAGE
+from neco.app.painter import PAINTER
 from neco.app.script import SCRIPT
 from neco.app.segmenter import Connect, Segmenter, class_colours, policy_text, zip_folder
 from neco.client import ContractError, FeatureBackend
@@ -103,6 +104,10 @@ def create_app(config: AppConfig, connect: Connect | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE
+
+    @app.get("/paint.js")
+    def painter() -> Response:
+        return Response(PAINTER, media_type="text/javascript")
 
     @app.get("/page.js")
     def script() -> Response:

@@ -87,10 +87,11 @@ def test_page_loads_with_its_form(api: TestClient) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for element in ('id="bank"', 'id="support"', 'id="canvas"', 'id="query"', 'id="size-mode"', 'id="run"'):
         assert element in page.text
-    assert 'id="error"' in page.text and 'id="bank-download"' in page.text and 'src="page.js"' in page.text
-    script = api.get("/page.js")
-    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
-    for served in (page.text, script.text):  # everything comes from the app itself
+    assert 'id="error"' in page.text and 'id="bank-download"' in page.text and 'src="paint.js"' in page.text
+    scripts = [api.get("/paint.js"), api.get("/page.js")]
+    for script in scripts:
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    for served in (page.text, *(script.text for script in scripts)):  # everything comes from the app itself
         assert "http://" not in served and "https://" not in served and "//cdn" not in served
     settings = api.get("/api/config").json()
     assert settings["max_upload_bytes"] == 262144 and settings["max_support_images"] == 3
