@@ -137,17 +137,23 @@ async function run() {
 // ---- examples and start ------------------------------------------------------------------------------------
 async function fileFrom(url, name) {
   const response = await fetch(url);
+  if (!response.ok) throw new Error(url + ": HTTP " + response.status);
   return new File([await response.blob()], name, { type: "image/png" });
 }
 
 async function openExample(example) {
   setState("busy");
-  const bytes = Uint8Array.from(atob(example.labels), (c) => c.charCodeAt(0));
-  setClasses(example.classes);
-  supports = []; ready = []; $("ready").textContent = "";
-  await addSupport(await fileFrom(example.support.url, example.id + "-support.png"), bytes);
-  setQueries(await Promise.all(example.queries.map((url, i) => fileFrom(url, example.id + "-query" + i + ".png"))));
-  $("bank").value = ""; $("size-mode").value = "";
+  try {
+    const bytes = Uint8Array.from(atob(example.labels), (c) => c.charCodeAt(0));
+    setClasses(example.classes);
+    supports = []; ready = []; $("ready").textContent = "";
+    await addSupport(await fileFrom(example.support.url, example.id + "-support.png"), bytes);
+    setQueries(await Promise.all(example.queries.map((url, i) => fileFrom(url, example.id + "-query" + i + ".png"))));
+  } catch (failure) {
+    setState("error", "cannot open the example: " + failure.message);
+    return;
+  }
+  $("bank").value = ""; $("size-mode").value = ""; $("size").hidden = true;
   fitBrush();
   showSupport(0);
   await run();
