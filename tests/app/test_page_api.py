@@ -22,6 +22,7 @@ from PIL import Image
 from neco.app import launcher
 from neco.app.config import AppConfig
 from neco.app.examples import ExampleError, folder_examples
+from neco.app.segmenter import Bank, notes
 from neco.app.server import create_app
 from neco.client import MemoryBank, segment
 from neco.contract import IGNORE_INDEX
@@ -213,3 +214,13 @@ def test_the_launcher_yields_the_grpc_address_and_stops_the_server(monkeypatch, 
     with pytest.raises(launcher.ServerStartError, match=r"exited with 3: .*model failed to load"):
         with launcher.embedded_server(tmp_path, "fail", timeout_s=30):
             pass
+
+
+def test_a_low_confidence_result_says_what_to_do(scenes) -> None:
+    memory = MemoryBank.build(ColourBackend(), scenes[:1], class_names=list(SCENE_CLASSES[:4]), image_size=SIZE)
+    bank = Bank(memory, "saved bank 'x'", "api/banks/x.zip", None)
+    (said,) = notes((SIZE, 150), bank, 0.31)
+    assert said.startswith("low confidence (0.31): the query may show classes or looks the support lacks")
+    scale, low = notes((448, 600), bank, 0.2)
+    assert scale.startswith("query at 448 px, bank at 112 px: the query was resized 4x") and low.startswith("low")
+    assert notes((SIZE, SIZE), bank, 0.9) == []
