@@ -213,11 +213,22 @@ def draw(browser, canvas, image_width: int, start: tuple[int, int], end: tuple[i
     chain.move_to_element_with_offset(canvas, *offset(end)).release().perform()
 
 
+def painted_mask(browser) -> np.ndarray:
+    """The sparse mask of the first support image, as the PNG the page sends."""
+    sent = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "window.neco.maskPNG(0).then((blob) => { const r = new FileReader(); r.onload = () => done(r.result);"
+        " r.readAsDataURL(blob); });"
+    )
+    return data_url_pixels(sent)
+
+
 def test_painted_strokes_segment_every_query_like_the_client(
     browser, served_page, triton_server, scenes, tmp_path: Path, screenshots: Path
 ) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     url, _ = served_page
     support, queries = tmp_path / "support.png", [tmp_path / "query_a.png", tmp_path / "query_b.png"]
@@ -245,13 +256,14 @@ def test_painted_strokes_segment_every_query_like_the_client(
         strokes.append((label, start, end))
     screenshot(browser, screenshots / "2_painting.png")
 
-    sent = browser.execute_async_script(
-        "const done = arguments[arguments.length - 1];"
-        "window.neco.maskPNG(0).then((blob) => { const r = new FileReader(); r.onload = () => done(r.result);"
-        " r.readAsDataURL(blob); });"
-    )
-    sparse = data_url_pixels(sent)
-    np.testing.assert_array_equal(sparse, rasterise(mask.shape, strokes, radius))
+    expected_sparse = rasterise(mask.shape, strokes, radius)
+    np.testing.assert_array_equal(painted_mask(browser), expected_sparse)
+    ActionChains(browser).send_keys("e").perform()  # the eraser, then undo it
+    draw(browser, canvas, SIZE, strokes[1][1], strokes[1][2])
+    assert (painted_mask(browser) == 1).sum() < (expected_sparse == 1).sum()
+    ActionChains(browser).key_down(Keys.CONTROL).send_keys("z").key_up(Keys.CONTROL).perform()
+    sparse = painted_mask(browser)
+    np.testing.assert_array_equal(sparse, expected_sparse)
     assert set(np.unique(sparse)) == {0, 1, IGNORE_INDEX}
 
     browser.find_element(By.ID, "query").send_keys("\n".join(str(q) for q in queries))
