@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
+from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 
 MIB = 1024 * 1024
 MIN_TEMPERATURE = 1e-4
@@ -31,9 +31,13 @@ class AppConfig(BaseModel):
     protocol: Literal["grpc", "http"] = "grpc"
     model: str = Field(default=DEFAULT_MODEL_NAME, description="Triton model name")
     timeout_s: float = Field(default=60.0, gt=0, description="seconds per server request, retries included")
-    size: Union[int, tuple[int, int]] = Field(
-        default=DEFAULT_INPUT_SIZE,
-        description="resize policy of banks built from uploads (saved banks bring their own)",
+    size: Union[int, tuple[int, int], None] = Field(
+        default=None,
+        description="resize policy of banks built from painted or uploaded supports when the page's size control "
+        "is on auto; None = the support images' own size (median shorter side). Saved banks bring their own",
+    )
+    examples: Path | None = Field(
+        default=None, description="support folder (images/, masks/) or folder of them offered as clickable examples"
     )
 
     banks: Path = Field(
@@ -44,6 +48,7 @@ class AppConfig(BaseModel):
     max_upload_mb: float = Field(default=16.0, gt=0, description="largest request body (all files together), MiB")
     max_unpacked_mb: float = Field(default=64.0, gt=0, description="largest total size of the files inside a zip, MiB")
     max_support_images: int = Field(default=32, ge=1, description="most support images one upload may hold")
+    max_queries: int = Field(default=16, ge=1, description="most query images one request segments")
     max_image_pixels: int = Field(
         default=4096 * 4096, ge=1, description="largest decoded image or mask (height x width), checked from its header"
     )

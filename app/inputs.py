@@ -26,6 +26,7 @@ from neco.layout import CLASSES_FILE, IMAGE_SUFFIXES, IMAGES_DIR, MASKS_DIR
 
 BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A saved bank is named by one folder name: no separators, no leading dot, so never `..`."""
+COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
 MASK_SUFFIXES: tuple[str, ...] = ("_mask", "-mask", ".mask")
 """A loose file `NAME_mask.png` is the mask of `NAME.<ext>`."""
 
@@ -260,3 +261,18 @@ def parse_class_names(text: str) -> list[str] | None:
     if len(set(names)) != len(names):
         raise SupportSetError(f"a class name is given twice: {names}")
     return names
+
+
+def parse_colours(text: str, count: int) -> np.ndarray | None:
+    """The page's class colours ("#rrggbb, ...") as (count, 3) uint8, or None when not given for every class.
+
+    The page sends its own colours so that the overlay and the page's one legend agree; a list of
+    another length (a saved bank with other classes) falls back to the client's palette.
+    """
+    given = [part.strip() for part in text.split(",") if part.strip()]
+    if len(given) != count:
+        return None
+    bad = [c for c in given if not COLOUR.fullmatch(c)]
+    if bad:
+        raise FormError(f"class colours are written #rrggbb, got {bad[0][:20]!r}")
+    return np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in given], dtype=np.uint8)

@@ -1,9 +1,10 @@
-"""The page `neco app` serves: one HTML document with its CSS and JS, no frontend build.
+"""The page `neco app` serves: one HTML document with its CSS; the scripts are `neco.app.painter` and `.script`.
 
-A Python string rather than a data file so that it ships in every install of the package.
-The page talks only to the JSON API of `neco.app.server`; the element ids are the interface
-the browser test drives (`#bank`, `#support`, `#query`, `#run`, `#error`, `#mask`, `#download`),
-and `body[data-state]` is `idle`, `busy`, `done` or `error`.
+Python strings rather than data files so that they ship in every install of the package, and no
+frontend build: everything the page needs is served by the app itself (no external resources).
+The element ids are the interface the browser test drives: `#examples button`, `#support`,
+`#bank`, `#canvas` (the painter), `#classes`, `#query`, `#size-mode`, `#run`, `#error`,
+`#gallery .card`, `#bank-download`; `body[data-state]` is `idle`, `busy`, `done` or `error`.
 """
 
 PAGE = """<!doctype html>
@@ -13,142 +14,131 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>NeCo in-context segmentation</title>
 <style>
-  body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 70rem; padding: 0 1rem; color: #222; }
-  h1 { font-size: 1.4rem; margin-bottom: 0.2rem; }
-  .hint { color: #555; font-size: 0.9rem; margin-top: 0; }
-  form { display: grid; grid-template-columns: 12rem 1fr; gap: 0.6rem 1rem; align-items: center; }
-  fieldset { border: 1px solid #ccc; border-radius: 6px; padding: 0.8rem 1rem; margin: 1rem 0; }
-  #error { color: #a40000; font-weight: 600; white-space: pre-wrap; }
-  #status { color: #555; }
+  :root { --line: #d5d8de; --muted: #5b6270; --accent: #1f5fbf; }
+  * { box-sizing: border-box; }
+  body { font-family: system-ui, sans-serif; margin: 0; color: #1d2330; background: #f5f6f8; }
+  header { padding: 0.8rem 1.2rem 0.4rem; background: #fff; border-bottom: 1px solid var(--line); }
+  h1 { font-size: 1.3rem; margin: 0 0 0.2rem; }
+  h2 { font-size: 1.05rem; margin: 0 0 0.6rem; }
+  h3 { font-size: 0.95rem; margin: 0 0 0.4rem; font-weight: 600; word-break: break-all; }
+  .hint { color: var(--muted); font-size: 0.88rem; margin: 0.2rem 0 0.5rem; }
+  main { display: grid; grid-template-columns: 1fr; gap: 1rem; padding: 1rem 1.2rem; }
+  @media (min-width: 1100px) { main { grid-template-columns: minmax(26rem, 1fr) minmax(30rem, 1.25fr); } }
+  .panel { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 0.9rem 1rem; min-width: 0; }
+  .row { display: flex; flex-wrap: wrap; gap: 0.5rem 1.2rem; align-items: center; margin-bottom: 0.6rem; }
+  label { font-size: 0.9rem; }
+  button { font: inherit; font-size: 0.88rem; padding: 0.25rem 0.6rem; border: 1px solid var(--line); border-radius: 5px;
+           background: #fff; cursor: pointer; }
+  button[aria-pressed="true"] { background: #e6eefb; border-color: var(--accent); }
+  button#run { background: var(--accent); color: #fff; border-color: var(--accent); padding: 0.35rem 1.1rem; }
+  button:disabled { opacity: 0.5; cursor: default; }
+  #examples { display: flex; flex-wrap: wrap; gap: 0.6rem; margin: 0.3rem 0 0.4rem; }
+  #examples button { display: flex; align-items: center; gap: 0.5rem; }
+  #examples img { width: 40px; height: 40px; image-rendering: pixelated; border-radius: 3px; }
+  .thumbs { display: flex; flex-wrap: wrap; gap: 0.4rem; margin: 0.3rem 0 0.6rem; }
+  .thumbs img { height: 56px; image-rendering: pixelated; border: 2px solid transparent; border-radius: 4px; }
+  .thumbs img.current { border-color: var(--accent); }
+  .thumbs img.painted { outline: 2px solid #2a9d4b; outline-offset: 1px; }
+  #classes { display: flex; flex-direction: column; gap: 0.25rem; margin-bottom: 0.5rem; }
+  .class-row { display: flex; align-items: center; gap: 0.4rem; }
+  .class-row input[type=text] { width: 11rem; font: inherit; font-size: 0.88rem; padding: 0.15rem 0.3rem; }
+  .class-row input[type=color] { width: 2rem; height: 1.6rem; padding: 0; border: 1px solid var(--line); }
+  kbd { font-size: 0.75rem; border: 1px solid var(--line); border-radius: 3px; padding: 0 0.3rem; color: var(--muted); }
+  .tools { display: flex; flex-wrap: wrap; gap: 0.4rem 0.6rem; align-items: center; margin-bottom: 0.6rem; }
+  #stage { position: relative; display: inline-block; line-height: 0; background: #eceef1; user-select: none; }
+  #stage canvas { image-rendering: pixelated; display: block; }
+  #canvas { position: absolute; left: 0; top: 0; opacity: 0.6; cursor: crosshair; touch-action: none; }
+  #stage.empty { width: 100%; height: 8rem; }
+  #stage.empty::after { content: "choose support images or click an example"; position: absolute; inset: 0;
+    display: flex; align-items: center; justify-content: center; color: var(--muted); font-size: 0.9rem;
+    line-height: 1.2; }
+  .controls { display: flex; flex-wrap: wrap; gap: 0.5rem 1rem; align-items: center; margin: 0.6rem 0; }
+  .controls input[type=number] { width: 5.5rem; }
+  #error { color: #a40000; font-weight: 600; white-space: pre-wrap; margin: 0.4rem 0; }
+  #status { color: var(--muted); font-size: 0.9rem; }
   #result { display: none; }
   body[data-state="done"] #result { display: block; }
-  .pictures { display: flex; flex-wrap: wrap; gap: 1rem; }
+  body[data-state="done"] #placeholder { display: none; }
+  #summary { font-size: 0.9rem; margin: 0.2rem 0 0.4rem; }
+  .legend { list-style: none; padding: 0; margin: 0.3rem 0; display: flex; flex-wrap: wrap; gap: 0.3rem 1rem;
+            font-size: 0.9rem; align-items: center; }
+  .swatch { display: inline-block; width: 0.9rem; height: 0.9rem; border: 1px solid #0008; vertical-align: -0.1rem;
+            margin-right: 0.3rem; }
+  .heat { display: inline-block; width: 6rem; height: 0.7rem; vertical-align: -0.05rem; margin: 0 0.3rem;
+          background: linear-gradient(to right, #000004, #3c0965, #962667, #e25032, #faa014, #fcffa4); }
+  #gallery { display: flex; flex-direction: column; gap: 0.8rem; margin-top: 0.6rem; }
+  .card { border: 1px solid var(--line); border-radius: 6px; padding: 0.6rem 0.7rem; }
+  .figs { display: flex; flex-wrap: wrap; gap: 0.6rem; }
   figure { margin: 0; }
-  figure img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }
-  figcaption { font-size: 0.9rem; color: #444; }
-  #legend { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 0.4rem 1.2rem; font-size: 1rem; }
-  .swatch { display: inline-block; width: 1rem; height: 1rem; border: 1px solid #000; vertical-align: -0.15rem;
-            margin-right: 0.35rem; }
+  figure img { display: block; max-width: 100%; image-rendering: pixelated; border: 1px solid var(--line); }
+  figcaption { font-size: 0.8rem; color: var(--muted); }
+  .facts { font-size: 0.85rem; color: var(--muted); margin: 0.3rem 0; }
+  .note { font-size: 0.85rem; color: #8a4b00; margin: 0.3rem 0; }
+  .card a { font-size: 0.85rem; margin-right: 1rem; }
 </style>
 </head>
 <body data-state="idle">
-<h1>NeCo in-context segmentation</h1>
-<p class="hint">Segment a query image by k-NN label transfer from a memory bank: a saved one, or one built from
-support images with masks you upload here.</p>
-<form id="segment-form">
-  <label for="bank">Saved bank</label>
-  <select id="bank" name="bank"><option value="">(none: use the support upload below)</option></select>
-  <label for="support">or support images + masks</label>
-  <span><input id="support" name="support" type="file" multiple accept=".zip,image/*">
-    <span class="hint">a zip of a support folder (images/, masks/, classes.json) or files NAME.png with NAME_mask.png
-    </span></span>
-  <label for="classes">class names (optional)</label>
-  <input id="classes" name="classes" type="text" placeholder="background, cat, dog (default: classes.json)">
-  <label for="query">Query image</label>
-  <input id="query" name="query" type="file" accept="image/*" required>
-  <label for="k">neighbours k</label>
-  <input id="k" name="k" type="number" min="1" max="1024" step="1">
-  <label for="temperature">temperature</label>
-  <input id="temperature" name="temperature" type="number" min="0.0001" step="any">
-  <span></span>
-  <span><button id="run" type="submit">Segment</button> <span id="status"></span></span>
-</form>
-<p id="error" role="alert"></p>
-<section id="result">
-  <h2 id="summary"></h2>
-  <ul id="legend"></ul>
-  <div class="pictures">
-    <figure><img id="overlay" alt="mask overlay"><figcaption>prediction over the query, with legend</figcaption></figure>
-    <figure><img id="confidence" alt="confidence map"><figcaption>confidence of the chosen class (0-1)</figcaption>
-    </figure>
-    <figure><img id="pca" alt="PCA of the features"><figcaption>dense features: first 3 principal components</figcaption>
-    </figure>
-    <figure><img id="mask" alt="mask PNG"><figcaption>mask PNG (pixel value = class index)
-      <a id="download" download="mask.png">download</a></figcaption></figure>
+<header>
+  <h1>NeCo in-context segmentation</h1>
+  <p class="hint">Paint a few strokes of each class on a support image, add query images, and segment them all:
+  every query patch takes the labels of its nearest painted patches (k-NN label transfer over dense features).
+  Start from an example:</p>
+  <nav id="examples" aria-label="examples"></nav>
+</header>
+<main>
+<section class="panel" id="support-panel">
+  <h2>1. Support: paint the classes</h2>
+  <div class="row">
+    <label>support images <input id="support" type="file" multiple accept="image/*,.zip,.json"></label>
+    <label>or a saved bank <select id="bank"><option value="">(none: the painted images)</option></select></label>
   </div>
+  <div id="support-thumbs" class="thumbs"></div>
+  <p id="ready" class="hint"></p>
+  <div id="classes"></div>
+  <div class="tools">
+    <button id="add-class" type="button">+ class</button>
+    <button id="tool-brush" type="button" aria-pressed="true">brush <kbd>B</kbd></button>
+    <button id="tool-eraser" type="button" aria-pressed="false">eraser <kbd>E</kbd></button>
+    <label>size <input id="brush" type="range" min="1" max="128" value="4"> <output id="brush-size">4</output> px
+      <kbd>[</kbd> <kbd>]</kbd></label>
+    <button id="undo" type="button">undo <kbd>Ctrl+Z</kbd></button>
+    <button id="clear" type="button">clear</button>
+  </div>
+  <div id="stage" class="empty"><canvas id="picture"></canvas><canvas id="canvas"></canvas></div>
+  <p class="hint">Keys: <kbd>1</kbd>-<kbd>9</kbd> class, <kbd>B</kbd> brush, <kbd>E</kbd> eraser, <kbd>[</kbd>
+  <kbd>]</kbd> brush size, <kbd>Ctrl+Z</kbd> undo. Unpainted pixels are ignored (label 255); only painted
+  support images make the bank.</p>
 </section>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let limits = { max_upload_bytes: Infinity };
-
-function setState(state, message) {
-  document.body.dataset.state = state;
-  $("error").textContent = state === "error" ? message : "";
-  $("status").textContent = state === "busy" ? "segmenting..." : "";
-  $("run").disabled = state === "busy";
-}
-
-async function getJSON(url) {
-  const response = await fetch(url);
-  if (!response.ok) throw new Error(url + ": HTTP " + response.status);
-  return response.json();
-}
-
-async function load() {
-  try {
-    limits = await getJSON("api/config");
-    $("k").value = limits.k;
-    $("temperature").value = limits.temperature;
-    const listing = await getJSON("api/banks");
-    for (const name of listing.banks) {
-      const option = document.createElement("option");
-      option.value = option.textContent = name;
-      $("bank").appendChild(option);
-    }
-    if (listing.banks.length) $("bank").value = listing.banks[0];
-    document.body.dataset.banks = "loaded";
-  } catch (failure) {
-    setState("error", "cannot reach the app: " + failure.message);
-  }
-}
-
-function showResult(result) {
-  const zoom = Math.max(1, Math.floor(320 / result.size[1]));  // one pixel scale for all pictures (nearest)
-  for (const id of ["overlay", "confidence", "pca", "mask"]) {
-    $(id).onload = () => { $(id).style.width = $(id).naturalWidth * zoom + "px"; };
-    $(id).src = result[id];
-  }
-  $("download").href = result.mask;
-  $("summary").textContent = result.bank + ": " + result.size[0] + "x" + result.size[1] + " px, " +
-    result.grid[0] + "x" + result.grid[1] + " patches, mean confidence " + result.mean_confidence.toFixed(2);
-  $("legend").replaceChildren(...result.legend.map((entry) => {
-    const item = document.createElement("li");
-    const swatch = document.createElement("span");
-    swatch.className = "swatch";
-    swatch.style.background = entry.colour;
-    item.append(swatch, entry.name + " " + (100 * entry.share).toFixed(1) + "%");
-    return item;
-  }));
-  setState("done");
-}
-
-async function submit(event) {
-  event.preventDefault();
-  const form = new FormData($("segment-form"));
-  let bytes = 0;
-  for (const value of form.values()) if (value instanceof File) bytes += value.size;
-  if (bytes > limits.max_upload_bytes) {
-    const mib = (n) => (n / 1048576).toFixed(1) + " MiB";
-    setState("error", "upload too large: " + mib(bytes) + "; the limit is " + mib(limits.max_upload_bytes));
-    return;
-  }
-  setState("busy");
-  try {
-    const response = await fetch("api/segment", { method: "POST", body: form });
-    const text = await response.text();
-    let answer;
-    try { answer = JSON.parse(text); } catch { answer = { error: "HTTP " + response.status + " " + response.statusText }; }
-    if (response.ok) showResult(answer); else setState("error", answer.error || "HTTP " + response.status);
-  } catch (failure) {
-    setState("error", "request failed: " + failure.message);
-  }
-}
-
-$("segment-form").addEventListener("submit", submit);
-$("support").addEventListener("change", () => { if ($("support").files.length) $("bank").value = ""; });
-load();
-</script>
+<section class="panel" id="query-panel">
+  <h2>2. Queries: segment them all</h2>
+  <div class="row"><label>query images <input id="query" type="file" multiple accept="image/*"></label></div>
+  <div id="query-thumbs" class="thumbs"></div>
+  <div class="controls">
+    <label>encoder size <select id="size-mode">
+      <option value="">auto (the support images' own size)</option>
+      <option value="112">112 px</option><option value="224">224 px</option><option value="448">448 px</option>
+      <option value="custom">other</option></select>
+      <input id="size" type="number" min="14" max="4096" step="14" hidden></label>
+    <label>neighbours k <input id="k" type="number" min="1" max="1024" step="1"></label>
+    <label>temperature <input id="temperature" type="number" min="0.0001" step="any"></label>
+    <button id="run" type="button">Segment</button> <span id="status"></span>
+  </div>
+  <p id="error" role="alert"></p>
+  <p id="placeholder" class="hint">Results appear here, one card per query: the query, the prediction (colours as
+  in the class list), the confidence map, the features' first principal components and the mask PNG to download,
+  with the size the encoder ran at and the patches and k it used.</p>
+  <section id="result">
+    <p id="summary"></p>
+    <ul id="legend" class="legend"></ul>
+    <p class="facts">confidence of the chosen class: 0 <span class="heat"></span> 1 &middot;
+      <a id="bank-download" download="bank.zip">download the bank (zip)</a>
+      <span>unzip it, then <code>neco segment IMAGE --bank FOLDER --out mask.png</code> or <code>MemoryBank.load(FOLDER)</code></span></p>
+    <div id="gallery"></div>
+  </section>
+</section>
+</main>
+<script src="paint.js"></script>
+<script src="page.js"></script>
 </body>
 </html>
 """

@@ -10,16 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 import tomllib
 import zipfile
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -31,7 +27,7 @@ from PIL import Image
 
 from neco.app.config import AppConfig
 from neco.app.server import create_app
-from neco.client import MemoryBank, NecoClient, segment
+from neco.client import MemoryBank, segment
 from neco.config import load_config
 from neco.errors import MissingExtraError
 from neco.scenes import SCENE_CLASSES, generate_scene
@@ -89,10 +85,17 @@ def post(api: TestClient, query: bytes, name: str = "query.png", **data: str) ->
 def test_page_loads_with_its_form(api: TestClient) -> None:
     page = api.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for element in ('id="bank"', 'id="support"', 'id="query"', 'id="run"', 'id="error"', 'id="download"'):
+    for element in ('id="bank"', 'id="support"', 'id="canvas"', 'id="query"', 'id="size-mode"', 'id="run"'):
         assert element in page.text
+    assert 'id="error"' in page.text and 'id="bank-download"' in page.text and 'src="paint.js"' in page.text
+    scripts = [api.get("/paint.js"), api.get("/page.js")]
+    for script in scripts:
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    for served in (page.text, *(script.text for script in scripts)):  # everything comes from the app itself
+        assert "http://" not in served and "https://" not in served and "//cdn" not in served
     settings = api.get("/api/config").json()
     assert settings["max_upload_bytes"] == 262144 and settings["max_support_images"] == 3
+    assert len(settings["palette"]) == 10 and settings["max_queries"] == 16
     assert api.get("/nowhere").json() == {"error": "Not Found"}
 
 
@@ -104,19 +107,21 @@ def test_bank_listing_shows_only_saved_banks_inside_the_root(api: TestClient, ba
 
 def test_saved_bank_result_equals_segment(api: TestClient, banks: Path, scenes) -> None:
     query = png(scenes[3][0])
-    status, result = post(api, query, bank="scenes", k="10", temperature="0.05")
-    assert status == 200, result
+    status, answer = post(api, query, bank="scenes", k="10", temperature="0.05")
+    assert status == 200, answer
+    result = answer["results"][0]
     expected = segment(ColourBackend(), query, banks / "scenes", k=10, temperature=0.05)
     mask = data_url_pixels(result["mask"])
     np.testing.assert_array_equal(mask, expected.mask)
-    assert result["classes"] == CLASSES and result["size"] == [SIZE, SIZE] and result["grid"] == [8, 8]
+    assert answer["bank"]["classes"] == CLASSES and answer["bank"]["label"] == "saved bank 'scenes'"
+    assert result["size"] == [SIZE, SIZE] and result["grid"] == [8, 8] and result["input_size"] == [SIZE, SIZE]
     present, counts = np.unique(expected.mask, return_counts=True)
     assert [e["name"] for e in result["legend"]] == [CLASSES[c] for c in present]
     np.testing.assert_allclose([e["share"] for e in result["legend"]], counts / expected.mask.size)
     assert result["legend"][0]["colour"] == "#000000"  # class 0 of the palette the overlay uses
-    assert data_url_pixels(result["pca"]).shape == (SIZE, SIZE, 3)
-    assert data_url_pixels(result["confidence"]).shape[0] == SIZE
-    assert data_url_pixels(result["overlay"]).shape[1] == SIZE  # legend strip below the image
+    for picture in ("query", "overlay", "confidence", "pca"):  # no legend or colour bar burned in: the page has one
+        assert data_url_pixels(result[picture]).shape == (SIZE, SIZE, 3), picture
+    np.testing.assert_array_equal(data_url_pixels(result["query"]), scenes[3][0])
 
 
 def test_uploaded_support_loose_files_and_zip_equal_segment_on_pairs(api: TestClient, scenes) -> None:
@@ -129,8 +134,8 @@ def test_uploaded_support_loose_files_and_zip_equal_segment_on_pairs(api: TestCl
         "/api/segment", data={"classes": ", ".join(CLASSES)}, files=[("query", ("q.png", query, "image/png")), *loose]
     )
     assert response.status_code == 200, response.text
-    np.testing.assert_array_equal(data_url_pixels(response.json()["mask"]), expected)
-    assert response.json()["bank"] == "uploaded support set (2 images)"
+    np.testing.assert_array_equal(data_url_pixels(response.json()["results"][0]["mask"]), expected)
+    assert response.json()["bank"]["label"] == "2 support images"
 
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:  # the support-folder layout under one top folder
@@ -147,8 +152,8 @@ def test_uploaded_support_loose_files_and_zip_equal_segment_on_pairs(api: TestCl
         ],
     )
     assert response.status_code == 200, response.text
-    np.testing.assert_array_equal(data_url_pixels(response.json()["mask"]), expected)
-    assert response.json()["classes"] == CLASSES
+    np.testing.assert_array_equal(data_url_pixels(response.json()["results"][0]["mask"]), expected)
+    assert response.json()["bank"]["classes"] == CLASSES
 
 
 def test_upload_limits_answer_413_with_a_message(api: TestClient, scenes) -> None:
@@ -203,7 +208,10 @@ def test_bad_files_get_a_4xx_message_without_a_traceback(api: TestClient, scenes
 
 def test_form_mistakes_are_one_line_messages(api: TestClient, scenes) -> None:
     query = png(scenes[0][0])
-    assert post(api, query) == (400, {"error": "choose a saved bank or upload support images with masks (not both)"})
+    assert post(api, query) == (
+        400,
+        {"error": "choose a saved bank or paint (or upload) support images with masks (not both)"},
+    )
     status, answer = post(api, query, bank="scenes", k="0")
     assert status == 422 and answer["error"] == "invalid form: k: Input should be greater than or equal to 1"
     status, answer = post(api, query, bank="scenes", temperature="warm")
@@ -290,99 +298,3 @@ def test_app_extra_pulls_no_heavy_package() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-
-
-# --- the page in a real browser ----------------------------------------------------------------------------------
-
-
-def browser_binaries() -> tuple[str, str] | None:
-    browser = next(
-        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
-    )
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    binaries = browser_binaries()
-    if binaries is None:
-        pytest.skip(
-            "no chromium + chromedriver binary (Debian: apt-get install chromium chromium-driver; make deps-system)"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra) is not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binaries[0]
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1200,1000",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=binaries[1]))
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-@pytest.fixture(scope="module")
-def served_page(triton_server, tmp_path_factory: pytest.TempPathFactory, scenes) -> Iterator[tuple[str, Path]]:
-    """uvicorn in a thread on a free loopback port, serving the app against the session's Triton."""
-    import uvicorn
-
-    root = tmp_path_factory.mktemp("served_banks")
-    with NecoClient(triton_server.grpc_url, model=triton_server.model_name, size=SIZE) as client:
-        MemoryBank.build(client, scenes[:3], class_names=CLASSES, image_size=SIZE).save(root / "scenes")
-    config = AppConfig(banks=root, url=triton_server.grpc_url, model=triton_server.model_name, size=SIZE)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/", root
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def test_browser_segments_a_query_like_the_client(browser, served_page, triton_server, scenes, tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
-    url, banks = served_page
-    query = tmp_path / "query.png"
-    Image.fromarray(scenes[3][0]).save(query)
-    wait = WebDriverWait(browser, 60)
-    browser.get(url)
-    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-banks") == "loaded")
-    Select(browser.find_element(By.ID, "bank")).select_by_value("scenes")
-    browser.find_element(By.ID, "query").send_keys(str(query))
-    browser.find_element(By.ID, "run").click()
-    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-    assert browser.find_element(By.ID, "error").text == ""
-    downloaded = data_url_pixels(browser.find_element(By.ID, "download").get_attribute("href"))
-    with NecoClient(triton_server.grpc_url, model=triton_server.model_name, size=SIZE) as client:
-        expected = client.segment(str(query), str(banks / "scenes"))
-    np.testing.assert_array_equal(downloaded, expected.mask)
-    shown = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#legend li")]
-    assert [text.split(" ")[0] for text in shown] == [CLASSES[c] for c in np.unique(expected.mask)]
-    for picture in ("overlay", "confidence", "pca", "mask"):
-        assert browser.execute_script(f"return document.getElementById('{picture}').naturalWidth") >= SIZE
-
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    browser.find_element(By.ID, "query").send_keys(str(broken))
-    browser.find_element(By.ID, "run").click()
-    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
-    message = browser.find_element(By.ID, "error").text
-    assert "query image 'broken.png'" in message and "Traceback" not in browser.page_source

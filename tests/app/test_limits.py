@@ -25,7 +25,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from neco.app.config import AppConfig
-from neco.app.server import PREVIEW_SIDE, create_app
+from neco.app.segmenter import PREVIEW_SIDE
+from neco.app.server import create_app
 from neco.client import MemoryBank
 from neco.contract import ModelContract
 from neco.scenes import SCENE_CLASSES, generate_scene
@@ -241,7 +242,7 @@ def test_large_queries_get_previews_and_a_full_size_mask(banks: Path) -> None:
     wide[:, ::2] = 255
     answer = api(banks).post("/api/segment", data={"bank": "scenes"}, files={"query": ("w.png", png(wide), "x")})
     assert answer.status_code == 200, answer.text
-    result = answer.json()
+    result = answer.json()["results"][0]
 
     def shape(name: str) -> tuple[int, ...]:
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(result[name].partition(",")[2])))).shape
@@ -256,7 +257,7 @@ def test_a_rewritten_saved_bank_is_loaded_again(tmp_path: Path, scenes) -> None:
     client = api(tmp_path)
     query = {"query": ("q.png", png(scenes[2][0]), "image/png")}
     MemoryBank.build(ColourBackend(), scenes[:2], class_names=CLASSES, image_size=SIZE).save(tmp_path / "live")
-    assert client.post("/api/segment", data={"bank": "live"}, files=query).json()["classes"] == CLASSES
+    assert client.post("/api/segment", data={"bank": "live"}, files=query).json()["bank"]["classes"] == CLASSES
     renamed = [name.upper() for name in CLASSES]
     MemoryBank.build(ColourBackend(), scenes[:2], class_names=renamed, image_size=SIZE).save(tmp_path / "live")
-    assert client.post("/api/segment", data={"bank": "live"}, files=query).json()["classes"] == renamed
+    assert client.post("/api/segment", data={"bank": "live"}, files=query).json()["bank"]["classes"] == renamed
