@@ -7,13 +7,14 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv clean bench deps-system wheel gpu-wheels
+.PHONY: demo test test-fast test-client-numpy2 lint venv clean bench deps-system wheel gpu-wheels
 
 demo: $(STAMP)
 	$(PY) -m neco.demo --config configs/demo.yaml
 
-# lint first (seconds), then the suite; the import rules are tests (tests/core/test_import_rules.py)
-test: deps-system lint
+# lint first (seconds), then the client beside numpy 2 (about a minute, below), then the suite; the import
+# rules are tests (tests/core/test_import_rules.py)
+test: deps-system lint test-client-numpy2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: lint
@@ -78,5 +79,35 @@ gpu-wheels:
 	  -c constraints.txt -d $(GPU_WHEELS) $(GPU_PACKAGES)
 	$(MAKE) -s wheel WHEEL_DIR=$(GPU_WHEELS) WHEEL_FLAGS=--no-build-isolation
 
+# The client lives beside numpy 2 (only the `serve` extra pins numpy<2): a second, client-only environment,
+# made from the wheel's [client] extra with numpy>=2 (constraints-numpy2.txt), without torch (checked), runs
+# tests/client except what needs another extra or a served model: test_retrieval.py (torch is its reference),
+# test_milvus.py (the milvus extra) and the tests that ask for the embedded server (deselected by their
+# fixtures, tests/packaging/client_only.py). The environment is made again when pyproject.toml or
+# constraints-numpy2.txt change; the wheel is rebuilt and reinstalled on every run.
+NUMPY2_DIR ?= build/numpy2
+NUMPY2_PY := $(NUMPY2_DIR)/venv/bin/python
+NUMPY2_PIP := $(NUMPY2_PY) -m pip --disable-pip-version-check
+NUMPY2_WHEEL = $$(ls $(abspath $(NUMPY2_DIR))/wheel/neco_dense-*.whl)
+NUMPY2_TESTS := tests/client --ignore=tests/client/test_retrieval.py --ignore=tests/client/test_milvus.py
+
+$(NUMPY2_DIR)/venv/.installed: pyproject.toml constraints-numpy2.txt $(STAMP)
+	rm -rf $(NUMPY2_DIR) && mkdir -p $(NUMPY2_DIR)
+	$(MAKE) -s wheel WHEEL_DIR=$(NUMPY2_DIR)/wheel WHEEL_FLAGS=--no-build-isolation >/dev/null
+	$(PYTHON) -m venv $(NUMPY2_DIR)/venv
+	$(NUMPY2_PIP) install -q --no-compile -c constraints-numpy2.txt \
+	  "$(NUMPY2_WHEEL)[client,client-http]" "numpy>=2" pytest pytest-timeout hypothesis
+	touch $@
+
+test-client-numpy2: $(NUMPY2_DIR)/venv/.installed
+	rm -rf $(NUMPY2_DIR)/wheel
+	$(MAKE) -s wheel WHEEL_DIR=$(NUMPY2_DIR)/wheel WHEEL_FLAGS=--no-build-isolation >/dev/null
+	$(NUMPY2_PIP) install -q --no-compile --no-deps --force-reinstall "$(NUMPY2_WHEEL)"
+	$(NUMPY2_PY) -c "import importlib.util as u, numpy, neco; \
+	  assert int(numpy.__version__.split('.')[0]) >= 2, numpy.__version__; \
+	  assert u.find_spec('torch') is None, 'torch in the client-only environment'; \
+	  assert 'site-packages' in neco.__file__, neco.__file__; print('client-only, numpy', numpy.__version__)"
+	$(NUMPY2_PY) -m pytest -p no:cacheprovider -p tests.packaging.client_only -m "not slow" $(NUMPY2_TESTS)
+
 clean:
-	rm -rf $(VENV) outputs demo_output model_repository
+	rm -rf $(VENV) outputs demo_output model_repository build

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-import tritonclient.http as tritonclient_http
 from google.protobuf import json_format
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.grpc import model_config_pb2 as mc
@@ -32,7 +31,7 @@ from neco.client.images import ImageLike, PreparedImage, SizeSpec
 from neco.client.retrieval import NoveltyResult, SegmentationResult, novelty, segment
 from neco.client.transport import Endpoints, RetryPolicy, call_with_retries, parse_urls, translate
 from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
-from neco.errors import InputError
+from neco.errors import InputError, MissingExtraError
 from neco.signature import INPUT, InputLimits, check_images
 from neco.triton_config import config_problems, contract_from_config
 
@@ -118,7 +117,7 @@ class NecoClient:
             import tritonclient.grpc as triton
 
             return triton.InferenceServerClient(url, channel_args=_grpc_channel_args(self.retry))
-        return _HttpClient(url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+        return _http_client(url, self.timeout_s)
 
     def _attempt(self, what: str, call: ServerCall[T], url: str, seconds_left: float) -> T:
         """One try of `call(server, url, timeout_kwargs)` on one server; any failure becomes a typed error."""
@@ -302,14 +301,19 @@ class NecoClient:
         return f"NecoClient({urls!r}, protocol={self.protocol!r}, model={self.model!r}, {self.contract.arch})"
 
 
-class _HttpClient(tritonclient_http.InferenceServerClient):
-    """tritonclient's HTTP client, minus its "Exception ignored in __del__" when `__init__` fails.
+def _http_client(url: str, timeout_s: float) -> Any:
+    """tritonclient's HTTP client (the `client-http` extra: geventhttpclient), minus its "Exception
+    ignored in __del__" when `__init__` fails: its `__del__` calls `close()`, which reads `_closed`, set
+    only at the end of `__init__`; a class default makes a half-built client's `close()` a no-op."""
+    try:
+        import tritonclient.http as tritonclient_http
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError("NecoClient(protocol='http')", exc.name or "geventhttpclient", "client-http") from None
 
-    Its `__del__` calls `close()`, which reads `_closed`, set only at the end of `__init__`;
-    the class default makes a half-built client's `close()` a no-op.
-    """
+    class HttpClient(tritonclient_http.InferenceServerClient):
+        _closed = True
 
-    _closed = True
+    return HttpClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
 
 
 def _grpc_channel_args(retry: RetryPolicy) -> list[tuple[str, Any]]:

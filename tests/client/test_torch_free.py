@@ -8,6 +8,7 @@ import sys
 import textwrap
 from importlib import metadata
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -19,11 +20,13 @@ ALLOWED_ROOTS = {
     "pydantic": (),
     "pyyaml": (),
     "tqdm": (),
-    "tritonclient": ("http", "grpc"),
+    "tritonclient": ("grpc",),
+    "geventhttpclient": (),  # the client-http extra: tritonclient.http without tritonclient[http]'s aiohttp
+    "greenlet": (),
     "faiss-cpu": (),
     "neco-dense": (),
 }
-"""The client extra's packages (and this project's own torch-free core)."""
+"""The client and client-http extras' packages (and this project's own torch-free core)."""
 RUNTIME_ARTEFACTS = {"cython_runtime", "swig_runtime_data5"}  # pseudo-modules made by compiled extensions
 
 
@@ -118,3 +121,15 @@ def test_cli_help_is_torch_free() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_http_without_the_client_http_extra_names_the_extra(monkeypatch) -> None:
+    """gRPC is the client extra's protocol; HTTP needs `client-http` and says so, before any request."""
+    import sys
+
+    from neco.client import NecoClient
+    from neco.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "tritonclient.http", None)  # as if geventhttpclient were not installed
+    with pytest.raises(MissingExtraError, match=r"install the `client-http` extra"):
+        NecoClient("127.0.0.1:9", protocol="http", timeout_s=1)
