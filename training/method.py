@@ -22,9 +22,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from neco.contract import PATCH_SIZE
+from neco.contract import DEFAULT_ARCH, arch_spec
 from neco.training.head import ProjectionHead
 from neco.training.sorting import SoftSorter
+
+PATCH_SIZE = arch_spec(DEFAULT_ARCH).patch_size
+"""Patch of the default backbone: ROI boxes are divided by it (until the model's own is passed)."""
 
 Similarity = Literal["cosine", "euclidean"]
 MaskMode = Literal["all", "fg", "bg"]
