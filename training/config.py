@@ -14,7 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from neco.config import load_config
-from neco.contract import ARCHS, PATCH_SIZE, arch_spec
+from neco.contract import ARCHS, DEFAULT_ARCH, arch_spec
+
+PATCH_SIZE = arch_spec(DEFAULT_ARCH).patch_size
+"""Patch of the default backbone; crop sizes are checked against it (until crops are defined in patches)."""
 
 MIN_MASK_CELLS = 4
 """Smallest patch-map side the fg/bg mask's 7-tap reflect-padded blur accepts."""

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neco.contract import PATCH_SIZE
+from neco.contract import DEFAULT_ARCH, arch_spec
 from neco.training.config import CropSection
 from neco.training.method import roi_grid
 from neco.training.views import MultiCropViews, box_in_view, intersection, sample_layout
+
+PATCH_SIZE = arch_spec(DEFAULT_ARCH).patch_size
 
 H, W = 180, 240
 
