@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from neco.model.features import model_patch_size
 from neco.training.head import ProjectionHead
 from neco.training.sorting import SoftSorter
 
@@ -59,7 +60,7 @@ class NeCoNet(nn.Module):
     @property
     def patch_size(self) -> int:
         """Pixels per patch side, read from the backbone: the unit of crop sizes and ROI boxes."""
-        return patch_size_of(self.backbone)
+        return model_patch_size(self.backbone)
 
     def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None, int, int, int]:
         """Tokens with positions, the RoPE table (None for DINOv2), prefix-token count and grid size."""
@@ -101,14 +102,6 @@ class NeCoNet(nn.Module):
         x = bb.norm(run_block(blocks[-1], x, rope))
         projected = self.head(x[:, prefix:])
         return projected.transpose(1, 2).reshape(x.shape[0], -1, h, w), attention
-
-
-def patch_size_of(backbone: nn.Module) -> int:
-    """The backbone's square patch side in pixels (14 for DINOv2, 16 for DINOv3)."""
-    height, width = backbone.patch_embed.patch_size
-    if height != width:
-        raise ValueError(f"only square patches are supported, got {height}x{width}")
-    return int(height)
 
 
 def run_block(block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:

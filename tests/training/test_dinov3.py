@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from neco.training.head import ProjectionHead
-from neco.training.method import NeCoNet, cls_attention, patch_size_of
+from neco.training.method import NeCoNet, cls_attention
 from tests.training.tiny import one_thread, tiny_backbone  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +52,7 @@ def _timm_last_block_softmax(net: NeCoNet, images: Tensor) -> Tensor:
 def test_the_backbone_is_dinov3_shaped() -> None:
     net = _net()
     assert type(net.backbone).__name__ == "Eva" and net.backbone.num_prefix_tokens == PREFIX
-    assert patch_size_of(net.backbone) == net.patch_size == 16
+    assert net.patch_size == 16
 
 
 def test_projected_maps_are_the_head_of_timms_patch_tokens() -> None:
