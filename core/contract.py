@@ -280,6 +280,12 @@ class ModelContract(BaseModel):
             raise InputError(f"{height}x{width} px is not a positive multiple of the patch size {self.patch_size}")
         return height // self.patch_size, width // self.patch_size
 
+    def floor_to_patch(self, pixels: int) -> int:
+        """The largest multiple of the patch size not above `pixels` (an input side for this model)."""
+        if pixels < self.patch_size:
+            raise InputError(f"input side {pixels} px is smaller than one {self.patch_size}-px patch of {self.arch}")
+        return pixels - pixels % self.patch_size
+
     def differences(self, other: ModelContract) -> list[str]:
         """`field: mine != theirs` for every field that differs (empty: the same encoder)."""
         mine, theirs = self.model_dump(), other.model_dump()

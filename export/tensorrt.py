@@ -173,6 +173,7 @@ def check_engine_parity(
     atol: float | None,
     min_cosine: float | None,
     seed: int = 0,
+    patch_size: int,
 ) -> dict:
     """Engine vs onnxruntime FP32 on the same generated images.
 
@@ -186,6 +187,7 @@ def check_engine_parity(
         ort_features(reference_session),
         shape_grid(sizes, batch_sizes),
         seed=seed,
+        patch_size=patch_size,
         names=("tensorrt", "onnxruntime-fp32"),
     )
     if atol is not None and report.max_abs_diff > atol:
@@ -211,7 +213,7 @@ def require_tensorrt() -> None:
 
 
 def build_and_check_engine(
-    onnx_path: Path, reference_session, cfg: ExportConfig, work: Path
+    onnx_path: Path, reference_session, cfg: ExportConfig, work: Path, *, patch_size: int
 ) -> tuple[dict[str, Path], dict]:
     """Pipeline step: build (or reuse a verified cached) engine and check its parity.
 
@@ -241,6 +243,7 @@ def build_and_check_engine(
             atol=None if reduced else cfg.parity.atol,
             min_cosine=cfg.parity.min_cosine_fp16 if reduced else None,
             seed=cfg.parity.seed,
+            patch_size=patch_size,
         )
     plan = work / PLAN_FILENAME
     plan.write_bytes(engine_path.read_bytes())

@@ -208,7 +208,9 @@ class EmbeddedServer:
             exported, version = exported_model(self.cfg.repository, self.cfg.model_name)
             self.contract = contract_from_config(exported)
             onnx_path = self.cfg.repository / self.cfg.model_name / str(version) / ONNX_FILENAME
-            runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
+            runner = OnnxFeatureRunner(
+                onnx_path, self.cfg.providers, self.cfg.intra_op_threads, patch_size=self.contract.patch_size
+            )
             ports = [getattr(self.cfg, name) for name in PORT_KEYS]
             free = iter(pick_free_ports(self.cfg.host, ports.count(0)))
             self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]

@@ -223,7 +223,7 @@ def test_engine_build_and_parity_against_onnxruntime(request, tmp_path, precisio
             "engine_cache_dir": str(tmp_path / "engines"),
         },
     )
-    files, report = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path)
+    files, report = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path, patch_size=14)
     parity = report["parity_vs_onnxruntime"]
     if precision == "fp32":
         assert parity["max_abs_diff"] <= 1e-3
@@ -233,7 +233,7 @@ def test_engine_build_and_parity_against_onnxruntime(request, tmp_path, precisio
     meta = read_sidecar(files["model.plan"])
     assert meta.precision == precision and report["strongly_typed"] is True
     load_engine(tmp_path / "engines" / engine_name(meta), meta)
-    _, again = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path)
+    _, again = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path, patch_size=14)
     assert again["reused"] is True
 
 
