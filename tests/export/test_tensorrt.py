@@ -262,7 +262,7 @@ def test_pipeline_parses_the_reduced_onnx_it_writes(
 
     handed = {}
 
-    def build_and_check_engine(onnx_path, reference_session, cfg, work):
+    def build_and_check_engine(onnx_path, reference_session, cfg, work, patch_size):
         model = onnx.load(str(onnx_path))
         norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
         weights = {init.name: init.data_type for init in model.graph.initializer}
