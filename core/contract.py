@@ -181,6 +181,12 @@ DEFAULT_ARCH: str = "vit_small_patch14_reg4_dinov2"
 """The backbone used when a stage is not told which (the NeCo paper's ViT-S/14 with registers)."""
 
 
+def registered_patch_sizes() -> tuple[int, ...]:
+    """Patch sizes of the supported architectures (14, 16): what a size check uses before it
+    knows the model (a config read before the weights, a gateway before it asks the server)."""
+    return tuple(sorted({spec.patch_size for spec in ARCHS.values() if not spec.refused}))
+
+
 def split_model_id(model_id: str) -> tuple[str, str]:
     """`vit_large_patch16_dinov3.sat493m` -> (`vit_large_patch16_dinov3`, `sat493m`); no tag -> ''."""
     name, _, tag = model_id.partition(".")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUT_FEATURES_RAW
+from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUT_FEATURES_RAW, registered_patch_sizes
 from neco.errors import InputError
 
 # Names of the served element types in the three vocabularies the stages meet.
@@ -102,8 +102,8 @@ def check_image_shape(
 
     Works on the shape alone, so a server can refuse a request from its header before it
     allocates or decodes the data. `patch_size` is the served model's; a caller that does
-    not know the model (None) checks positivity and limits only, and leaves the multiple
-    check to whoever holds the model.
+    not know the model (None) refuses only sides that suit no registered patch size
+    (`registered_patch_sizes`), and the model's holder checks the exact multiple.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4 or shape[-1] != 3:
@@ -111,10 +111,12 @@ def check_image_shape(
     batch, height, width, _ = shape
     if batch <= 0:
         raise ImageShapeError(f"{INPUT_IMAGES}: empty batch (batch dimension is {batch})")
-    step = patch_size or 1
-    if height <= 0 or width <= 0 or height % step or width % step:
-        rule = f"multiple of the patch size {patch_size} (resize or pad on the client)" if patch_size else "number"
-        raise ImageShapeError(f"{INPUT_IMAGES}: height {height} and width {width} must each be a positive {rule}")
+    patches = (patch_size,) if patch_size else registered_patch_sizes()
+    if height <= 0 or width <= 0 or all(height % p or width % p for p in patches):
+        raise ImageShapeError(
+            f"{INPUT_IMAGES}: height {height} and width {width} must each be a positive multiple of the "
+            f"patch size {' or '.join(map(str, patches))} (resize or pad on the client)"
+        )
     if limits is not None:
         if max(height, width) > limits.max_side:
             raise InputLimitError(f"{INPUT_IMAGES}: side {max(height, width)} px exceeds max_side={limits.max_side}")

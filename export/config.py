@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from neco.contract import ARCHS, DEFAULT_MODEL_NAME, arch_spec
+from neco.contract import DEFAULT_MODEL_NAME, arch_spec, registered_patch_sizes
 from neco.export.errors import ProfileError
 
 Size = tuple[int, int]
@@ -32,7 +32,7 @@ def check_size(size: Size, what: str, patch_size: int | None = None) -> Size:
     checks every size again against the model it exports (`check_sizes`).
     """
     height, width = size
-    patches = [patch_size] if patch_size else sorted({spec.patch_size for spec in ARCHS.values()})
+    patches = (patch_size,) if patch_size else registered_patch_sizes()
     if height <= 0 or width <= 0 or all(height % p or width % p for p in patches):
         allowed = " or ".join(str(p) for p in patches)
         raise ProfileError(f"{what} {height}x{width} must be positive multiples of the patch size {allowed}")

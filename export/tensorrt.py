@@ -48,6 +48,10 @@ class EngineMetadata(BaseModel):
     opt_shape: Shape
     max_shape: Shape
     precision: str
+    onnx_sha256: str = ""
+    """Digest of the ONNX the engine was parsed from: an engine cached under the same model name
+    for other weights (a DINOv2 plan when a DINOv3 is exported) is rebuilt, never reused.
+    Sidecars written before this field existed read as "" and so never match a new export."""
 
 
 def _slug(text: str) -> str:
@@ -67,7 +71,9 @@ def engine_name(meta: EngineMetadata) -> str:
     )
 
 
-def expected_metadata(model_name: str, settings: TensorRTSettings, precision: str, device: int = 0) -> EngineMetadata:
+def expected_metadata(
+    model_name: str, settings: TensorRTSettings, precision: str, device: int = 0, onnx_sha256: str = ""
+) -> EngineMetadata:
     """The metadata an engine built here, now, from a `precision` ONNX would carry (needs tensorrt + CUDA)."""
     import tensorrt as trt
     import torch
@@ -84,6 +90,7 @@ def expected_metadata(model_name: str, settings: TensorRTSettings, precision: st
         opt_shape=settings.opt_shape,
         max_shape=settings.max_shape,
         precision=precision,
+        onnx_sha256=onnx_sha256,
     )
 
 
@@ -220,9 +227,11 @@ def build_and_check_engine(
     Returns the files for the version directory (`model.plan` and its metadata sidecar, which
     `verify_repository_engine` checks before anything serves it) and a report.
     """
+    from neco.model.artefact import file_sha256
+
     require_tensorrt()
     settings = cfg.tensorrt
-    meta = expected_metadata(cfg.model_name, settings, cfg.precision)
+    meta = expected_metadata(cfg.model_name, settings, cfg.precision, onnx_sha256=file_sha256(onnx_path))
     engine_path = Path(settings.engine_cache_dir or work) / engine_name(meta)
     try:
         verify_engine(engine_path, meta)
@@ -265,7 +274,7 @@ def verify_repository_engine(model_dir: Path, version: int = 1, device: int = 0)
     plan = Path(model_dir) / str(version) / PLAN_FILENAME
     found = read_sidecar(plan)
     settings = TensorRTSettings(min_shape=found.min_shape, opt_shape=found.opt_shape, max_shape=found.max_shape)
-    expected = expected_metadata(found.model_name, settings, found.precision, device)
+    expected = expected_metadata(found.model_name, settings, found.precision, device, found.onnx_sha256)
     verify_engine(plan, expected, check_name=False)
     return expected
 

@@ -77,6 +77,13 @@ def test_engine_for_another_setup_is_refused(tmp_path, field, value):
         verify_engine(path, expected, check_name=False)  # the sidecar is checked independently
 
 
+def test_engine_parsed_from_another_onnx_is_refused(tmp_path):
+    """Same model name, GPU and profile, other weights (say DINOv3 exported after DINOv2): rebuild."""
+    path = _engine(tmp_path)
+    with pytest.raises(EngineMismatchError, match="onnx_sha256: engine '' != here 'abc'"):
+        verify_engine(path, META.model_copy(update={"onnx_sha256": "abc"}))
+
+
 def test_engine_without_or_with_broken_metadata_is_refused(tmp_path):
     path = _engine(tmp_path, sidecar=False)
     with pytest.raises(EngineMismatchError, match="no metadata sidecar"):
@@ -262,7 +269,7 @@ def test_pipeline_parses_the_reduced_onnx_it_writes(
 
     handed = {}
 
-    def build_and_check_engine(onnx_path, reference_session, cfg, work):
+    def build_and_check_engine(onnx_path, reference_session, cfg, work, patch_size):
         model = onnx.load(str(onnx_path))
         norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
         weights = {init.name: init.data_type for init in model.graph.initializer}
