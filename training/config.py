@@ -52,6 +52,11 @@ class ModelSection(_Section):
     @classmethod
     def _arch(cls, value: str) -> str:
         supported_arch_spec(value)  # listed-but-refused architectures (DINOv3 7B) fail with the reason
+        name, tag = split_model_id(value)
+        if tag:
+            raise ValueError(
+                f"model.arch takes the timm name without a tag ({name!r}); give {value!r} as model.weights"
+            )
         return value
 
     @field_validator("weights")

@@ -155,6 +155,7 @@ def test_missing_config_file() -> None:
         (["crops.local_size=14"], "smaller than one 16-px patch"),
         (["model.keep_registers=false"], "DINOv2 register models only"),
         (["model.arch=vit_7b_patch16_dinov3"], "listed but not supported"),
+        (["model.arch=vit_large_patch16_dinov3.sat493m"], "without a tag"),
         (["method.mask_mode=fg", "crops.global_size=48"], "needs crops.global_size >= 64 px"),
     ],
 )
@@ -162,3 +163,17 @@ def test_dinov3_config_errors(overrides: list[str], message: str) -> None:
     """Crop sizes are checked against DINOv3's 16-px patch, not DINOv2's 14."""
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_train_config(CONFIGS / "train_smoke_dinov3.yaml", overrides)
+
+
+def test_crops_are_standardised_with_the_start_weights_statistics(tmp_path: Path) -> None:
+    """DINOv3's satellite weights (`.sat493m`) were trained with other statistics than ImageNet's."""
+    from neco.contract import IMAGENET_MEAN, SAT493M_MEAN, SAT493M_STD
+    from neco.training.run import model_contract
+
+    base = ["model.arch=vit_large_patch16_dinov3", "model.head_hidden_dim=64"]
+    satellite = load_train_config(
+        CONFIGS / "train_smoke_dinov3.yaml", [*base, "model.weights=vit_large_patch16_dinov3.sat493m"]
+    )
+    contract = model_contract(satellite)
+    assert (contract.arch, contract.mean, contract.std) == ("vit_large_patch16_dinov3", SAT493M_MEAN, SAT493M_STD)
+    assert model_contract(load_train_config(CONFIGS / "train_smoke_dinov3.yaml", base)).mean == IMAGENET_MEAN

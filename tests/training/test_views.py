@@ -152,3 +152,17 @@ def test_invalid_specs() -> None:
         TrainConfig(crops=CropSection(local_size=7))
     with pytest.raises(ValueError, match="local_scale"):
         CropSection(local_scale=(0.3, 0.2))
+
+
+def test_views_are_standardised_with_the_contracts_statistics() -> None:
+    """The model's mean/std (here DINOv3's satellite statistics), not a module constant."""
+    spec = CropSection(global_size=64, local_size=32, num_local=1, jitter_strength=0.0, blur_strength=0.0)
+    contract = ModelContract.for_arch("vit_large_patch16_dinov3.sat493m")
+    raw, standardised = (
+        MultiCropViews(spec, None)(coordinate_image(), 3),
+        MultiCropViews(spec, contract)(coordinate_image(), 3),
+    )
+    mean, std = torch.tensor(contract.mean)[:, None, None], torch.tensor(contract.std)[:, None, None]
+    assert contract.mean != ModelContract.for_arch(DEFAULT_ARCH).mean
+    for key in ("global", "local"):
+        torch.testing.assert_close(standardised[key], (raw[key] - mean) / std)
