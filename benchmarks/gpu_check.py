@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py                 # one CUDA GPU, no network, <= 8 minutes
     benchmarks/gpu_check.sh                        # the same, from the repository root
     python benchmarks/gpu_check.py --device cpu --tiny    # the CPU dry run the tests use
+    python benchmarks/gpu_check.py --arch vit_small_patch14_reg4_dinov2 vit_small_patch16_dinov3
+                                                   # several backbones side by side in one run
 
 On generated data (no dataset, no download: random-init weights of the recipe's architecture),
 it measures, side by side in one process:
@@ -15,6 +17,12 @@ it measures, side by side in one process:
 4. encoder inference, eager fp32 vs bf16 (and onnxruntime CUDA FP16 where installed);
 5. the 25-epoch COCO train2017 recipe extrapolated to GPU-hours from the best step rate,
    printed beside the paper's 19 GPU-hours.
+
+`--arch A[=CONFIG] B[=CONFIG] ...` repeats the train step (1), inference (4) and extrapolation
+(5) for each backbone, under `results.by_arch`; the top-level figures are the first one's. A
+backbone without `=CONFIG` uses its family's recipe (`FAMILY_RECIPES`, falling back to
+`--config`); a backbone whose training config does not validate (a DINOv2 recipe's 98-px crops
+for patch 16) gets the error in its train-step entry and still its inference figures.
 
 Writes benchmarks/results/gpu_check_<device>.json (`benchmarks/common.py` schema; `settings`
 holds the device name and sizes, `results` one section per item, `goal` = finishes in 8 minutes).
@@ -37,6 +45,11 @@ COCO_TRAIN_IMAGES = 118_287
 RECIPE_EPOCHS = 25
 PAPER_GPU_HOURS = 19.0
 TIME_LIMIT_S = 8 * 60
+FAMILY_RECIPES = {
+    "dinov2": RECIPE,
+    "dinov3": REPO / "configs" / "train_vits16_dinov3_coco224.yaml",
+}
+"""The training recipe each backbone family is measured with unless `--arch A=CONFIG` names one."""
 TINY_SET = [
     "optim.batch_size=2",
     "crops.global_size=56",
@@ -58,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--config", type=Path, default=RECIPE)
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        default=None,
+        metavar="ARCH[=CONFIG]",
+        help="backbones to measure side by side (default: the --config's arch only)",
+    )
     parser.add_argument("--compile", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     parser.add_argument("--steps", type=int, default=10, help="timed train steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, queue fill)")
@@ -76,17 +96,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--steps and --loader-batches must be >= 1, --warmup >= 0, --sorter-rows >= 2")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    try:
+        args.archs = arch_configs(args.arch, args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.tiny:
         args.sorter_rows, args.inference_size, args.inference_batch = [64], 56, 2
         args.no_onnx = True
     return args
 
 
+def arch_configs(entries: list[str] | None, config: Path) -> list[tuple[str | None, Path]]:
+    """`ARCH[=CONFIG]` entries -> (arch, training config); None: the config's own arch only."""
+    from neco.contract import supported_arch_spec
+
+    if not entries:
+        return [(None, config)]
+    out = []
+    for entry in entries:
+        arch, _, path = entry.partition("=")
+        family = supported_arch_spec(arch).family
+        recipe = FAMILY_RECIPES[family] if config == RECIPE else config
+        chosen = Path(path) if path else (recipe if recipe.is_file() else config)
+        out.append((arch, chosen))
+    return out
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def train_config(args: argparse.Namespace, compiled: bool):
+def train_config(args: argparse.Namespace, compiled: bool, arch: str | None = None, config: Path | None = None):
     from neco.training.config import load_train_config
 
     precision = "bf16" if args.device == "cuda" else "fp32"
@@ -99,18 +139,21 @@ def train_config(args: argparse.Namespace, compiled: bool):
         "model.weights=null",  # random init of the recipe's architecture: no network, same cost
         "data.kind=scenes",
         *(TINY_SET if args.tiny else []),
+        *([f"model.arch={arch}"] if arch else []),
         *args.set,
     ]
-    return load_train_config(args.config, overrides)
+    return load_train_config(config or args.config, overrides)
 
 
-def train_step_figures(args: argparse.Namespace, compiled: bool, device: torch.device) -> dict[str, object]:
+def train_step_figures(
+    args: argparse.Namespace, compiled: bool, device: torch.device, arch: str | None = None, config: Path | None = None
+) -> dict[str, object]:
     """images/s, per-phase seconds, peak memory and MFU of the real `Trainer.train_step`."""
     from train_step import measure_steps, peak_flops
 
     from neco.training.run import build_dataset
 
-    cfg = train_config(args, compiled)
+    cfg = train_config(args, compiled, arch, config)
     torch.manual_seed(cfg.seed)
     measured = measure_steps(cfg, build_dataset(cfg), device, args.steps, args.warmup)
     elapsed, flops = float(measured["elapsed_s"]), float(measured["flops_per_step"])
@@ -161,8 +204,10 @@ def sorter_figures(args: argparse.Namespace, device: torch.device) -> list[dict[
     return rows_out
 
 
-def inference_figures(args: argparse.Namespace, device: torch.device, work: Path) -> dict[str, object]:
-    """Encoder images/s: eager fp32 vs bf16, and ORT CUDA FP16 where the provider is installed."""
+def inference_figures(args: argparse.Namespace, device: torch.device, work: Path, arch: str) -> dict[str, object]:
+    """Encoder images/s of `arch`: eager fp32 vs bf16, and ORT CUDA FP16 where the provider is installed.
+
+    The input side is `--inference-size` rounded down to the backbone's patch multiple."""
     from inference import images_per_second, torch_runner
 
     from neco.contract import ModelContract
@@ -170,15 +215,14 @@ def inference_figures(args: argparse.Namespace, device: torch.device, work: Path
     from neco.model import DenseFeatureModel
     from neco.model.testing import random_backbone
 
-    arch = train_config(args, compiled=False).model.arch
     contract = ModelContract.for_arch(arch)
     model = DenseFeatureModel(random_backbone(arch, seed=0), contract).eval()
-    size = args.inference_size
+    size = contract.floor_to_patch(args.inference_size)
     images = generated_images(args.inference_batch, (size, size), seed=0)
     seconds, iters = (3.0, 5) if not args.tiny else (0.0, 1)
     runners = {"eager_fp32": torch_runner(model.to(device), device.type, None)}
     runners["eager_bf16"] = torch_runner(model, device.type, torch.bfloat16)
-    out: dict[str, object] = {"size": size, "batch": args.inference_batch}
+    out: dict[str, object] = {"arch": arch, "size": size, "batch": args.inference_batch}
     onnx_note = "skipped (--no-onnx)" if args.no_onnx else None
     if not args.no_onnx:
         import onnxruntime as ort
@@ -214,6 +258,37 @@ def extrapolate(step_images_per_s: float, loader_images_per_s: float) -> dict[st
     }
 
 
+def arch_figures(
+    args: argparse.Namespace, device: torch.device, work: Path, arch: str | None, config: Path, loader_rate: float
+) -> dict[str, object]:
+    """Train step per compile variant, inference and the extrapolation of one backbone.
+
+    A training config that refuses the backbone (or a step that fails) is reported in place of
+    the train-step figures, so one run still measures the other backbones and this one's inference.
+    """
+    figures: dict[str, object] = {"config": _relative(config)}
+    steps: dict[str, object] = {}
+    try:
+        arch = arch or train_config(args, False, None, config).model.arch
+        for variant in args.compile:
+            steps[variant] = step = train_step_figures(args, variant == "compiled", device, arch, config)
+            print(f"{arch} train step {variant}: {step['images_per_s']:.1f} img/s, MFU {step['mfu']}", flush=True)
+    except (ValueError, RuntimeError) as exc:  # config validation or a step that cannot run
+        steps["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"{arch} train step not measured: {steps['error']}", flush=True)
+    if arch is None:
+        raise SystemExit(f"gpu_check: {config} does not name a usable architecture: {steps['error']}")
+    figures["arch"], figures["train_step"] = arch, steps
+    figures["inference"] = inference_figures(args, device, work, arch)
+    rates = [float(s["images_per_s"]) for s in steps.values() if isinstance(s, dict)]
+    figures["extrapolation"] = extrapolate(max(rates), loader_rate) if rates else None
+    return figures
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
@@ -225,22 +300,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     machine = machine_info()
-    results: dict[str, object] = {"train_step": {}}
-    for variant in args.compile:
-        results["train_step"][variant] = step = train_step_figures(args, variant == "compiled", device)  # type: ignore[index]
-        print(f"train step {variant}: {step['images_per_s']:.1f} img/s, MFU {step['mfu']}", flush=True)
-    results["loader"] = loader_figures(args)
+    results: dict[str, object] = {"loader": loader_figures(args)}
     results["sorter"] = sorter_figures(args, device)
+    loader_rate = float(results["loader"]["images_per_s"])  # type: ignore[index]
+    by_arch: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results["inference"] = inference_figures(args, device, Path(tmp))
-    best = max(float(s["images_per_s"]) for s in results["train_step"].values())  # type: ignore[union-attr]
-    results["extrapolation"] = estimate = extrapolate(best, float(results["loader"]["images_per_s"]))  # type: ignore[index]
+        for arch, config in args.archs:
+            figures = arch_figures(args, device, Path(tmp), arch, config, loader_rate)
+            by_arch[str(figures["arch"])] = figures
+    first = next(iter(by_arch.values()))
+    results.update(train_step=first["train_step"], inference=first["inference"], extrapolation=first["extrapolation"])
+    results["by_arch"] = by_arch
+    estimate = first["extrapolation"]
     seconds = time.perf_counter() - started
     results["total_seconds"] = round(seconds, 1)
     settings = {
         "device_name": device_name(device),
         "device": device.type,
-        "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+        "config": _relative(args.config),
+        "archs": list(by_arch),
         "overrides": [*(TINY_SET if args.tiny else []), *args.set],
         "precision": "bf16" if device.type == "cuda" else "fp32",
         "data": "generated scenes (data.kind=scenes), random-init weights",
@@ -253,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     goal = {"target": f"finishes in <= {TIME_LIMIT_S} s", "met": seconds <= TIME_LIMIT_S}
     out = args.out or default_path("gpu_check", device.type)
     write_result(make_result("gpu_check", settings, results, goal=goal, machine=machine), out)
+    hours = f"~ {estimate['recipe_gpu_hours']:.1f} GPU-hours" if estimate else "not estimated (no train step ran)"
     print(
-        f"{settings['device_name']}: 25-epoch COCO recipe ~ {estimate['recipe_gpu_hours']:.1f} GPU-hours "
+        f"{settings['device_name']}: 25-epoch COCO recipe of {first['arch']} {hours} "
         f"(paper: {PAPER_GPU_HOURS:.0f}); {seconds:.0f}s in all; {out}"
     )
     return 0

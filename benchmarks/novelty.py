@@ -49,7 +49,7 @@ from neco.client.novelty import (
     calibrate,
     knn_novelty,
 )
-from neco.contract import DEFAULT_K, PATCH_SIZE, ModelContract
+from neco.contract import DEFAULT_K, ModelContract
 from neco.scenes import SCENE_CLASSES, generate_scene
 
 ID_CLASSES = 4
@@ -140,11 +140,11 @@ def fpr_at_95_tpr(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
     return float((id_scores >= threshold).mean())
 
 
-def patch_truth(masks: list[np.ndarray]) -> np.ndarray:
-    """Per patch: 1 = OOD (>= half unseen pixels), 0 = ID (none), -1 = mixed (left out)."""
+def patch_truth(masks: list[np.ndarray], patch: int) -> np.ndarray:
+    """Per patch of `patch` px: 1 = OOD (>= half unseen pixels), 0 = ID (none), -1 = mixed (left out)."""
     stack = np.stack(masks)
     b, h, w = stack.shape
-    share = (stack >= ID_CLASSES).reshape(b, h // PATCH_SIZE, PATCH_SIZE, w // PATCH_SIZE, PATCH_SIZE).mean(axis=(2, 4))
+    share = (stack >= ID_CLASSES).reshape(b, h // patch, patch, w // patch, patch).mean(axis=(2, 4))
     return np.where(share >= 0.5, 1, np.where(share == 0, 0, -1))
 
 
@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     backend = make_backend(args)
     bank = MemoryBank.build(backend, support, class_names=list(SCENE_CLASSES[:ID_CLASSES]), image_size=args.size)
     feats = {split: features_of(backend, [image for image, _ in pairs]) for split, pairs in splits.items()}
-    truth = {split: patch_truth([mask for _, mask in pairs]) for split, pairs in splits.items()}
+    truth = {
+        split: patch_truth([mask for _, mask in pairs], backend.contract.patch_size) for split, pairs in splits.items()
+    }
     extract_s = time.perf_counter() - start
 
     image_rows: list[dict[str, Any]] = []

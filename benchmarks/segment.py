@@ -33,15 +33,15 @@ from common import default_path, machine_info, make_result, write_result
 from neco.client import MemoryBank
 from neco.client.bank import BankRows, BankSettings
 from neco.client.retrieval import segment_features
-from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, PATCH_SIZE, ModelContract
+from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, ModelContract
 
 DIM = 384
 IMAGE = DEFAULT_INPUT_SIZE
-GRID = IMAGE // PATCH_SIZE  # 32 patches a side
+ARCH = "vit_small_patch14_reg4_dinov2"
+GRID = IMAGE // ModelContract.for_arch(ARCH).patch_size  # 32 patches a side
 K = DEFAULT_K
 GOAL_RATIO = 1.2
 CLASSES = 21
-ARCH = "vit_small_patch14_reg4_dinov2"
 
 
 def random_bank(size: int, rng: np.random.Generator) -> MemoryBank:

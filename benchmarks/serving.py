@@ -148,6 +148,7 @@ def main() -> None:
 
     from neco.serving import EmbeddedServer, ServeConfig
     from neco.serving.runtime import OnnxFeatureRunner
+    from neco.triton_config import contract_from_config, read_model_config
 
     machine = machine_info()  # load average before the timed work
     rows: list[dict] = []
@@ -160,7 +161,8 @@ def main() -> None:
         print(
             f"{'path':<12} {'batch':>5} {'clients':>7} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs in-proc':>10} errors"
         )
-        runner = OnnxFeatureRunner(onnx_path)
+        served = contract_from_config(read_model_config(onnx_path.parent.parent))
+        runner = OnnxFeatureRunner(onnx_path, patch_size=served.patch_size)
         # Generous queue bound and timeout: the benchmark measures throughput, not rejection.
         cfg = ServeConfig(repository=repository, http_port=0, grpc_port=0, metrics_port=0,
                           max_queue_size=256, request_timeout_ms=600_000)  # fmt: skip

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from neco.contract import DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES, PATCH_SIZE
+from neco.contract import DEFAULT_MODEL_NAME, INPUT_IMAGES, OUTPUT_FEATURES
 from neco.signature import INPUT
 from neco.triton_config import ONNX_FILENAME
 
@@ -39,14 +39,14 @@ OVERLOAD_MARKERS = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 def build_pool(
-    reference: Callable[[np.ndarray], np.ndarray], batches: Sequence[int] = BATCHES, seed: int = 0
+    reference: Callable[[np.ndarray], np.ndarray], patch_size: int, batches: Sequence[int] = BATCHES, seed: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(images, expected features) for every size x batch, expected from `reference`."""
+    """(images, expected features) for every size x batch (sides in patches of the served model)."""
     rng = np.random.default_rng(seed)
     pool = []
     for rows, cols in SIDES:
         for batch in batches:
-            images = rng.integers(0, 256, (batch, rows * PATCH_SIZE, cols * PATCH_SIZE, 3), dtype=np.uint8)
+            images = rng.integers(0, 256, (batch, rows * patch_size, cols * patch_size, 3), dtype=np.uint8)
             pool.append((images, reference(images)))
     return pool
 
@@ -149,6 +149,13 @@ def ort_reference(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return lambda images: session.run([OUTPUT_FEATURES], {INPUT_IMAGES: images})[0]
 
 
+def served_patch_size(repository: Path) -> int:
+    """The patch size of the default model in `repository`, from its exported contract."""
+    from neco.triton_config import contract_from_config, read_model_config
+
+    return contract_from_config(read_model_config(repository / DEFAULT_MODEL_NAME)).patch_size
+
+
 def find_onnx(repository: Path) -> Path:
     """The newest version's ONNX file of the default model in `repository`."""
     versions = sorted((repository / DEFAULT_MODEL_NAME).glob(f"*/{ONNX_FILENAME}"), key=lambda p: int(p.parent.name))
@@ -172,13 +179,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         repository = args.repository or export_random_model(Path(tmp))
-        pool = build_pool(ort_reference(find_onnx(repository)))
+        patch = served_patch_size(repository)
+        pool = build_pool(ort_reference(find_onnx(repository)), patch)
         cfg = ServeConfig(repository=repository, http_port=0, grpc_port=0, metrics_port=0, max_queue_size=args.queue)
         with EmbeddedServer(cfg) as server:
             results = run_load(server, pool, args.clients, args.seconds)
     settings = {
         "clients": args.clients, "seconds": args.seconds, "max_queue_size": args.queue,
-        "sides_px": [[r * PATCH_SIZE, c * PATCH_SIZE] for r, c in SIDES], "batches": list(BATCHES),
+        "sides_px": [[r * patch, c * patch] for r, c in SIDES], "batches": list(BATCHES),
         "protocols": "even clients HTTP, odd clients gRPC", "atol": ATOL,
     }  # fmt: skip
     goal = {

@@ -34,7 +34,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from neco.client.errors import ImageError, SupportSetError
-from neco.contract import PATCH_SIZE
 from neco.signature import DEFAULT_LIMITS, InputLimits
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
@@ -66,7 +65,8 @@ class PreparedImage:
     """(height, width) of the decoded input (after EXIF orientation)."""
     grid: tuple[int, int]
     """(rows, cols) of the patch grid: the (h, w) of the dense features."""
-    patch_size: int = PATCH_SIZE
+    patch_size: int
+    """Pixels per patch side of the model the image was prepared for (its contract's)."""
     original: np.ndarray | None = field(default=None, repr=False, compare=False)
     """The decoded input, kept so that overlays need not decode it again (`array` when not resized)."""
 
@@ -90,9 +90,11 @@ class PreparedImage:
 
 
 def target_size(
-    original_size: tuple[int, int], size: SizeSpec, patch_size: int = PATCH_SIZE, limits: InputLimits | None = None
+    original_size: tuple[int, int], size: SizeSpec, patch_size: int, limits: InputLimits | None = None
 ) -> tuple[int, int]:
     """Apply the resize policy to an (H, W) and return the encoder input (H', W').
+
+    `patch_size` is the model's (`ModelContract.patch_size`): sides snap to its multiples.
 
     With `limits`, a target that one request could not carry raises `ImageError` naming the
     limit, so a caller can refuse an image from its header before decoding or resizing it.
@@ -140,7 +142,7 @@ def _check_target(original: tuple[int, int], size: SizeSpec, target: tuple[int, 
 def prepare_image(
     image_like: ImageLike | np.ndarray,
     size: SizeSpec,
-    patch_size: int = PATCH_SIZE,
+    patch_size: int,
     limits: InputLimits | None = DEFAULT_LIMITS,
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
 ) -> PreparedImage:

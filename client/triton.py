@@ -222,7 +222,7 @@ class NecoClient:
         else:
             import tritonclient.http as triton
         try:
-            batch = check_images(batch, self.limits)
+            batch = check_images(batch, self.limits, patch_size=self.contract.patch_size)
         except InputError as exc:
             raise ImageError(f"not sent to {self.url!r}: {exc}") from None
         request = triton.InferInput(INPUT.name, list(batch.shape), INPUT.triton_dtype)

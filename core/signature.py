@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUT_FEATURES_RAW, PATCH_SIZE
+from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUT_FEATURES_RAW, registered_patch_sizes
 from neco.errors import InputError
 
 # Names of the served element types in the three vocabularies the stages meet.
@@ -60,7 +60,7 @@ class TensorSpec:
 
 
 INPUT = TensorSpec(INPUT_IMAGES, "uint8", ("H", "W", 3))
-"""RGB images, channels last; H and W positive multiples of `PATCH_SIZE`."""
+"""RGB images, channels last; H and W positive multiples of the served model's patch size."""
 OUTPUT_SPECS: tuple[TensorSpec, ...] = (
     TensorSpec(OUTPUT_FEATURES, "float32", ("h", "w", "C")),
     TensorSpec(OUTPUT_FEATURES_RAW, "float32", ("h", "w", "C")),
@@ -78,9 +78,9 @@ class InputLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_side: int = Field(4096, ge=PATCH_SIZE, description="largest height or width in pixels")
-    max_image_pixels: int = Field(1024 * 1024, ge=PATCH_SIZE * PATCH_SIZE, description="H x W of one image")
-    max_request_pixels: int = Field(8 * 1024 * 1024, ge=PATCH_SIZE * PATCH_SIZE, description="B x H x W of a batch")
+    max_side: int = Field(4096, ge=1, description="largest height or width in pixels")
+    max_image_pixels: int = Field(1024 * 1024, ge=1, description="H x W of one image")
+    max_request_pixels: int = Field(8 * 1024 * 1024, ge=1, description="B x H x W of a batch")
     max_batch: int = Field(64, ge=1, description="images in one request")
 
 
@@ -95,11 +95,15 @@ class InputLimitError(InputError):
     """An `images` batch is larger than the configured `InputLimits`."""
 
 
-def check_image_shape(shape: Sequence[int], limits: InputLimits | None = DEFAULT_LIMITS) -> tuple[int, int, int]:
+def check_image_shape(
+    shape: Sequence[int], limits: InputLimits | None = DEFAULT_LIMITS, *, patch_size: int | None = None
+) -> tuple[int, int, int]:
     """Check a declared [B, H, W, 3] shape against the rules and limits; return (B, H, W).
 
     Works on the shape alone, so a server can refuse a request from its header before it
-    allocates or decodes the data.
+    allocates or decodes the data. `patch_size` is the served model's; a caller that does
+    not know the model (None) refuses only sides that suit no registered patch size
+    (`registered_patch_sizes`), and the model's holder checks the exact multiple.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4 or shape[-1] != 3:
@@ -107,10 +111,11 @@ def check_image_shape(shape: Sequence[int], limits: InputLimits | None = DEFAULT
     batch, height, width, _ = shape
     if batch <= 0:
         raise ImageShapeError(f"{INPUT_IMAGES}: empty batch (batch dimension is {batch})")
-    if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
+    patches = (patch_size,) if patch_size else registered_patch_sizes()
+    if height <= 0 or width <= 0 or all(height % p or width % p for p in patches):
         raise ImageShapeError(
             f"{INPUT_IMAGES}: height {height} and width {width} must each be a positive multiple of the "
-            f"patch size {PATCH_SIZE} (resize or pad on the client)"
+            f"patch size {' or '.join(map(str, patches))} (resize or pad on the client)"
         )
     if limits is not None:
         if max(height, width) > limits.max_side:
@@ -130,19 +135,21 @@ def check_image_shape(shape: Sequence[int], limits: InputLimits | None = DEFAULT
     return batch, height, width
 
 
-def check_images(images: object, limits: InputLimits | None = DEFAULT_LIMITS) -> np.ndarray:
-    """Validate one `images` batch (uint8 [B, H, W, 3]) and return it as a contiguous array."""
+def check_images(images: object, limits: InputLimits | None = DEFAULT_LIMITS, *, patch_size: int) -> np.ndarray:
+    """Validate one `images` batch (uint8 [B, H, W, 3]) for a model of `patch_size`; return it contiguous."""
     if not isinstance(images, np.ndarray):
         raise ImageShapeError(f"{INPUT_IMAGES}: expected a tensor (numpy array), got {type(images).__name__}")
     if images.dtype != np.uint8:
         raise ImageShapeError(
             f"{INPUT_IMAGES}: dtype must be {INPUT.triton_dtype} (numpy {INPUT.dtype}), got {images.dtype}"
         )
-    check_image_shape(images.shape, limits)
+    check_image_shape(images.shape, limits, patch_size=patch_size)
     return np.ascontiguousarray(images)
 
 
-def stack_images(images: Sequence[np.ndarray], limits: InputLimits | None = DEFAULT_LIMITS) -> np.ndarray:
+def stack_images(
+    images: Sequence[np.ndarray], limits: InputLimits | None = DEFAULT_LIMITS, *, patch_size: int
+) -> np.ndarray:
     """Stack equal-size H x W x 3 uint8 images into one checked batch (what backends receive)."""
     if len(images) == 0:
         raise ImageShapeError(f"{INPUT_IMAGES}: at least one image is needed")
@@ -153,12 +160,12 @@ def stack_images(images: Sequence[np.ndarray], limits: InputLimits | None = DEFA
             raise ImageShapeError(f"image {index}: expected HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
         if image.shape != first.shape:
             raise ImageShapeError(f"image {index} is {image.shape} but image 0 is {first.shape}; one batch, one size")
-    return check_images(np.stack([np.asarray(i) for i in images]), limits)
+    return check_images(np.stack([np.asarray(i) for i in images]), limits, patch_size=patch_size)
 
 
-def output_shape(name: str, batch: int, height: int, width: int, embed_dim: int) -> tuple[int, ...]:
-    """The shape the model must return for `name` given an input of [batch, height, width, 3]."""
-    grid = (height // PATCH_SIZE, width // PATCH_SIZE)
+def output_shape(name: str, batch: int, height: int, width: int, embed_dim: int, patch_size: int) -> tuple[int, ...]:
+    """The shape a model of `patch_size` must return for `name` given an input of [batch, height, width, 3]."""
+    grid = (height // patch_size, width // patch_size)
     return (batch, embed_dim) if SPECS[name].dims == ("C",) else (batch, *grid, embed_dim)
 
 

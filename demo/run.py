@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE, PATCH_SIZE
+from neco.contract import DEFAULT_ARCH, DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE, supported_arch_spec
 from neco.errors import run_reporting_errors
 from neco.layout import IMAGES_DIR
 
@@ -40,7 +40,7 @@ class SceneSettings(BaseModel):
 
     train: int = Field(24, ge=1, description="support images (bank) and NeCo training images")
     val: int = Field(12, ge=1, description="scored query images")
-    size: int = Field(112, ge=PATCH_SIZE)
+    size: int = Field(112, ge=1)
     num_classes: int = Field(4, ge=2)
     family: Literal["textures", "shapes"] = Field("textures", description="neco.scenes family")
 
@@ -52,12 +52,12 @@ class DemoConfig(BaseModel):
 
     output_dir: Path = Path("demo_output")
     seed: int = 0
-    arch: str = "vit_small_patch14_reg4_dinov2"
+    arch: str = Field(DEFAULT_ARCH, description="backbone (`--backbone`): any supported neco.contract.ARCHS name")
     scenes: SceneSettings = SceneSettings()
     train_config: Path = Path("configs/train_demo_cpu.yaml")
     train_overrides: list[str] = Field(default_factory=list, description="key=value overrides of the train config")
     device: str = Field("auto", description="auto | cpu | cuda (training; the server picks CUDA itself)")
-    input_size: int = Field(112, ge=PATCH_SIZE, description="square encoder input for bank and queries")
+    input_size: int = Field(112, ge=1, description="square encoder input for bank and queries (patch multiple)")
     k: int = Field(DEFAULT_K, ge=1)
     temperature: float = Field(
         DEFAULT_TEMPERATURE,
@@ -69,6 +69,16 @@ class DemoConfig(BaseModel):
     pictures: int = Field(4, ge=0, description="query images in the panel, the PCA sheet and the overlays")
     ordering_references: int = Field(4, ge=1, description="support images the ordering metric's references come from")
     export_parity: bool = Field(True, description="check each ONNX export against PyTorch")
+
+    @model_validator(mode="after")
+    def _sizes_fit_the_backbone(self) -> DemoConfig:
+        patch = supported_arch_spec(self.arch).patch_size
+        if self.input_size % patch or self.scenes.size < patch:
+            raise ValueError(
+                f"input_size {self.input_size} and scenes.size {self.scenes.size} must suit {self.arch}'s "
+                f"{patch}-px patches (input_size a multiple of {patch})"
+            )
+        return self
 
 
 class Stages:
@@ -168,7 +178,7 @@ def evaluate_served(
             seg = segment(client, image, bank, k=cfg.k, temperature=cfg.temperature)
             seg.overlay(image).save(pictures / f"query{i}_{name}_overlay.png")
             material["masks"].append(seg.mask)
-            feats = batch_features(client, [prepare_image(image, size).array])[0]
+            feats = batch_features(client, [prepare_image(image, size, client.contract.patch_size).array])[0]
             material["pca"].append(features_to_rgb(feats, size=(2 * image.shape[0], 2 * image.shape[1])))
     stages.note(f"server for {name!r} stopped")
     scores = {"model": name, "bank_patches": len(bank), **result.to_dict(), "ordering": ordering.to_dict()}
@@ -278,16 +288,28 @@ def _pct(value: object) -> str:
     return "-" if value is None else f"{100 * float(value):.1f}"  # type: ignore[arg-type]
 
 
+def add_backbone_option(parser: argparse.ArgumentParser) -> None:
+    """`--backbone ARCH`: the demo's encoder (default: the config's, DINOv2-S/14 with registers)."""
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        metavar="ARCH",
+        help=f"registered backbone, e.g. vit_small_patch16_dinov3 (default: the config's arch, {DEFAULT_ARCH})",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from neco.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m neco.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="demo YAML (configs/demo.yaml)")
+    add_backbone_option(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    overrides = [*args.overrides, *([f"arch={args.backbone}"] if args.backbone else [])]
 
     def body() -> int:
-        run_demo(load_config(DemoConfig, args.config, args.overrides))
+        run_demo(load_config(DemoConfig, args.config, overrides))
         return 0
 
     return run_reporting_errors("demo", body)

@@ -33,10 +33,11 @@ class BackendError(NecoError, ValueError):
     """A backend cannot be built from the given arguments, or was fed unusable images."""
 
 
-def stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
-    """The core's batch check (`neco.signature.stack_images`), failing with `BackendError`."""
+def stack_images(images: Sequence[np.ndarray], patch_size: int) -> np.ndarray:
+    """The core's batch check (`neco.signature.stack_images`) for a model of `patch_size`,
+    failing with `BackendError`."""
     try:
-        return signature.stack_images(images, limits=None)
+        return signature.stack_images(images, limits=None, patch_size=patch_size)
     except InputError as exc:
         raise BackendError(str(exc)) from None
 
@@ -95,7 +96,7 @@ class OnnxBackend:
             raise BackendError(f"{path} is not a NeCo export: " + "; ".join(problems))
 
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        batch = stack_images(images)
+        batch = stack_images(images, self.contract.patch_size)
         parts = [
             self._session.run([OUTPUT_FEATURES], {signature.INPUT.name: batch[i : i + self.batch_size]})[0]
             for i in range(0, len(batch), self.batch_size)
@@ -140,7 +141,7 @@ class TorchBackend:
         import torch
         import torch.nn.functional as F
 
-        batch = stack_images(images)
+        batch = stack_images(images, self.contract.patch_size)
         out = []
         with (
             torch.inference_mode(),

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from neco.atomic import make_parent
-from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE, ModelContract
+from neco.contract import DEFAULT_INPUT_SIZE, ModelContract
 from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.datasets import DatasetKind
 
@@ -29,7 +29,7 @@ class EvalConfig(BaseModel):
     val_split: str = "val"
     train_subset: int = Field(1, ge=1, description="use 1/N of the train split (protocol: 1, 8, ..., 128)")
     input_size: int = Field(
-        DEFAULT_INPUT_SIZE, ge=PATCH_SIZE, description="encoder input side (rounded to a multiple of 14)"
+        DEFAULT_INPUT_SIZE, ge=1, description="encoder input side (rounded down to a multiple of the model's patch)"
     )
     square: bool = Field(True, description="resize to input_size x input_size (protocol) or shorter side")
     seed: int = 0

@@ -206,7 +206,7 @@ def run_hbird_eval(
     cfg: HummingbirdConfig, backend: FeatureBackend, train: SegmentationDataset, val: SegmentationDataset
 ) -> dict[str, object]:
     """The published protocol: square views from the backend into `protocols.hbird_eval`."""
-    size = cfg.input_size - cfg.input_size % backend.contract.patch_size
+    size = backend.contract.floor_to_patch(cfg.input_size)
     batch = cfg.backend.batch_size
     per_image = None if cfg.memory_size is None else max(1, cfg.memory_size // (len(train) * cfg.augment_passes))
     memory = (

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from neco.atomic import make_parent
-from neco.contract import DEFAULT_INPUT_SIZE, PATCH_SIZE
+from neco.contract import DEFAULT_INPUT_SIZE
 from neco.evaluation.backends import BackendConfig
 from neco.evaluation.datasets import DatasetError, MissingDatasetFileError, read_image
 
@@ -166,7 +166,9 @@ class KeypointConfig(BaseModel):
     split: str = "test"
     categories: list[str] | None = None
     max_pairs: int | None = Field(None, ge=1, description="score only the first N pairs (quick checks)")
-    input_size: int = Field(DEFAULT_INPUT_SIZE, ge=PATCH_SIZE, description="square input side (multiple of 14)")
+    input_size: int = Field(
+        DEFAULT_INPUT_SIZE, ge=1, description="square input side (rounded down to a multiple of the model's patch)"
+    )
     soft_argmax: bool = False
     soft_argmax_temperature: float = Field(0.04, gt=0)
     soft_argmax_window: int = Field(2, ge=0, description="patches around the best match")
@@ -184,7 +186,7 @@ def run_keypoints(cfg: KeypointConfig, backend: FeatureBackend | None = None) ->
     started = time.perf_counter()
     pairs = spair_pairs(cfg.data_root, cfg.split, cfg.categories)[: cfg.max_pairs]
     backend = backend if backend is not None else cfg.backend.build()
-    size = cfg.input_size - cfg.input_size % backend.contract.patch_size
+    size = backend.contract.floor_to_patch(cfg.input_size)
     cache: dict[Path, tuple[np.ndarray, tuple[int, int]]] = {}
     acc = PCKAccumulator(cfg.alphas)
 

@@ -196,7 +196,7 @@ def run_overcluster(cfg: OverclusterConfig, backend: FeatureBackend | None = Non
     started = time.perf_counter()
     val = load_dataset(cfg.dataset, cfg.data_root, cfg.val_split, subset=cfg.val_subset, seed=cfg.seed)
     backend = backend if backend is not None else cfg.build_backend()
-    size = cfg.input_size - cfg.input_size % backend.contract.patch_size
+    size = backend.contract.floor_to_patch(cfg.input_size)
     views = SquareViews(val, size, mask_resize=resize_nearest_centre)
     # float16 halves the resident features (VOC val at 448 px: 1.5 M patches); k-means gets float32.
     pairs = [

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from neco.atomic import make_parent
-from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, DEFAULT_TEMPERATURE, PATCH_SIZE
+from neco.contract import DEFAULT_INPUT_SIZE, DEFAULT_K, DEFAULT_TEMPERATURE
 from neco.evaluation.backends import BackendConfig, BackendError
 from neco.evaluation.config import build_backend
 from neco.evaluation.datasets import DatasetError
@@ -59,7 +59,7 @@ class ReportConfig(BaseModel):
     protocol: Literal["hbird-eval", "strict", "both"] = "both"
     clusters: list[PositiveInt] = Field([max(DEFAULT_CLUSTERS)], min_length=1, description="overclustering K values")
     overcluster_protocol: OverclusterProtocol = Field("neco", description="neco (the NeCo repository's) | raw")
-    input_size: int = Field(DEFAULT_INPUT_SIZE, ge=PATCH_SIZE)
+    input_size: int = Field(DEFAULT_INPUT_SIZE, ge=1, description="rounded down to the model's patch multiple")
     train_split: str = Field("train", description="memory / head split of every segmentation dataset")
     val_split: str = "val"
     train_subset: int = Field(1, ge=1)

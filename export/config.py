@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from neco.contract import DEFAULT_MODEL_NAME, PATCH_SIZE, arch_spec
+from neco.contract import DEFAULT_MODEL_NAME, arch_spec, registered_patch_sizes
 from neco.export.errors import ProfileError
 
 Size = tuple[int, int]
@@ -24,11 +24,18 @@ Precision = Literal["fp32", "fp16", "bf16", "int8"]
 ONNX the engine is parsed from (strongly typed builds; see neco.export.tensorrt_build)."""
 
 
-def check_size(size: Size, what: str) -> Size:
-    """Refuse image sizes the patch grid cannot tile exactly (the graph would crop silently)."""
+def check_size(size: Size, what: str, patch_size: int | None = None) -> Size:
+    """Refuse image sizes the patch grid cannot tile exactly (the graph would crop silently).
+
+    With the model's `patch_size` the check is exact. Without it (a config read before the
+    weights are), a size must suit at least one registered patch size; `export_model` then
+    checks every size again against the model it exports (`check_sizes`).
+    """
     height, width = size
-    if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
-        raise ProfileError(f"{what} {height}x{width} must be positive multiples of the patch size {PATCH_SIZE}")
+    patches = (patch_size,) if patch_size else registered_patch_sizes()
+    if height <= 0 or width <= 0 or all(height % p or width % p for p in patches):
+        allowed = " or ".join(str(p) for p in patches)
+        raise ProfileError(f"{what} {height}x{width} must be positive multiples of the patch size {allowed}")
     return size
 
 
@@ -54,7 +61,10 @@ class ParitySettings(_Section):
     """Which shapes the exported graph is checked at, against PyTorch, from the one file."""
 
     enabled: bool = True
-    sizes: list[Size] = Field(default_factory=lambda: [(224, 224), (448, 336), (308, 196)])
+    sizes: list[Size] = Field(
+        default_factory=lambda: [(224, 224), (448, 336), (336, 224), (224, 448)],
+        description="multiples of 112 suit both patch 14 (DINOv2) and 16 (DINOv3)",
+    )
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 3])
     atol: float = Field(default=1e-3, gt=0, description="max abs difference on normalised features")
     min_cosine_fp16: float = Field(default=0.99, gt=0, le=1)
@@ -117,12 +127,12 @@ Shape = tuple[int, int, int]
 """(batch, height, width) of one TensorRT profile point."""
 
 
-def validate_profile(minimum: Shape, optimum: Shape, maximum: Shape) -> None:
+def validate_profile(minimum: Shape, optimum: Shape, maximum: Shape, patch_size: int | None = None) -> None:
     """A TensorRT profile needs min <= opt <= max per axis and patch-aligned image sides."""
     for label, (batch, height, width) in (("min", minimum), ("opt", optimum), ("max", maximum)):
         if batch < 1:
             raise ProfileError(f"tensorrt profile {label} batch {batch} must be >= 1")
-        check_size((height, width), f"tensorrt profile {label} size")
+        check_size((height, width), f"tensorrt profile {label} size", patch_size)
     for axis, name in enumerate(("batch", "height", "width")):
         if not minimum[axis] <= optimum[axis] <= maximum[axis]:
             raise ProfileError(
@@ -182,8 +192,16 @@ class ExportConfig(_Section):
     @classmethod
     def _known_arch(cls, value: Optional[str]) -> Optional[str]:
         if value is not None:
-            arch_spec(value.partition(".")[0])  # unknown names fail here, before any loading
+            arch_spec(value)  # unknown names fail here, before any loading
         return value
+
+    def check_sizes(self, patch_size: int) -> None:
+        """Every configured image size against the exported model's patch size (ProfileError)."""
+        for size in (self.onnx.example_size, self.quantization.calibration_size, *self.parity.sizes):
+            check_size(size, "configured size", patch_size)
+        if self.backend == "tensorrt":
+            trt = self.tensorrt
+            validate_profile(trt.min_shape, trt.opt_shape, trt.max_shape, patch_size)
 
     @field_validator("model_name")
     @classmethod
@@ -209,4 +227,6 @@ class ExportConfig(_Section):
                     f"tensorrt max batch {self.tensorrt.max_shape[0]} < triton.max_batch_size "
                     f"{self.triton.max_batch_size}: Triton would send batches the engine cannot run"
                 )
+        if self.arch is not None:
+            self.check_sizes(arch_spec(self.arch).patch_size)
         return self

@@ -20,10 +20,10 @@ from pathlib import Path
 import onnx
 import torch
 
-from neco.contract import PATCH_SIZE
 from neco.export.config import OnnxSettings
 from neco.export.errors import ExportError
 from neco.model import DenseFeatureModel
+from neco.model.rope import export_safe_rope
 from neco.signature import INPUT, OUTPUT_SPECS, check_images
 
 log = logging.getLogger(__name__)
@@ -33,18 +33,23 @@ MAX_PROTOBUF_BYTES = 2**31 - 1
 
 
 def export_onnx(model: DenseFeatureModel, path: Path, settings: OnnxSettings) -> Path:
-    """Export with dynamic batch/height/width (H, W symbolic multiples of 14) and check it."""
+    """Export with dynamic batch/height/width (H, W symbolic multiples of the model's patch) and check it.
+
+    DINOv2's learned position embeddings are interpolated per grid, DINOv3's RoPE is recomputed
+    per grid; both trace into shape arithmetic on the symbolic grid, with no data-dependent
+    control flow (no If/Loop; see `control_flow_ops`), so TensorRT can parse the graph.
+    """
     from torch.export import Dim
 
     model = model.eval()
     height, width = settings.example_size
     example_array = torch.randint(0, 256, (settings.example_batch, height, width, 3), dtype=torch.uint8).numpy()
-    example = torch.from_numpy(check_images(example_array, limits=None))
+    example = torch.from_numpy(check_images(example_array, limits=None, patch_size=model.patch_size))
     dynamic_shapes = {
         INPUT.name: {
             0: Dim("batch", min=1),
-            1: PATCH_SIZE * Dim("grid_h", min=1),
-            2: PATCH_SIZE * Dim("grid_w", min=1),
+            1: model.patch_size * Dim("grid_h", min=1),
+            2: model.patch_size * Dim("grid_w", min=1),
         }
     }
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > MAX_PROTOBUF_BYTES * 0.9
@@ -52,7 +57,7 @@ def export_onnx(model: DenseFeatureModel, path: Path, settings: OnnxSettings) ->
     try:
         # The exporter prints its progress and shape-inference chatter to stdout; our callers
         # report progress themselves, so keep the export quiet.
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        with torch.no_grad(), export_safe_rope(model), contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
                 model,
                 (example,),

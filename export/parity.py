@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES, PATCH_SIZE
+from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES
 from neco.export.config import Size
 from neco.scenes import generate_scene
 from neco.signature import choose_providers
@@ -114,14 +114,18 @@ def compare(
     shapes: Iterable[tuple[int, Size]],
     *,
     seed: int = 0,
+    patch_size: int,
     names: tuple[str, str] = ("candidate", "reference"),
 ) -> ParityReport:
-    """Run both on the same generated batches at every (batch, size) and record differences."""
+    """Run both on the same generated batches at every (batch, size) and record differences.
+
+    Both must return the patch grid of a model of `patch_size` (a graph that crops fails here).
+    """
     report = ParityReport(candidate=names[0], reference=names[1])
     for index, (batch, size) in enumerate(shapes):
         images = generated_images(batch, size, seed + index)
         got, want = candidate(images), reference(images)
-        expected_shape = (batch, size[0] // PATCH_SIZE, size[1] // PATCH_SIZE)
+        expected_shape = (batch, size[0] // patch_size, size[1] // patch_size)
         if got.shape != want.shape or got.shape[:3] != expected_shape:
             raise ValueError(
                 f"{names[0]} returned {got.shape}, {names[1]} {want.shape}; expected {expected_shape}+(C,)"

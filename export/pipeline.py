@@ -79,6 +79,7 @@ def export_model(
 
     progress = progress or stderr_progress()
     preflight(cfg)
+    cfg.check_sizes(contract.patch_size)
     model = DenseFeatureModel(backbone.eval(), contract).eval()
     report: dict[str, Any] = {
         "source": source,
@@ -104,13 +105,14 @@ def export_model(
                 torch_features(model),
                 grid,
                 seed=cfg.parity.seed,
+                patch_size=contract.patch_size,
                 names=("onnxruntime-fp32", "pytorch"),
             )
             report["parity_fp32"] = {**parity.to_dict(), "providers": fp32_session.get_providers()}
             progress(f"  max abs diff {parity.max_abs_diff:.2e} (limit {cfg.parity.atol:.0e})")
             if parity.max_abs_diff > cfg.parity.atol:
                 raise ParityError(f"FP32 ONNX differs from PyTorch by {parity.max_abs_diff:.3e} > {cfg.parity.atol}")
-        served = _served_onnx(fp32, fp32_session, cfg, work, report, progress)
+        served = _served_onnx(fp32, fp32_session, cfg, work, report, progress, contract.patch_size)
 
         files = {ONNX_FILENAME: served}
         extra_parameters = {"precision": cfg.precision}
@@ -118,7 +120,7 @@ def export_model(
             from neco.export.tensorrt import build_and_check_engine
 
             progress(f"building a strongly typed TensorRT engine from {served.name}")
-            files, trt_report = build_and_check_engine(served, fp32_session, cfg, work)
+            files, trt_report = build_and_check_engine(served, fp32_session, cfg, work, patch_size=contract.patch_size)
             report["tensorrt"] = trt_report
             extra_parameters = {"precision": trt_report["precision"], "tensorrt_engine": trt_report["engine_name"]}
 
@@ -140,7 +142,7 @@ def export_model(
 
 
 def _served_onnx(
-    fp32: Path, fp32_session: Any, cfg: ExportConfig, work: Path, report: dict, progress: Progress
+    fp32: Path, fp32_session: Any, cfg: ExportConfig, work: Path, report: dict, progress: Progress, patch_size: int
 ) -> Path:
     """Convert to the served precision and measure its cosine parity against the FP32 graph.
 
@@ -175,6 +177,7 @@ def _served_onnx(
         ort_features(fp32_session),
         grid,
         seed=cfg.parity.seed,
+        patch_size=patch_size,
         names=(f"onnxruntime-{cfg.precision}", "onnxruntime-fp32"),
     )
     report[f"parity_{cfg.precision}"] = {**parity.to_dict(), "providers": fp32_session.get_providers()}

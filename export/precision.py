@@ -42,13 +42,14 @@ from neco.export.parity import generated_images
 
 REDUCED_PRECISIONS = ("fp16", "bf16")
 
-TENSORRT_FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2")
+TENSORRT_FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2", "Sin", "Cos")
 """Ops kept FP32 in the ONNX a TensorRT engine is built from. LayerNorm's variance and the
 softmax's exponentials lose most of their accuracy in FP16, and the features' sum of squares
-(384+ channels) can overflow it; all three are cheap next to the MatMuls."""
+(384+ channels) can overflow it; DINOv3's RoPE sine/cosine of angles up to 2 pi would keep
+only ~3 digits. All are cheap next to the MatMuls (DINOv2 graphs have no Sin/Cos)."""
 
-_BF16_FP32_OPS = ("Conv",)
-"""ONNX's Conv accepts bfloat16 only from opset 22; the exported graphs are opset 18."""
+_BF16_FP32_OPS = ("Conv", "Sin", "Cos")
+"""ONNX's Conv, Sin and Cos accept bfloat16 only from opset 22; the exported graphs are opset 18."""
 
 _ELEM_TYPES = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
 

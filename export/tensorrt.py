@@ -48,6 +48,10 @@ class EngineMetadata(BaseModel):
     opt_shape: Shape
     max_shape: Shape
     precision: str
+    onnx_sha256: str = ""
+    """Digest of the ONNX the engine was parsed from: an engine cached under the same model name
+    for other weights (a DINOv2 plan when a DINOv3 is exported) is rebuilt, never reused.
+    Sidecars written before this field existed read as "" and so never match a new export."""
 
 
 def _slug(text: str) -> str:
@@ -67,7 +71,9 @@ def engine_name(meta: EngineMetadata) -> str:
     )
 
 
-def expected_metadata(model_name: str, settings: TensorRTSettings, precision: str, device: int = 0) -> EngineMetadata:
+def expected_metadata(
+    model_name: str, settings: TensorRTSettings, precision: str, device: int = 0, onnx_sha256: str = ""
+) -> EngineMetadata:
     """The metadata an engine built here, now, from a `precision` ONNX would carry (needs tensorrt + CUDA)."""
     import tensorrt as trt
     import torch
@@ -84,6 +90,7 @@ def expected_metadata(model_name: str, settings: TensorRTSettings, precision: st
         opt_shape=settings.opt_shape,
         max_shape=settings.max_shape,
         precision=precision,
+        onnx_sha256=onnx_sha256,
     )
 
 
@@ -173,6 +180,7 @@ def check_engine_parity(
     atol: float | None,
     min_cosine: float | None,
     seed: int = 0,
+    patch_size: int,
 ) -> dict:
     """Engine vs onnxruntime FP32 on the same generated images.
 
@@ -186,6 +194,7 @@ def check_engine_parity(
         ort_features(reference_session),
         shape_grid(sizes, batch_sizes),
         seed=seed,
+        patch_size=patch_size,
         names=("tensorrt", "onnxruntime-fp32"),
     )
     if atol is not None and report.max_abs_diff > atol:
@@ -211,16 +220,18 @@ def require_tensorrt() -> None:
 
 
 def build_and_check_engine(
-    onnx_path: Path, reference_session, cfg: ExportConfig, work: Path
+    onnx_path: Path, reference_session, cfg: ExportConfig, work: Path, *, patch_size: int
 ) -> tuple[dict[str, Path], dict]:
     """Pipeline step: build (or reuse a verified cached) engine and check its parity.
 
     Returns the files for the version directory (`model.plan` and its metadata sidecar, which
     `verify_repository_engine` checks before anything serves it) and a report.
     """
+    from neco.model.artefact import file_sha256
+
     require_tensorrt()
     settings = cfg.tensorrt
-    meta = expected_metadata(cfg.model_name, settings, cfg.precision)
+    meta = expected_metadata(cfg.model_name, settings, cfg.precision, onnx_sha256=file_sha256(onnx_path))
     engine_path = Path(settings.engine_cache_dir or work) / engine_name(meta)
     try:
         verify_engine(engine_path, meta)
@@ -241,6 +252,7 @@ def build_and_check_engine(
             atol=None if reduced else cfg.parity.atol,
             min_cosine=cfg.parity.min_cosine_fp16 if reduced else None,
             seed=cfg.parity.seed,
+            patch_size=patch_size,
         )
     plan = work / PLAN_FILENAME
     plan.write_bytes(engine_path.read_bytes())
@@ -262,7 +274,7 @@ def verify_repository_engine(model_dir: Path, version: int = 1, device: int = 0)
     plan = Path(model_dir) / str(version) / PLAN_FILENAME
     found = read_sidecar(plan)
     settings = TensorRTSettings(min_shape=found.min_shape, opt_shape=found.opt_shape, max_shape=found.max_shape)
-    expected = expected_metadata(found.model_name, settings, found.precision, device)
+    expected = expected_metadata(found.model_name, settings, found.precision, device, found.onnx_sha256)
     verify_engine(plan, expected, check_name=False)
     return expected
 

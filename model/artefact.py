@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from neco.atomic import atomic_write, atomic_write_text
 from neco.contract import ARTEFACT_FORMAT_VERSION, ARTEFACT_METADATA, ARTEFACT_WEIGHTS, ModelContract
@@ -90,14 +90,15 @@ def verify_checksum(path: Path, *, required: bool) -> None:
 
 
 def save_artefact(
-    model: VisionTransformer, contract: ModelContract, out_dir: str | Path, training_config: dict[str, Any]
+    model: nn.Module, contract: ModelContract, out_dir: str | Path, training_config: dict[str, Any]
 ) -> Path:
     """Write the export artefact (timm-named safetensors + metadata) atomically; return its dir."""
     out_dir = Path(out_dir)
-    if model.embed_dim != contract.embed_dim or model.num_reg_tokens != contract.num_registers:
+    found = (model.embed_dim, model.num_prefix_tokens, model.patch_embed.patch_size[0])
+    expected = (contract.embed_dim, contract.num_prefix_tokens, contract.patch_size)
+    if found != expected:
         raise ArchitectureMismatchError(
-            f"model (dim {model.embed_dim}, {model.num_reg_tokens} registers) does not match "
-            f"contract (dim {contract.embed_dim}, {contract.num_registers} registers)"
+            f"model (dim, prefix tokens, patch) {found} does not match the contract's {expected} ({contract.arch})"
         )
     digest = config_hash(training_config)
     if contract.training_hash and contract.training_hash != digest:

@@ -1,11 +1,19 @@
-"""DINOv2 backbones: creation through timm and loading from every supported weight format.
+"""DINO backbones (every `neco.contract.ARCHS` entry): creation through timm and loading from
+every supported weight format.
+
+DINOv2 architectures are timm `VisionTransformer`s (learned position embeddings, interpolated
+per input size); DINOv3 ones are timm `Eva`s (RoPE recomputed per patch grid). Both accept any
+input whose sides are multiples of their patch size (`dynamic_img_size`).
 
 Supported sources for `load_backbone`:
 - this project's artefact directory (`backbone.safetensors` + `metadata.json`);
 - this project's training checkpoint (`kind` = `neco.contract.TRAINING_CHECKPOINT_KIND`);
-- an official DINOv2 `.pth` state dict (torch-hub key naming, converted by timm's own filter);
+- a state dict (`.pth`, `.pt`, `.bin` or a bare `.safetensors` file) in timm naming, official
+  DINOv2 (torch hub) naming or Meta's DINOv3 naming (`storage_tokens`, `ls1.gamma`), the last
+  two converted by timm's own checkpoint filters;
 - a NeCo Lightning `.ckpt` (module prefixes stripped through `STRIP_PREFIXES`);
-- a timm model id (`vit_small_patch14_reg4_dinov2[.tag]`) read from the local HF cache, offline.
+- a timm model id (`vit_small_patch14_reg4_dinov2[.tag]`, `vit_small_patch16_dinov3.lvd1689m`)
+  read from the local HF cache, offline.
 """
 
 from __future__ import annotations
@@ -18,14 +26,27 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models import eva, vision_transformer
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from neco.contract import ARCHS, ARTEFACT_WEIGHTS, TRAINING_CHECKPOINT_KIND, ModelContract, arch_spec
+from neco.contract import (
+    ARCHS,
+    ARTEFACT_METADATA,
+    ARTEFACT_WEIGHTS,
+    TRAINING_CHECKPOINT_KIND,
+    ModelContract,
+    split_model_id,
+    supported_arch_spec,
+)
 from neco.model.artefact import config_hash, read_artefact_contract, verify_artefact_weights, verify_checksum
 from neco.model.errors import ArchitectureMismatchError, WeightsError
 
 log = logging.getLogger(__name__)
+
+_NON_PERSISTENT = {"rope.periods"}
+"""Buffers timm derives from the architecture (DINOv3's RoPE periods), not from the weights."""
 
 STRIP_PREFIXES: tuple[str, ...] = (
     "module.",
@@ -42,22 +63,29 @@ from checkpoint keys until a backbone key remains."""
 SKIP_PREFIXES: tuple[str, ...] = ("teacher.", "momentum_encoder.", "ema.")
 """Sub-trees that hold a second copy of the backbone; loading the student never reads them."""
 
-_DINOV2_ONLY_KEYS = ("mask_token", "register_tokens")
+Backbone = VisionTransformer | Eva
+"""The timm classes behind the registered architectures (DINOv2: ViT, DINOv3: Eva)."""
+
+_UPSTREAM_ONLY_KEYS = ("mask_token", "register_tokens", "storage_tokens", "rope_embed", "local_cls_norm")
+"""Top-level names of the official DINOv2/DINOv3 state dicts that timm's naming lacks or renames."""
 
 
-def create_backbone(arch: str, *, pretrained: bool = False, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """Build a timm DINOv2 ViT that accepts any multiple-of-14 input size.
+def create_backbone(arch: str, *, pretrained: bool = False, drop_path_rate: float = 0.0) -> Backbone:
+    """Build a timm backbone that accepts any input whose sides are multiples of its patch size.
 
-    `pretrained=True` reads the timm weights from the local Hugging Face cache only; it never
-    downloads (see `_cached_pretrained_file`).
+    `arch` is a registered timm name, optionally with a pretrained tag; listed-but-refused
+    architectures (DINOv3 7B) fail here with the reason. `pretrained=True` reads the timm
+    weights from the local Hugging Face cache only; it never downloads (see
+    `_cached_pretrained_file`).
     """
-    name, _, tag = arch.partition(".")
-    arch_spec(name)
+    supported_arch_spec(arch)
+    name, tag = split_model_id(arch)
     kwargs: dict[str, Any] = {"dynamic_img_size": True, "drop_path_rate": drop_path_rate, "num_classes": 0}
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
-    weights = _cached_pretrained_file(arch if tag else name)
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+    model_id = arch if tag else name
+    weights = _cached_pretrained_file(model_id)
+    return timm.create_model(model_id, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
 
 
 def _cached_pretrained_file(model_id: str) -> Path:
@@ -77,11 +105,16 @@ def _cached_pretrained_file(model_id: str) -> Path:
     )
 
 
-def freeze_all_but_last_blocks(model: VisionTransformer, k: int | None) -> None:
+def num_registers(model: Backbone) -> int:
+    """Register tokens of a timm DINOv2 ViT or DINOv3 Eva (prefix tokens minus the class token)."""
+    return int(model.num_prefix_tokens) - (0 if model.cls_token is None else 1)
+
+
+def freeze_all_but_last_blocks(model: Backbone, k: int | None) -> None:
     """Train only the last `k` transformer blocks and the final norm (`None` trains everything).
 
     Embeddings and earlier blocks stop receiving gradients, which saves memory and keeps the
-    low-level DINOv2 features intact when only a light post-pretraining is wanted.
+    low-level DINO features intact when only a light post-pretraining is wanted.
     """
     if k is None:
         return
@@ -97,19 +130,36 @@ def freeze_all_but_last_blocks(model: VisionTransformer, k: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- state-dict loading
+def _is_swiglu(state: Mapping[str, Tensor]) -> bool:
+    """SwiGLU MLPs in any naming (upstream `w12`/`w1`, timm `fc1_g`)."""
+    return any(".mlp.w12." in k or ".mlp.w1." in k or ".mlp.fc1_g." in k for k in state)
+
+
 def _infer_arch(state: Mapping[str, Tensor]) -> str:
-    """Derive the timm architecture name from a (timm- or DINOv2-named) state dict."""
+    """Derive the registered architecture from a (timm-, DINOv2- or DINOv3-named) state dict.
+
+    Patch size, width, depth and registers single out an architecture except where two
+    differ only in their MLP (DINOv3 S and S+), which the SwiGLU keys then decide.
+    """
     if "patch_embed.proj.weight" not in state:
-        raise WeightsError("state dict has no 'patch_embed.proj.weight': not a DINOv2 backbone")
-    dim = state["patch_embed.proj.weight"].shape[0]
+        raise WeightsError("state dict has no 'patch_embed.proj.weight': not a DINO backbone")
+    proj = state["patch_embed.proj.weight"]
+    dim, patch = proj.shape[0], proj.shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    registers = "reg_token" in state or "register_tokens" in state
-    for name, spec in ARCHS.items():
-        if spec.embed_dim == dim and spec.depth == depth and (spec.num_registers > 0) == registers:
-            return name
-    raise ArchitectureMismatchError(
-        f"no known DINOv2 architecture has width {dim}, depth {depth}, registers={registers}"
-    )
+    registers = bool({"reg_token", "register_tokens", "storage_tokens"} & set(state))
+    found = [
+        spec
+        for spec in ARCHS.values()
+        if (spec.patch_size, spec.embed_dim, spec.depth, spec.num_registers > 0) == (patch, dim, depth, registers)
+    ]
+    if len(found) > 1:
+        mlp = "swiglu" if _is_swiglu(state) else "mlp"
+        found = [spec for spec in found if spec.mlp == mlp]
+    if len(found) != 1:
+        raise ArchitectureMismatchError(
+            f"no single registered architecture has patch {patch}, width {dim}, depth {depth}, registers={registers}"
+        )
+    return found[0].timm_name
 
 
 def _strip_wrappers(state: Mapping[str, Any], roots: set[str]) -> tuple[dict[str, Tensor], list[str]]:
@@ -138,9 +188,11 @@ def _strip_wrappers(state: Mapping[str, Any], roots: set[str]) -> tuple[dict[str
     return out, foreign
 
 
-def _to_timm_naming(state: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
-    """Convert official DINOv2 (torch hub) naming with timm's own checkpoint filter."""
-    if not any(k in state for k in _DINOV2_ONLY_KEYS) and not any(".mlp.w12." in k for k in state):
+def _to_timm_naming(state: dict[str, Tensor], model: Backbone) -> dict[str, Tensor]:
+    """Convert official DINOv2 (torch hub) or DINOv3 (Meta) naming with timm's own checkpoint filters."""
+    if isinstance(model, Eva):
+        return _dinov3_to_timm(state, model) if "storage_tokens" in state else state
+    if not any(k in state for k in ("mask_token", "register_tokens")) and not any(".mlp.w12." in k for k in state):
         return state
     if "mask_token" not in state:  # timm's filter recognises DINOv2 checkpoints by this key
         state = {**state, "mask_token": torch.zeros(1, model.embed_dim)}
@@ -151,21 +203,42 @@ def _to_timm_naming(state: dict[str, Tensor], model: VisionTransformer) -> dict[
                 f"pos_embed has {state['pos_embed'].shape[1]} tokens, {model.__class__.__name__} "
                 f"with registers expects {expected} (class token + {model.pos_embed.shape[1]} patches)"
             )
-    return checkpoint_filter_fn(dict(state), model)
+    return vision_transformer.checkpoint_filter_fn(dict(state), model)
 
 
-def load_state_into(model: VisionTransformer, raw: Mapping[str, Any], source: str) -> None:
+def _dinov3_to_timm(state: dict[str, Tensor], model: Eva) -> dict[str, Tensor]:
+    """Meta's DINOv3 naming -> timm's Eva naming, through timm's `eva.checkpoint_filter_fn`.
+
+    Upstream checkpoints carry a `qkv.bias` whose key third is masked to zero; timm builds the
+    S/S+/B/L/H+ models without q/v biases (the released ones are all zero). timm's filter drops
+    such a bias with a print; here it is dropped only when it is zero, and a non-zero one is
+    refused, since dropping it would change the features.
+    """
+    has_qv_bias = any(k.endswith(".attn.q_bias") for k in model.state_dict())
+    if not has_qv_bias:
+        for key in [k for k in state if k.endswith(".attn.qkv.bias")]:
+            if torch.count_nonzero(state[key]):
+                raise ArchitectureMismatchError(
+                    f"{key} is not zero, but {model.__class__.__name__} has no q/v biases; "
+                    "this checkpoint needs timm's `_qkvb` variant, which this project does not register"
+                )
+        state = {k: v for k, v in state.items() if not k.endswith(".attn.qkv.bias")}
+    return eva.checkpoint_filter_fn(dict(state), model)
+
+
+def load_state_into(model: Backbone, raw: Mapping[str, Any], source: str) -> None:
     """Load a raw checkpoint mapping into `model`, reporting every discrepancy by name.
 
     Shape mismatches mean another architecture and are refused; missing backbone keys are
     refused (a partially loaded backbone would silently serve random features); keys that are
-    not part of the backbone (heads, optimiser leftovers) are logged and ignored.
+    not part of the backbone (heads, optimiser leftovers, upstream buffers such as
+    `rope_embed.periods`) are logged and ignored.
     """
-    roots = {k.split(".")[0] for k in model.state_dict()} | set(_DINOV2_ONLY_KEYS)
+    roots = {k.split(".")[0] for k in model.state_dict()} | set(_UPSTREAM_ONLY_KEYS)
     state, foreign = _strip_wrappers(raw, roots)
-    if model.reg_token is not None and not {"reg_token", "register_tokens"} & set(state):
+    if model.reg_token is not None and not {"reg_token", "register_tokens", "storage_tokens"} & set(state):
         raise ArchitectureMismatchError(
-            f"{source}: no register tokens in the checkpoint, but {model.num_reg_tokens} are required; "
+            f"{source}: no register tokens in the checkpoint, but {num_registers(model)} are required; "
             "load it as the matching architecture without registers"
         )
     state = _to_timm_naming(state, model)
@@ -176,21 +249,26 @@ def load_state_into(model: VisionTransformer, raw: Mapping[str, Any], source: st
                 f"{source}: {key!r} has shape {tuple(value.shape)} but the model expects "
                 f"{tuple(target[key].shape)}; the weights belong to another architecture"
             )
-    missing = sorted(set(target) - set(state))
+    missing = sorted(set(target) - set(state) - _NON_PERSISTENT)
     unexpected = sorted(set(state) - set(target)) + foreign
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise WeightsError(f"{source}: {len(missing)} backbone weights are missing: {shown}")
     if unexpected:
         log.warning("%s: ignoring %d non-backbone keys: %s", source, len(unexpected), ", ".join(unexpected[:8]))
-    model.load_state_dict({k: state[k] for k in target}, strict=True)
+    model.load_state_dict({k: state.get(k, target[k]) for k in target}, strict=True)
 
 
 # --------------------------------------------------------------------------- entry point
-def load_backbone(source: str | Path, arch: str | None = None) -> tuple[VisionTransformer, ModelContract]:
-    """Load a backbone from any supported source; returns (model in eval mode on CPU, contract)."""
+def load_backbone(source: str | Path, arch: str | None = None) -> tuple[Backbone, ModelContract]:
+    """Load a backbone from any supported source; returns (model in eval mode on CPU, contract).
+
+    `arch` (a registered name, optionally tagged: `vit_large_patch16_dinov3.sat493m`) is
+    checked against what the source holds; for bare state dicts its tag also selects the
+    normalisation the weights were trained with.
+    """
     path = Path(source)
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and path.name == ARTEFACT_WEIGHTS and (path.parent / ARTEFACT_METADATA).is_file():
         path = path.parent
     if path.is_dir():
         contract = read_artefact_contract(path)
@@ -201,27 +279,40 @@ def load_backbone(source: str | Path, arch: str | None = None) -> tuple[VisionTr
         return model.eval(), contract
     if path.is_file():
         return _load_file(path, arch)
-    name = str(source).partition(".")[0]
+    name, _ = split_model_id(str(source))
     if name in ARCHS:
         _check_arch(arch, name, str(source))
-        return create_backbone(str(source), pretrained=True).eval(), ModelContract.for_arch(name)
-    raise FileNotFoundError(f"weight source {str(source)!r} is neither a file, an artefact dir nor a timm DINOv2 id")
+        return create_backbone(str(source), pretrained=True).eval(), ModelContract.for_arch(str(source))
+    raise FileNotFoundError(
+        f"weight source {str(source)!r} is neither a file, an artefact dir nor a registered timm id"
+    )
 
 
 def _check_arch(requested: str | None, found: str, source: str) -> None:
-    if requested is not None and requested != found:
+    if requested is not None and split_model_id(requested)[0] != split_model_id(found)[0]:
         raise ArchitectureMismatchError(f"{source} holds a {found} backbone, not the requested {requested}")
 
 
-def _load_file(path: Path, arch: str | None) -> tuple[VisionTransformer, ModelContract]:
-    """Training checkpoint, Lightning .ckpt or plain (.pth) state dict, told apart by content."""
-    verify_checksum(path, required=False)  # training checkpoints carry a .sha256 sidecar
+def _read_state_file(path: Path) -> Mapping[str, Any]:
+    """A checkpoint file as a mapping: safetensors by name, anything else through safe torch.load."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise WeightsError(f"{path}: not a readable safetensors file: {exc}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors carry many types; all mean "not loadable safely"
         raise WeightsError(f"{path}: cannot be read with torch.load(weights_only=True): {exc}") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: expected a mapping of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def _load_file(path: Path, arch: str | None) -> tuple[Backbone, ModelContract]:
+    """Training checkpoint, Lightning .ckpt or plain (.pth/.safetensors) state dict, told apart by content."""
+    verify_checksum(path, required=False)  # training checkpoints carry a .sha256 sidecar
+    obj = _read_state_file(path)
     training_hash = ""
     if obj.get("kind") == TRAINING_CHECKPOINT_KIND:
         state = {k[len("backbone.") :]: v for k, v in obj["student"].items() if k.startswith("backbone.")}
@@ -231,7 +322,7 @@ def _load_file(path: Path, arch: str | None) -> tuple[VisionTransformer, ModelCo
         state = obj.get("state_dict", obj)
         if not isinstance(state, Mapping):
             raise WeightsError(f"{path}: 'state_dict' entry is not a mapping")
-        roots = {"patch_embed", "blocks", "cls_token", "pos_embed", "norm", *_DINOV2_ONLY_KEYS, "reg_token"}
+        roots = {"patch_embed", "blocks", "cls_token", "pos_embed", "norm", "reg_token", *_UPSTREAM_ONLY_KEYS}
         # An explicit arch wins: the shape checks in `load_state_into` then refuse wrong weights.
         found = arch or _infer_arch(_strip_wrappers(state, roots)[0])
     _check_arch(arch, found, str(path))

@@ -141,7 +141,9 @@ class EmbeddedServer:
             exported, version = exported_model(self.cfg.repository, self.cfg.model_name)
             self.contract = contract_from_config(exported)
             onnx_path = self.cfg.repository / self.cfg.model_name / str(version) / ONNX_FILENAME
-            runner = OnnxFeatureRunner(onnx_path, self.cfg.providers, self.cfg.intra_op_threads)
+            runner = OnnxFeatureRunner(
+                onnx_path, self.cfg.providers, self.cfg.intra_op_threads, patch_size=self.contract.patch_size
+            )
             self._launch = lambda: self._launch_triton(exported, version, runner)
             self._supervisor = BackendSupervisor(self._on_backend_death)
             try:

@@ -43,10 +43,11 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
         raise ModelLoadError(str(exc)) from None
 
 
-def validate_images(images: Any) -> np.ndarray:
-    """Check that onnxruntime can run one request's `images` (the core's rules, no limits: see the module)."""
+def validate_images(images: Any, patch_size: int) -> np.ndarray:
+    """Check that onnxruntime can run one request's `images` for the served model's `patch_size`
+    (the core's rules, no limits: see the module)."""
     try:
-        return check_images(images, limits=None)
+        return check_images(images, limits=None, patch_size=patch_size)
     except InputError as exc:
         raise MalformedRequestError(str(exc)) from None
 
@@ -59,9 +60,13 @@ class OnnxFeatureRunner:
         onnx_path: Path,
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
+        *,
+        patch_size: int,
     ):
+        """`patch_size` is the served model's (its contract's): requests are checked against it."""
         if not onnx_path.is_file():
             raise ModelLoadError(f"ONNX model {str(onnx_path)!r} does not exist")
+        self.patch_size = patch_size
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
@@ -92,7 +97,7 @@ class OnnxFeatureRunner:
         outputs some request asked for are computed and handed back, which saves copying
         unused patch grids through PyTriton's shared memory.
         """
-        images = [validate_images(request.data.get(INPUT_IMAGES)) for request in requests]
+        images = [validate_images(request.data.get(INPUT_IMAGES), self.patch_size) for request in requests]
         wanted = [[n for n in OUTPUTS if n in (r.requested_output_names or OUTPUTS)] for r in requests]
         responses: dict[int, dict[str, np.ndarray]] = {}
         groups: dict[tuple[int, int], list[int]] = {}

@@ -2,7 +2,9 @@
 
 Unknown keys, wrong types and impossible values (a crop smaller than a patch or not a multiple
 of it, a batch below one, a data folder that does not exist, ...) become a `ConfigError` naming
-the key, through `neco.config.load_config`.
+the key, through `neco.config.load_config`. Crop sizes are given in pixels but must be whole
+numbers of the configured model's patches (14 px for DINOv2, 16 px for DINOv3): the loss's ROI
+grids and the fg/bg masks live on the patch grid.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from neco.config import load_config
-from neco.contract import ARCHS, PATCH_SIZE, arch_spec
+from neco.contract import ARCHS, DEFAULT_ARCH, arch_spec, split_model_id, supported_arch_spec
 
 MIN_MASK_CELLS = 4
 """Smallest patch-map side the fg/bg mask's 7-tap reflect-padded blur accepts."""
@@ -24,16 +26,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _patch_multiple(name: str, size: int) -> int:
-    if size < PATCH_SIZE:
-        raise ValueError(f"{name}={size} px is smaller than one {PATCH_SIZE}-px patch")
-    if size % PATCH_SIZE:
-        raise ValueError(f"{name}={size} px is not a multiple of the patch size {PATCH_SIZE}")
-    return size
+def _check_patch_multiple(name: str, size: int, patch: int, arch: str) -> None:
+    """Crops are whole patch grids of the model: `size` px must be k * `patch` px, k >= 1."""
+    if size < patch:
+        raise ValueError(f"crops.{name}={size} px is smaller than one {patch}-px patch of {arch}")
+    if size % patch:
+        below, above = size // patch * patch, (size // patch + 1) * patch
+        raise ValueError(
+            f"crops.{name}={size} px is not a multiple of the patch size {patch} of {arch} "
+            f"({size / patch:.2f} patches); use {below} or {above} px"
+        )
 
 
 class ModelSection(_Section):
-    arch: str = "vit_small_patch14_reg4_dinov2"
+    arch: str = DEFAULT_ARCH
     weights: str | None = Field(None, description="load_backbone source; null = random init")
     keep_registers: bool = True
     train_last_blocks: int | None = Field(None, ge=0)
@@ -45,19 +51,35 @@ class ModelSection(_Section):
     @field_validator("arch")
     @classmethod
     def _arch(cls, value: str) -> str:
-        arch_spec(value)
+        supported_arch_spec(value)  # listed-but-refused architectures (DINOv3 7B) fail with the reason
+        name, tag = split_model_id(value)
+        if tag:
+            raise ValueError(
+                f"model.arch takes the timm name without a tag ({name!r}); give {value!r} as model.weights"
+            )
         return value
 
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str | None) -> str | None:
-        if value is not None and value.partition(".")[0] not in ARCHS and not Path(value).exists():
-            raise ValueError(f"weights {value!r} is neither an existing file/folder nor a timm DINOv2 id")
+        if value is not None and split_model_id(value)[0] not in ARCHS and not Path(value).exists():
+            raise ValueError(f"weights {value!r} is neither an existing file/folder nor a registered timm id")
         return value
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per patch side of the configured architecture."""
+        return arch_spec(self.arch).patch_size
 
     @model_validator(mode="after")
     def _blocks(self) -> ModelSection:
-        depth = arch_spec(self.arch).depth
+        spec = arch_spec(self.arch)
+        if spec.family != "dinov2" and not self.keep_registers:
+            raise ValueError(
+                f"model.keep_registers=false is for DINOv2 register models only; {self.arch} applies RoPE after "
+                "a fixed number of prefix tokens, so its registers stay"
+            )
+        depth = spec.depth
         if self.train_last_blocks is not None and self.train_last_blocks > depth:
             raise ValueError(f"train_last_blocks={self.train_last_blocks} exceeds the depth {depth} of {self.arch}")
         return self
@@ -83,10 +105,13 @@ class DataSection(_Section):
 
 
 class CropSection(_Section):
-    """Crop geometry and augmentation strengths; the single source of the views' defaults."""
+    """Crop geometry and augmentation strengths; the single source of the views' defaults.
 
-    global_size: int = 224
-    local_size: int = 98
+    Sizes are pixels; `TrainConfig` checks they are whole numbers of the model's patches.
+    """
+
+    global_size: PositiveInt = 224
+    local_size: PositiveInt = 98
     num_local: int = Field(4, ge=0)
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
@@ -95,11 +120,6 @@ class CropSection(_Section):
     flip_p: float = Field(0.0, ge=0.0, le=1.0, description="mirror probability per crop; the reference never flips")
     jitter_strength: float = Field(1.0, ge=0.0)
     blur_strength: float = Field(1.0, ge=0.0)
-
-    @field_validator("global_size", "local_size")
-    @classmethod
-    def _size(cls, value: int, info: Any) -> int:
-        return _patch_multiple(info.field_name, value)
 
     @field_validator("global_scale", "local_scale")
     @classmethod
@@ -194,11 +214,14 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> TrainConfig:
+        patch, arch = self.model.patch_size, self.model.arch
+        for name in ("global_size", "local_size"):
+            _check_patch_multiple(name, getattr(self.crops, name), patch, arch)
         if self.crops.global_size < self.crops.local_size:
             raise ValueError(f"crops.global_size {self.crops.global_size} < crops.local_size {self.crops.local_size}")
-        if self.method.mask_mode != "all" and self.crops.global_size < MIN_MASK_CELLS * PATCH_SIZE:
+        if self.method.mask_mode != "all" and self.crops.global_size < MIN_MASK_CELLS * patch:
             raise ValueError(
-                f"method.mask_mode={self.method.mask_mode!r} needs crops.global_size >= {MIN_MASK_CELLS * PATCH_SIZE} px:"
+                f"method.mask_mode={self.method.mask_mode!r} needs crops.global_size >= {MIN_MASK_CELLS * patch} px:"
                 f" the mask's 7-tap blur needs {MIN_MASK_CELLS}+ patches per side"
             )
         return self

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from scipy import ndimage
-from timm.layers import resample_abs_pos_embed
+from timm.layers import Attention, apply_rot_embed_cat, resample_abs_pos_embed
+from timm.models.eva import Eva, EvaAttention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from neco.contract import PATCH_SIZE
+from neco.model.features import model_patch_size
 from neco.training.head import ProjectionHead
 from neco.training.sorting import SoftSorter
 
@@ -39,28 +40,45 @@ SMALL_COMPONENT = 2
 class NeCoNet(nn.Module):
     """Backbone + projection head producing a projected patch-feature map [B, D, h, w].
 
-    `keep_registers=False` reproduces the reference implementation, which runs a register
-    model without its register tokens during post-pretraining (the tokens stay in the weights
-    and are exported untouched); the default keeps them, which is what the model sees at
-    inference time.
+    The backbone is a timm DINOv2 `VisionTransformer` (learned absolute positions) or a DINOv3
+    `Eva` (RoPE recomputed for every patch grid, passed to each block). `keep_registers=False`
+    reproduces the reference implementation, which runs a DINOv2 register model without its
+    register tokens during post-pretraining (the tokens stay in the weights and are exported
+    untouched); the default keeps them, which is what the model sees at inference time.
+    DINOv3 always keeps them: its attention skips RoPE on a fixed number of prefix tokens.
     """
 
-    def __init__(self, backbone: VisionTransformer, head: ProjectionHead, keep_registers: bool = True) -> None:
+    def __init__(self, backbone: VisionTransformer | Eva, head: ProjectionHead, keep_registers: bool = True) -> None:
         super().__init__()
+        if isinstance(backbone, Eva) and not keep_registers:
+            raise ValueError(
+                "keep_registers=False is for DINOv2 register models only: DINOv3's attention applies RoPE "
+                "after a fixed number of prefix tokens (class + registers), so they cannot be dropped"
+            )
         self.backbone, self.head, self.keep_registers = backbone, head, keep_registers
 
-    def _embed(self, images: Tensor) -> tuple[Tensor, int, int, int]:
+    @property
+    def patch_size(self) -> int:
+        """Pixels per patch side, read from the backbone: the unit of crop sizes and ROI boxes."""
+        return model_patch_size(self.backbone)
+
+    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None, int, int, int]:
+        """Tokens with positions, the RoPE table (None for DINOv2), prefix-token count and grid size."""
         bb = self.backbone
         x = bb.patch_embed(images)  # [B, h, w, C] because the model has dynamic_img_size
         batch, h, w, dim = x.shape
+        if isinstance(bb, Eva):
+            x, rope = bb._pos_embed(x)  # class + register tokens, RoPE for this h x w grid
+            return bb.norm_pre(x), rope, bb.num_prefix_tokens, h, w
         if self.keep_registers or bb.reg_token is None:
-            return bb._pos_embed(x), bb.num_prefix_tokens, h, w
+            return bb.norm_pre(bb.patch_drop(bb._pos_embed(x))), None, bb.num_prefix_tokens, h, w
         # Register models are `no_embed_class`: position embeddings cover patches only.
         pos = resample_abs_pos_embed(
             bb.pos_embed, new_size=(h, w), old_size=bb.patch_embed.grid_size, num_prefix_tokens=0
         )
         x = x.reshape(batch, h * w, dim) + pos
-        return torch.cat([bb.cls_token.expand(batch, -1, -1), x], dim=1), 1, h, w
+        x = torch.cat([bb.cls_token.expand(batch, -1, -1), x], dim=1)
+        return bb.norm_pre(bb.patch_drop(x)), None, 1, h, w
 
     def forward(self, *groups: Tensor) -> list[Tensor]:
         """Projected maps for several same-size image groups (global and local crops).
@@ -76,15 +94,19 @@ class NeCoNet(nn.Module):
         heads: the input of `foreground_mask` for the loss's 'fg'/'bg' modes.
         """
         bb = self.backbone
-        x, prefix, h, w = self._embed(images)
-        x = bb.norm_pre(bb.patch_drop(x))
+        x, rope, prefix, h, w = self._embed(images)
         blocks = list(bb.blocks)
         for block in blocks[:-1]:
-            x = block(x)
-        attention = cls_attention(blocks[-1], x, prefix).reshape(-1, h, w) if with_attention else None
-        x = bb.norm(blocks[-1](x))
+            x = run_block(block, x, rope)
+        attention = cls_attention(blocks[-1], x, prefix, rope).reshape(-1, h, w) if with_attention else None
+        x = bb.norm(run_block(blocks[-1], x, rope))
         projected = self.head(x[:, prefix:])
         return projected.transpose(1, 2).reshape(x.shape[0], -1, h, w), attention
+
+
+def run_block(block: nn.Module, x: Tensor, rope: Tensor | None) -> Tensor:
+    """One transformer block; DINOv3's `EvaBlock` also takes the grid's RoPE table."""
+    return block(x) if rope is None else block(x, rope=rope)
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -93,14 +115,44 @@ def at_least_fp32(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def cls_attention(block: nn.Module, x: Tensor, prefix: int) -> Tensor:
-    """[B, N] softmax attention of the class token to each patch in `block`, mean over heads."""
+def cls_attention(block: nn.Module, x: Tensor, prefix: int, rope: Tensor | None = None) -> Tensor:
+    """[B, N] softmax attention of the class token to each patch in `block`, mean over heads.
+
+    `x` is the block's input and `prefix` the number of prefix tokens (class + registers) in it;
+    they are excluded from the returned map. `rope` is DINOv3's RoPE table for the patch grid.
+    """
     attn = block.attn
-    batch, tokens, dim = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads)
-    q, k = attn.q_norm(qkv[:, :, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+    q, k = _queries_and_keys(attn, block.norm1(x), rope)
     weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, prefix:]
     return weights.float().mean(1)
+
+
+def _queries_and_keys(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-head queries and keys [B, heads, N, d] exactly as the block's attention forms them.
+
+    DINOv2's `Attention`: fused qkv, q/k norms. DINOv3's `EvaAttention`: fused (with separate
+    q/v biases and a zero k bias) or split projections, q/k norms, then RoPE on every token after
+    the attention's own prefix count. The softmax over q.k is left to the caller.
+    """
+    batch, tokens, _ = x.shape
+    if isinstance(attn, EvaAttention):
+        if attn.qkv is not None:
+            bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = F.linear(x, attn.qkv.weight, bias).reshape(batch, tokens, 3, attn.num_heads, -1)
+            q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+        else:
+            q = attn.q_proj(x).reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
+            k = attn.k_proj(x).reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            skip, half = attn.num_prefix_tokens, attn.rotate_half
+            q = torch.cat([q[:, :, :skip], apply_rot_embed_cat(q[:, :, skip:], rope, half=half)], 2).type_as(q)
+            k = torch.cat([k[:, :, :skip], apply_rot_embed_cat(k[:, :, skip:], rope, half=half)], 2).type_as(k)
+        return q, k
+    if not isinstance(attn, Attention):
+        raise TypeError(f"class-token attention is implemented for timm's Attention and EvaAttention, not {type(attn)}")
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
+    return attn.q_norm(qkv[:, :, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
 
 
 @torch.no_grad()
@@ -139,17 +191,17 @@ def remove_small_components(masks: Tensor, connectivity: Connectivity = 8) -> Te
     return torch.from_numpy(~small[labels]).to(masks.device)
 
 
-def roi_grid(maps: Tensor, boxes: Tensor, flips: Tensor, size: int = 7, cell_size: float = PATCH_SIZE) -> Tensor:
+def roi_grid(maps: Tensor, boxes: Tensor, flips: Tensor, size: int, patch_size: int) -> Tensor:
     """ROI-align `maps` [B, D, h, w] over pixel boxes [B, 4] to [B, size*size, D].
 
-    The reference's call: boxes divided by the patch size (`cell_size` pixels per map cell),
+    The reference's call: boxes divided by the model's patch size (pixels per map cell),
     `spatial_scale=1`, the default adaptive `sampling_ratio` and `aligned=True`, so aligning a
     full `size` x `size` map returns it exactly. Grids of mirrored crops are mirrored back so
     that cell i means the same image region in every view.
     """
     # fp32 or better throughout: bf16 box coordinates would be off by pixels at 224-px crops.
     maps = at_least_fp32(maps)
-    cells = boxes.to(device=maps.device, dtype=maps.dtype) / cell_size
+    cells = boxes.to(device=maps.device, dtype=maps.dtype) / patch_size
     rois = torch.cat([torch.arange(len(cells), device=maps.device, dtype=maps.dtype)[:, None], cells], 1)
     grid = roi_align(maps, rois, output_size=size, spatial_scale=1.0, aligned=True)
     grid = torch.where(flips.to(maps.device)[:, None, None, None], grid.flip(-1), grid)
@@ -179,6 +231,7 @@ class NeCoLoss(nn.Module):
     crop the pair losses are summed and divided by (views - 1); the result is the mean over
     global crops. Mask modes 'fg'/'bg' average only over cells inside the teacher's
     (inverted, for 'bg') foreground mask; a pair without such cells contributes 0.
+    `patch_size` is the model's (14 for DINOv2, 16 for DINOv3): pixel boxes become map cells.
     """
 
     def __init__(
@@ -186,6 +239,7 @@ class NeCoLoss(nn.Module):
         student_sorter: SoftSorter,
         teacher_sorter: SoftSorter,
         *,
+        patch_size: int,
         similarity: Similarity = "cosine",
         grid_size: int = 7,
         mask_mode: MaskMode = "all",
@@ -196,8 +250,16 @@ class NeCoLoss(nn.Module):
         if mask_mode not in ("all", "fg", "bg"):
             raise ValueError(f"unknown mask_mode {mask_mode!r}; use 'all', 'fg' or 'bg'")
         self.student_sorter, self.teacher_sorter = student_sorter, teacher_sorter
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
         self.similarity, self.grid_size, self.mask_mode = similarity, grid_size, mask_mode
+        self.patch_size = patch_size
         self.mask_threshold, self.mask_connectivity = mask_threshold, mask_connectivity
+
+    @property
+    def _cells(self) -> tuple[int, int]:
+        """`roi_grid`'s (output side, pixels per map cell)."""
+        return self.grid_size, self.patch_size
 
     def _order(self, sorter: SoftSorter, patches: Tensor, references: Tensor) -> Tensor:
         with torch.autocast(patches.device.type, enabled=False):  # sorting needs fp32 margins
@@ -231,10 +293,10 @@ class NeCoLoss(nn.Module):
         # sorting network is launch-bound at these sizes, so batching is what makes it cheap.
         with torch.no_grad():
             t = torch.cat(
-                [roi_grid(teacher_maps[g].detach(), boxes[:, g, v, 0], flips[:, g], self.grid_size) for g, v in pairs]
+                [roi_grid(teacher_maps[g].detach(), boxes[:, g, v, 0], flips[:, g], *self._cells) for g, v in pairs]
             )
             target = self._order(self.teacher_sorter, t, refs)
-        s = torch.cat([roi_grid(student_maps[v], boxes[:, g, v, 1], flips[:, v], self.grid_size) for g, v in pairs])
+        s = torch.cat([roi_grid(student_maps[v], boxes[:, g, v, 1], flips[:, v], *self._cells) for g, v in pairs])
         pred = self._order(self.student_sorter, s, refs)
         # log p as the reference takes it (no 1e-8 floor: with 49 references, euclidean distances put
         # entries below 1e-8, where a floor moved gradients by 2e-4 - 5e-3); only an entry that underflowed
@@ -267,7 +329,5 @@ class NeCoLoss(nn.Module):
         """[pairs, B, P] 0/1 weights: cells whose aligned teacher mask is entirely 1."""
         if self.mask_mode == "all" or masks is None:
             return None
-        aligned = [
-            roi_grid(masks[g][:, None], boxes[:, g, v, 0], flips[:, g], self.grid_size)[..., 0] for g, v in pairs
-        ]
+        aligned = [roi_grid(masks[g][:, None], boxes[:, g, v, 0], flips[:, g], *self._cells)[..., 0] for g, v in pairs]
         return (torch.stack(aligned) >= 1.0).to(aligned[0].dtype)

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from neco.contract import ModelContract
+from neco.contract import ARCHS, ModelContract, split_model_id
 from neco.errors import run_reporting_errors
-from neco.model import resolve_device, save_artefact
+from neco.model import read_artefact_contract, resolve_device, save_artefact
 from neco.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -50,6 +50,23 @@ ARTEFACT_DIR = "artefact"
 CHECKPOINT_DIR = "checkpoints"
 
 
+def model_contract(cfg: TrainConfig) -> ModelContract:
+    """The trained model's contract: its architecture's facts and the normalisation of its start weights.
+
+    A timm id with a tag (`vit_large_patch16_dinov3.sat493m`) or an artefact directory says
+    which statistics the weights were trained with; the crops are standardised with them and
+    the exported artefact carries them on.
+    """
+    m = cfg.model
+    if m.weights is not None and split_model_id(m.weights)[0] in ARCHS:
+        return ModelContract.for_arch(m.weights)
+    contract = ModelContract.for_arch(m.arch)
+    if m.weights is not None and Path(m.weights).is_dir():
+        start = read_artefact_contract(m.weights)
+        contract = contract.model_copy(update={"mean": start.mean, "std": start.std})
+    return contract
+
+
 def build_dataset(cfg: TrainConfig) -> NeCoDataset:
     d = cfg.data
     if d.kind == "folder":
@@ -57,7 +74,7 @@ def build_dataset(cfg: TrainConfig) -> NeCoDataset:
         source: ImageFolderSource | SceneSource = ImageFolderSource(d.root)
     else:
         source = SceneSource(d.scenes_count, d.scenes_size, d.scenes_classes, cfg.seed)
-    return NeCoDataset(source, MultiCropViews(cfg.crops))
+    return NeCoDataset(source, MultiCropViews(cfg.crops, model_contract(cfg)))
 
 
 def _resume_state(cfg: TrainConfig, resume: bool | str | Path) -> dict | None:
@@ -165,14 +182,14 @@ def _train(
         log.warning("skipped %d unreadable images during training", skipped)
     artefact = cfg.output_dir / ARTEFACT_DIR
     if dist_info.is_main:
-        save_artefact(trainer.model.backbone, ModelContract.for_arch(cfg.model.arch), artefact, cfg.to_dict())
+        save_artefact(trainer.model.backbone, model_contract(cfg), artefact, cfg.to_dict())
         log.info("training curve: %s", write_picture(curve, cfg.output_dir / CURVE_PICTURE))
     barrier(dist_info)
     return artefact
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="training/run.py", description="NeCo post-pretraining of DINOv2")
+    parser = argparse.ArgumentParser(prog="training/run.py", description="NeCo post-pretraining of DINOv2 and DINOv3")
     return add_train_arguments(parser)
 
 

@@ -86,6 +86,7 @@ class Trainer:
         self.loss_fn = NeCoLoss(
             sorter(method.student_steepness),
             sorter(method.teacher_steepness),
+            patch_size=self.model.patch_size,
             similarity=method.similarity,
             grid_size=method.grid_size,
             mask_mode=method.mask_mode,

@@ -23,7 +23,7 @@ import torchvision.transforms.v2.functional as F
 from torch import Tensor
 from torchvision import tv_tensors
 
-from neco.contract import IMAGENET_MEAN, IMAGENET_STD
+from neco.contract import ModelContract
 from neco.training.config import CropSection
 
 Box = tuple[int, int, int, int]
@@ -134,10 +134,12 @@ class MultiCropViews:
 
     Photometric augmentation follows the DINO/NeCo recipe (colour jitter p=0.8, grayscale
     p=0.2, Gaussian blur p=1.0 / 0.1 on the globals and 0.5 on locals, solarisation p=0.2 on
-    the second global), scaled by `jitter_strength` / `blur_strength`.
+    the second global), scaled by `jitter_strength` / `blur_strength`. Crops are standardised
+    with the mean/std of `contract`, the model being trained (DINOv3's satellite weights use
+    other statistics than ImageNet's); `contract=None` leaves them in [0, 1] (geometry tests).
     """
 
-    def __init__(self, spec: CropSection, normalise: bool = True) -> None:
+    def __init__(self, spec: CropSection, contract: ModelContract | None) -> None:
         self.spec = spec
         j = spec.jitter_strength
         jitter = T.Compose(
@@ -154,8 +156,8 @@ class MultiCropViews:
             return T.RandomApply([T.GaussianBlur(kernel, sigma)], p=p)
 
         finish = [T.ToDtype(torch.float32, scale=True)]
-        if normalise:
-            finish.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+        if contract is not None:
+            finish.append(T.Normalize(contract.mean, contract.std))
         self.photometric = [
             T.Compose([jitter, blur(blur_p[0], spec.global_size), *finish]),
             T.Compose(

@@ -15,7 +15,10 @@ from neco.serving import EmbeddedServer, ServeConfig
 
 @pytest.mark.slow
 def test_sixteen_clients_get_only_right_answers_or_retryable_overload(model_repository, capsys):
-    pool = serving_load.build_pool(serving_load.ort_reference(serving_load.find_onnx(model_repository)))
+    pool = serving_load.build_pool(
+        serving_load.ort_reference(serving_load.find_onnx(model_repository)),
+        serving_load.served_patch_size(model_repository),
+    )
     cfg = ServeConfig(repository=model_repository, http_port=0, grpc_port=0, metrics_port=0, max_queue_size=4)
     with EmbeddedServer(cfg) as server:
         results = serving_load.run_load(server, pool, clients=16, seconds=15)

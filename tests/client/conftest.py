@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from neco.contract import IGNORE_INDEX, PATCH_SIZE, ModelContract
+from neco.contract import IGNORE_INDEX, ModelContract
 from neco.scenes import generate_scene
 
 ARCH = "vit_small_patch14_reg4_dinov2"
@@ -32,7 +32,7 @@ class ColourBackend:
         batch = np.stack(images).astype(np.float32) / 255.0
         self.calls.append(batch.shape)
         b, h, w, _ = batch.shape
-        p = PATCH_SIZE
+        p = self.contract.patch_size
         mean = batch.reshape(b, h // p, p, w // p, p, 3).mean(axis=(2, 4))
         lifted = np.tanh(np.concatenate([mean, np.ones_like(mean[..., :1])], axis=-1) @ self.lift)
         return lifted / np.linalg.norm(lifted, axis=-1, keepdims=True)

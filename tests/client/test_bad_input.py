@@ -22,10 +22,12 @@ import pytest
 from PIL import Image
 
 from neco.client import ContractError, ImageError, MemoryBank, NecoClient, SupportSetError, prepare_image
-from neco.contract import OUTPUT_FEATURES, PATCH_SIZE, ModelContract
+from neco.contract import OUTPUT_FEATURES, ModelContract
 from neco.signature import InputLimits, check_images, output_shape
 
 from .conftest import ARCH, ColourBackend
+
+PATCH_SIZE = ModelContract.for_arch(ARCH).patch_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,9 +103,9 @@ class OfflineClient(NecoClient):
         self.contract = ModelContract.for_arch(ARCH)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = check_images(batch, self.limits)
+        batch = check_images(batch, self.limits, patch_size=self.contract.patch_size)
         OfflineClient.sent.append(batch.shape)
-        shape = output_shape(OUTPUT_FEATURES, *batch.shape[:3], self.contract.embed_dim)
+        shape = output_shape(OUTPUT_FEATURES, *batch.shape[:3], self.contract.embed_dim, self.contract.patch_size)
         return np.ones(shape, np.float32) / np.sqrt(shape[-1])
 
     def close(self) -> None:
@@ -170,7 +172,7 @@ def test_tiny_and_extreme_but_valid_images_are_answered(
 def test_cmyk_jpeg_is_converted_to_rgb(offline, tmp_path: Path) -> None:
     image = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(image, "JPEG", quality=95)  # pure red ink
-    prepared = prepare_image(image, 14)
+    prepared = prepare_image(image, 14, PATCH_SIZE)
     red, green, blue = prepared.array.reshape(-1, 3).mean(axis=0)
     assert red > 200 and green < 60 and blue < 60
     assert _features_cli(image, tmp_path / "f.npy", "--size", "14") == 0
@@ -181,7 +183,7 @@ def test_exif_rotation_gives_the_mask_the_rotated_size(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     stored = encode(_noise(28, 42), exif=exif.tobytes())
-    prepared = prepare_image(stored, (42, 28))
+    prepared = prepare_image(stored, (42, 28), PATCH_SIZE)
     assert prepared.original_size == (42, 28)
     rotated_mask = np.zeros((42, 28), np.uint8)
     rotated_mask[:, 14:] = 1
@@ -229,7 +231,7 @@ def test_arrays_follow_the_policy_and_prepared_images_are_sent_unchanged(offline
     client = offline()
     array = np.zeros((224, 224, 3), np.uint8)
     assert client.features(array).image.size == (448, 448)  # size=448: resized like a file would be
-    assert client.features(prepare_image(array, 224)).image.size == (224, 224)
+    assert client.features(prepare_image(array, 224, PATCH_SIZE)).image.size == (224, 224)
     assert offline.sent == [(1, 448, 448, 3), (1, 224, 224, 3)]
     offline.sent = []
     batch = client.features(np.zeros((10, 28, 42, 3), np.uint8))
@@ -245,12 +247,12 @@ def test_a_wrong_answer_shape_is_a_contract_error(offline, monkeypatch: pytest.M
 
 def test_limits_are_configurable_and_named(tmp_path: Path) -> None:
     small = InputLimits(max_side=448, max_image_pixels=224 * 224, max_request_pixels=224 * 224)
-    assert prepare_image(np.zeros((300, 300, 3), np.uint8), 224, limits=small).size == (224, 224)
+    assert prepare_image(np.zeros((300, 300, 3), np.uint8), 224, PATCH_SIZE, limits=small).size == (224, 224)
     with pytest.raises(ImageError, match="max_image_pixels=50176"):
-        prepare_image(np.zeros((300, 400, 3), np.uint8), 224, limits=small)  # 224 x 294
-    assert prepare_image(np.zeros((300, 400, 3), np.uint8), 224, limits=None).size == (224, 294)
+        prepare_image(np.zeros((300, 400, 3), np.uint8), 224, PATCH_SIZE, limits=small)  # 224 x 294
+    assert prepare_image(np.zeros((300, 400, 3), np.uint8), 224, PATCH_SIZE, limits=None).size == (224, 294)
     with pytest.raises(ImageError, match="max_decoded_pixels=1000"):
-        prepare_image(encode(_noise(40, 40)), 14, max_decoded_pixels=1000)
+        prepare_image(encode(_noise(40, 40)), 14, PATCH_SIZE, max_decoded_pixels=1000)
 
 
 # --------------------------------------------------------------------------- memory
@@ -262,7 +264,7 @@ _MEASURE = textwrap.dedent(
     data = Path(sys.argv[1]).read_bytes()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
-        prepare_image(data, 448)
+        prepare_image(data, 448, 14)
         outcome = "accepted"
     except ImageError as exc:
         outcome = type(exc).__name__

@@ -37,7 +37,7 @@ def test_build_stores_unit_features_and_exact_soft_labels(colour_backend, scenes
 def test_build_resizes_masks_with_images_and_checks_sizes(colour_backend, scenes_224) -> None:
     bank = MemoryBank.build(colour_backend, scenes_224[:1], class_names=CLASSES, image_size=112)
     image, mask = scenes_224[0]
-    prepared = prepare_image(image, 112)
+    prepared = prepare_image(image, 112, 14)
     expected, _ = patch_soft_labels(resize_mask(mask.astype(np.int64), prepared.size), 14, 4, "scene")
     np.testing.assert_allclose(bank.soft_labels, expected, atol=1e-6)
     with pytest.raises(SupportSetError, match="mask is 224x223 but the image is 224x224"):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from neco.client import ImageError, SupportSetError, load_mask, load_rgb
 from neco.client.images import resize_mask, target_size
-from neco.contract import PATCH_SIZE
+from neco.contract import DEFAULT_ARCH, ModelContract
 from neco.signature import InputLimits
 
 
@@ -30,7 +30,7 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 PROFILE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-P = PATCH_SIZE
+P = ModelContract.for_arch(DEFAULT_ARCH).patch_size
 
 sides = st.integers(1, 20_000)
 short_sizes = st.integers(1, 2_000)
@@ -47,27 +47,27 @@ limits = st.builds(
 @PROFILE
 @given(height=sides, width=sides, size=st.one_of(short_sizes, exact_sizes))
 def test_targets_are_positive_patch_multiples(height: int, width: int, size) -> None:
-    new_h, new_w = target_size((height, width), size)
+    new_h, new_w = target_size((height, width), size, P)
     assert new_h >= P and new_w >= P and new_h % P == 0 and new_w % P == 0
 
 
 @PROFILE
 @given(height=sides, width=sides, size=short_sizes)
 def test_shorter_side_policy_keeps_the_aspect_within_half_a_patch(height: int, width: int, size: int) -> None:
-    new_h, new_w = target_size((height, width), size)
+    new_h, new_w = target_size((height, width), size, P)
     factor = size / min(height, width)
     for new, old in ((new_h, height), (new_w, width)):
         goal = old * factor
         # each side is the nearest patch multiple of its scaled length, or one patch when that is < 1 patch
         assert abs(new - goal) <= P / 2 + 1e-6 or (new == P and goal < P)
-    assert target_size((width, height), size) == (new_w, new_h)  # rotating the input rotates the target
+    assert target_size((width, height), size, P) == (new_w, new_h)  # rotating the input rotates the target
 
 
 @PROFILE
 @given(height=sides, width=sides, size=exact_sizes)
 def test_exact_sizes_ignore_the_input(height: int, width: int, size: tuple[int, int]) -> None:
-    new_h, new_w = target_size((height, width), size)
-    assert (new_h, new_w) == target_size((1, 1), size)
+    new_h, new_w = target_size((height, width), size, P)
+    assert (new_h, new_w) == target_size((1, 1), size, P)
     assert abs(new_h - size[0]) <= P / 2 or new_h == P
     assert abs(new_w - size[1]) <= P / 2 or new_w == P
 
@@ -75,7 +75,7 @@ def test_exact_sizes_ignore_the_input(height: int, width: int, size: tuple[int, 
 @PROFILE
 @given(height=sides, width=sides, size=st.one_of(short_sizes, exact_sizes), bounds=limits)
 def test_limits_refuse_exactly_the_targets_that_break_them(height: int, width: int, size, bounds: InputLimits) -> None:
-    new_h, new_w = target_size((height, width), size)
+    new_h, new_w = target_size((height, width), size, P)
     breaks = (
         max(new_h, new_w) > bounds.max_side
         or new_h * new_w > bounds.max_image_pixels
@@ -83,18 +83,18 @@ def test_limits_refuse_exactly_the_targets_that_break_them(height: int, width: i
     )
     if breaks:
         with pytest.raises(ImageError, match=r"max_(side|image_pixels|request_pixels)="):
-            target_size((height, width), size, limits=bounds)
+            target_size((height, width), size, P, limits=bounds)
     else:
-        assert target_size((height, width), size, limits=bounds) == (new_h, new_w)
+        assert target_size((height, width), size, P, limits=bounds) == (new_h, new_w)
 
 
 @PROFILE
 @given(height=st.integers(-5, 0), width=st.integers(-5, 5))
 def test_empty_sides_are_image_errors(height: int, width: int) -> None:
     with pytest.raises(ImageError, match="no pixels"):
-        target_size((height, width), 224)
+        target_size((height, width), 224, P)
     with pytest.raises(ImageError, match="no pixels"):
-        target_size((width, height), 224)
+        target_size((width, height), 224, P)
 
 
 # --------------------------------------------------------------------------- decoding

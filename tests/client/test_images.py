@@ -13,7 +13,9 @@ from PIL import Image
 
 from neco.client import ImageError, SupportSetError, load_mask, load_rgb, prepare_image
 from neco.client.images import resize_mask, target_size
-from neco.contract import PATCH_SIZE
+from neco.contract import DEFAULT_ARCH, ModelContract
+
+PATCH_SIZE = ModelContract.for_arch(DEFAULT_ARCH).patch_size
 
 
 def _png_bytes(image: Image.Image, fmt: str = "PNG", **save_args: object) -> bytes:
@@ -46,13 +48,13 @@ def _rgb16_png(height: int, width: int) -> bytes:
     ],
 )
 def test_resize_policy(original: tuple[int, int], size, expected: tuple[int, int]) -> None:
-    assert target_size(original, size) == expected
+    assert target_size(original, size, PATCH_SIZE) == expected
     assert all(side % PATCH_SIZE == 0 for side in expected)
 
 
 def test_prepared_image_maps_patches_to_original_pixels() -> None:
     image = np.zeros((300, 400, 3), dtype=np.uint8)
-    prepared = prepare_image(image, 224)
+    prepared = prepare_image(image, 224, PATCH_SIZE)
     assert prepared.original_size == (300, 400)
     assert prepared.size == (224, 294) and prepared.grid == (16, 21)
     top, left, bottom, right = prepared.patch_box(15, 20)
@@ -115,7 +117,7 @@ def test_grey_rgba_palette_and_exif_orientation() -> None:
 )
 def test_bad_images_raise_image_error(source: object, message: str) -> None:
     with pytest.raises(ImageError, match=message):
-        prepare_image(source, 224)
+        prepare_image(source, 224, PATCH_SIZE)
 
 
 def test_truncated_and_missing_files(tmp_path: Path) -> None:
@@ -154,8 +156,8 @@ def test_a_prepared_image_keeps_the_decoded_input(tmp_path: Path) -> None:
     """What overlays draw on, so a query is decoded once; no copy when no resize was needed."""
     pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "image.png")
-    prepared = prepare_image(tmp_path / "image.png", 14)
+    prepared = prepare_image(tmp_path / "image.png", 14, PATCH_SIZE)
     assert prepared.size == (14, 14) and prepared.original_size == (30, 40)
     np.testing.assert_array_equal(prepared.original, pixels)
-    unchanged = prepare_image(pixels[:28, :28], (28, 28))
+    unchanged = prepare_image(pixels[:28, :28], (28, 28), PATCH_SIZE)
     assert unchanged.original is unchanged.array

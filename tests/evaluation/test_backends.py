@@ -26,15 +26,15 @@ def _images(n: int, h: int = 42, w: int = 56, seed: int = 0) -> list[np.ndarray]
 
 
 def test_stack_images_validates() -> None:
-    assert stack_images(_images(2)).shape == (2, 42, 56, 3)
+    assert stack_images(_images(2), 14).shape == (2, 42, 56, 3)
     with pytest.raises(BackendError, match="at least one"):
-        stack_images([])
+        stack_images([], 14)
     with pytest.raises(BackendError, match="multiple of the patch size"):
-        stack_images(_images(1, 40, 56))
+        stack_images(_images(1, 40, 56), 14)
     with pytest.raises(BackendError, match="image 1"):
-        stack_images([_images(1)[0], _images(1, 28, 28)[0]])
+        stack_images([_images(1)[0], _images(1, 28, 28)[0]], 14)
     with pytest.raises(BackendError, match="uint8"):
-        stack_images([np.zeros((14, 14, 3), np.float32)])
+        stack_images([np.zeros((14, 14, 3), np.float32)], 14)
 
 
 def test_torch_backend_matches_timm_intermediate_layers(random_model: torch.nn.Module) -> None:

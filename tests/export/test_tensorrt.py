@@ -77,6 +77,13 @@ def test_engine_for_another_setup_is_refused(tmp_path, field, value):
         verify_engine(path, expected, check_name=False)  # the sidecar is checked independently
 
 
+def test_engine_parsed_from_another_onnx_is_refused(tmp_path):
+    """Same model name, GPU and profile, other weights (say DINOv3 exported after DINOv2): rebuild."""
+    path = _engine(tmp_path)
+    with pytest.raises(EngineMismatchError, match="onnx_sha256: engine '' != here 'abc'"):
+        verify_engine(path, META.model_copy(update={"onnx_sha256": "abc"}))
+
+
 def test_engine_without_or_with_broken_metadata_is_refused(tmp_path):
     path = _engine(tmp_path, sidecar=False)
     with pytest.raises(EngineMismatchError, match="no metadata sidecar"):
@@ -223,7 +230,7 @@ def test_engine_build_and_parity_against_onnxruntime(request, tmp_path, precisio
             "engine_cache_dir": str(tmp_path / "engines"),
         },
     )
-    files, report = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path)
+    files, report = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path, patch_size=14)
     parity = report["parity_vs_onnxruntime"]
     if precision == "fp32":
         assert parity["max_abs_diff"] <= 1e-3
@@ -233,7 +240,7 @@ def test_engine_build_and_parity_against_onnxruntime(request, tmp_path, precisio
     meta = read_sidecar(files["model.plan"])
     assert meta.precision == precision and report["strongly_typed"] is True
     load_engine(tmp_path / "engines" / engine_name(meta), meta)
-    _, again = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path)
+    _, again = build_and_check_engine(onnx_path, ort_session(fp32), cfg, tmp_path, patch_size=14)
     assert again["reused"] is True
 
 
@@ -262,7 +269,7 @@ def test_pipeline_parses_the_reduced_onnx_it_writes(
 
     handed = {}
 
-    def build_and_check_engine(onnx_path, reference_session, cfg, work):
+    def build_and_check_engine(onnx_path, reference_session, cfg, work, patch_size):
         model = onnx.load(str(onnx_path))
         norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
         weights = {init.name: init.data_type for init in model.graph.initializer}

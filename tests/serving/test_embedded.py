@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUTS, PATCH_SIZE
+from neco.contract import INPUT_IMAGES, OUTPUT_CLS, OUTPUT_FEATURES, OUTPUTS
 from neco.triton_config import contract_from_config, read_model_config
 
 from .conftest import random_images
@@ -89,7 +89,8 @@ def test_parity_with_in_process_onnxruntime(triton_server, reference_features, p
     images = random_images(batch * height + width, batch, height, width)
     served = infer(protocol, url_of(triton_server, protocol), triton_server.model_name, images)
     expected = reference_features(images)
-    grid = (batch, height // PATCH_SIZE, width // PATCH_SIZE)
+    patch = triton_server.contract.patch_size
+    grid = (batch, height // patch, width // patch)
     assert served[OUTPUT_FEATURES].shape == (*grid, triton_server.contract.embed_dim)
     assert served[OUTPUT_CLS].shape == (batch, triton_server.contract.embed_dim)
     for name in OUTPUTS:

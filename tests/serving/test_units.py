@@ -63,14 +63,14 @@ def test_serve_config_rejects(override, fragment):
 )
 def test_validate_images_rejects(images, fragment):
     with pytest.raises(MalformedRequestError, match=fragment) as info:
-        validate_images(images)
+        validate_images(images, 14)
     assert isinstance(info.value, ValueError)
 
 
 def test_runner_batches_requests_of_mixed_sizes(model_repository_model_dir, reference_features):
     from pytriton.proxy.types import Request
 
-    runner = OnnxFeatureRunner(model_repository_model_dir / "1" / "model.onnx", intra_op_threads=1)
+    runner = OnnxFeatureRunner(model_repository_model_dir / "1" / "model.onnx", intra_op_threads=1, patch_size=14)
     rng = np.random.default_rng(0)
     batches = [
         rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(1, 28, 28, 3), (2, 28, 42, 3), (2, 28, 28, 3)]
@@ -85,10 +85,12 @@ def test_runner_batches_requests_of_mixed_sizes(model_repository_model_dir, refe
 
 def test_runner_refuses_missing_file_and_unknown_provider(tmp_path, model_repository_model_dir):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        OnnxFeatureRunner(tmp_path / "model.onnx")
+        OnnxFeatureRunner(tmp_path / "model.onnx", patch_size=14)
     if "CUDAExecutionProvider" not in resolve_providers(None):
         with pytest.raises(ModelLoadError, match="not available"):
-            OnnxFeatureRunner(model_repository_model_dir / "1" / "model.onnx", providers=["CUDAExecutionProvider"])
+            OnnxFeatureRunner(
+                model_repository_model_dir / "1" / "model.onnx", providers=["CUDAExecutionProvider"], patch_size=14
+            )
 
 
 def test_runner_refuses_a_graph_with_other_tensors(tmp_path):
@@ -104,7 +106,7 @@ def test_runner_refuses_a_graph_with_other_tensors(tmp_path):
     model.ir_version = 9
     onnx.save(model, tmp_path / "model.onnx")
     with pytest.raises(ModelLoadError, match="differ from the contract"):
-        OnnxFeatureRunner(tmp_path / "model.onnx")
+        OnnxFeatureRunner(tmp_path / "model.onnx", patch_size=14)
 
 
 def test_stub_library_path_starts_with_interpreter_libdir(monkeypatch):
@@ -181,7 +183,7 @@ def test_start_refuses_unservable_repositories(tmp_path, model_repository_model_
 def test_runner_returns_only_requested_outputs(model_repository_model_dir, reference_features):
     from pytriton.proxy.types import Request
 
-    runner = OnnxFeatureRunner(model_repository_model_dir / "1" / "model.onnx", intra_op_threads=1)
+    runner = OnnxFeatureRunner(model_repository_model_dir / "1" / "model.onnx", intra_op_threads=1, patch_size=14)
     images = np.random.default_rng(1).integers(0, 256, (2, 28, 28, 3), dtype=np.uint8)
     requests = [
         Request(data={"images": images[:1]}, requested_output_names=["cls_token"]),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neco.contract import ARTEFACT_METADATA, ARTEFACT_WEIGHTS, PATCH_SIZE, ModelContract
+from neco.contract import ARTEFACT_METADATA, ARTEFACT_WEIGHTS, ModelContract
 from neco.model import (
     ArchitectureMismatchError,
     WeightsError,
@@ -68,7 +68,8 @@ def _official_dinov2_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_patch_features_layout(source: torch.nn.Module, images: torch.Tensor) -> None:
     grid, cls = patch_features(source, images)
-    assert grid.shape == (2, 56 // PATCH_SIZE, 70 // PATCH_SIZE, 384)
+    patch = ModelContract.for_arch(ARCH).patch_size
+    assert grid.shape == (2, 56 // patch, 70 // patch, 384)
     assert cls.shape == (2, 384)
     tokens = source.forward_features(images)
     torch.testing.assert_close(grid[1, 2, 3], tokens[1, 5 + 2 * 5 + 3])  # 1 cls + 4 registers first

@@ -14,11 +14,46 @@ from neco.training.config import TrainConfig, load_train_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["train_smoke.yaml", "train_vits14_reg_coco224.yaml", "train_vits14_reg_coco518.yaml"])
-def test_shipped_configs_validate(name: str, tmp_path: Path) -> None:
-    overrides = [f"data.root={tmp_path}"] if name != "train_smoke.yaml" else []
+DINOV2, DINOV3 = "vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3"
+
+
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("train_smoke.yaml", DINOV2),
+        ("train_vits14_reg_coco224.yaml", DINOV2),
+        ("train_vits14_reg_coco518.yaml", DINOV2),
+        ("train_smoke_dinov3.yaml", DINOV3),
+        ("train_vits16_dinov3_coco224.yaml", DINOV3),
+    ],
+)
+def test_shipped_configs_validate(name: str, arch: str, tmp_path: Path) -> None:
+    overrides = [f"data.root={tmp_path}"] if "smoke" not in name else []
     cfg = load_train_config(CONFIGS / name, overrides)
-    assert isinstance(cfg, TrainConfig) and cfg.model.arch == "vit_small_patch14_reg4_dinov2"
+    assert isinstance(cfg, TrainConfig) and cfg.model.arch == arch
+
+
+def test_dinov3_recipe_is_the_dinov2_recipe_in_patches(tmp_path: Path) -> None:
+    """Only the backbone, its weights, the output folder and the local crop's pixels differ: the
+    crops keep the recipe's patch grids where the patch allows (local 7x7; global 224 px = 14x14)."""
+    dinov2 = _leaves(yaml.safe_load((CONFIGS / "train_vits14_reg_coco224.yaml").read_text()))
+    dinov3 = _leaves(yaml.safe_load((CONFIGS / "train_vits16_dinov3_coco224.yaml").read_text()))
+    assert dinov2.keys() == dinov3.keys()
+    assert {key for key in dinov2 if dinov2[key] != dinov3[key]} == {
+        "output_dir",
+        "model.arch",
+        "model.weights",
+        "crops.local_size",
+    }
+    cfg = load_train_config(CONFIGS / "train_vits16_dinov3_coco224.yaml", [f"data.root={tmp_path}"])
+    patch = cfg.model.patch_size
+    assert (patch, cfg.crops.global_size // patch, cfg.crops.local_size // patch, cfg.method.grid_size) == (
+        16,
+        14,
+        7,
+        7,
+    )
+    assert cfg.crops.local_size // patch == dinov2["crops.local_size"] // 14  # the same 7x7 local grid
 
 
 def test_recipe_values(tmp_path: Path) -> None:
@@ -117,3 +152,37 @@ def test_configs_keeping_one_checkpoint_say_what_that_means_for_recovery(name: s
     for index, line in enumerate(lines):
         if line.strip().startswith("keep_checkpoints: 1"):
             assert "no usable checkpoint" in " ".join(lines[index : index + 3]), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["crops.local_size=98"],
+            "not a multiple of the patch size 16 of vit_small_patch16_dinov3 (6.12 patches); use 96",
+        ),
+        (["crops.local_size=14"], "smaller than one 16-px patch"),
+        (["model.keep_registers=false"], "DINOv2 register models only"),
+        (["model.arch=vit_7b_patch16_dinov3"], "listed but not supported"),
+        (["model.arch=vit_large_patch16_dinov3.sat493m"], "without a tag"),
+        (["method.mask_mode=fg", "crops.global_size=48"], "needs crops.global_size >= 64 px"),
+    ],
+)
+def test_dinov3_config_errors(overrides: list[str], message: str) -> None:
+    """Crop sizes are checked against DINOv3's 16-px patch, not DINOv2's 14."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_train_config(CONFIGS / "train_smoke_dinov3.yaml", overrides)
+
+
+def test_crops_are_standardised_with_the_start_weights_statistics(tmp_path: Path) -> None:
+    """DINOv3's satellite weights (`.sat493m`) were trained with other statistics than ImageNet's."""
+    from neco.contract import IMAGENET_MEAN, SAT493M_MEAN, SAT493M_STD
+    from neco.training.run import model_contract
+
+    base = ["model.arch=vit_large_patch16_dinov3", "model.head_hidden_dim=64"]
+    satellite = load_train_config(
+        CONFIGS / "train_smoke_dinov3.yaml", [*base, "model.weights=vit_large_patch16_dinov3.sat493m"]
+    )
+    contract = model_contract(satellite)
+    assert (contract.arch, contract.mean, contract.std) == ("vit_large_patch16_dinov3", SAT493M_MEAN, SAT493M_STD)
+    assert model_contract(load_train_config(CONFIGS / "train_smoke_dinov3.yaml", base)).mean == IMAGENET_MEAN

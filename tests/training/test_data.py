@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from neco.contract import DEFAULT_ARCH, ModelContract
 from neco.training.config import CropSection, DataSection
 from neco.training.data import (
     DataError,
@@ -22,7 +23,7 @@ from neco.training.data import (
 )
 from neco.training.views import MultiCropViews
 
-VIEWS = MultiCropViews(CropSection(global_size=42, local_size=28, num_local=2))
+VIEWS = MultiCropViews(CropSection(global_size=42, local_size=28, num_local=2), ModelContract.for_arch(DEFAULT_ARCH))
 
 
 def _write_folder(root: Path) -> None:

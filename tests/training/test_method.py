@@ -44,19 +44,30 @@ def test_roi_grid_on_patch_aligned_box_returns_those_patches() -> None:
     ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     maps = torch.stack([10 * ys + xs, ys - xs])[None]  # [1, 2, 8, 8], linear in the cell index
     box = torch.tensor([[2 * 14.0, 1 * 14.0, 6 * 14.0, 5 * 14.0]])  # patches x 2..5, y 1..4
-    grid = roi_grid(maps, box, torch.tensor([False]), size=4)
+    grid = roi_grid(maps, box, torch.tensor([False]), size=4, patch_size=14)
     torch.testing.assert_close(grid[0], maps[0, :, 1:5, 2:6].flatten(1).T)
-    mirrored = roi_grid(maps, box, torch.tensor([True]), size=4)
+    mirrored = roi_grid(maps, box, torch.tensor([True]), size=4, patch_size=14)
     torch.testing.assert_close(mirrored[0], maps[0, :, 1:5, 2:6].flip(-1).flatten(1).T)
 
 
-def test_roi_grid_of_a_full_map_is_that_map() -> None:
-    """The reference's call (boxes / 14, spatial_scale 1, adaptive sampling, aligned) is exact here."""
-    for cells in (7, 16):
+@pytest.mark.parametrize("patch", [14, 16])
+def test_roi_grid_of_a_full_map_is_that_map(patch: int) -> None:
+    """The reference's call (boxes / patch, spatial_scale 1, adaptive sampling, aligned) is exact here."""
+    for cells in (7, 14, 16):
         maps = torch.randn(3, 5, cells, cells)
-        box = torch.tensor([[0.0, 0.0, cells * 14.0, cells * 14.0]]).expand(3, 4)
-        grid = roi_grid(maps, box, torch.zeros(3, dtype=torch.bool), size=cells)
+        box = torch.tensor([[0.0, 0.0, cells * patch, cells * patch]], dtype=torch.float32).expand(3, 4)
+        grid = roi_grid(maps, box, torch.zeros(3, dtype=torch.bool), size=cells, patch_size=patch)
         assert torch.equal(grid, maps.flatten(2).transpose(1, 2))
+
+
+def test_roi_grid_divides_boxes_by_the_given_patch_size() -> None:
+    """A 16-px-patch map read with 14-px cells would look at the wrong patches."""
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    maps = (10 * ys + xs)[None, None]
+    box = torch.tensor([[2 * 16.0, 1 * 16.0, 6 * 16.0, 5 * 16.0]])  # patches x 2..5, y 1..4 at patch 16
+    grid = roi_grid(maps, box, torch.tensor([False]), size=4, patch_size=16)
+    torch.testing.assert_close(grid[0, :, 0], maps[0, 0, 1:5, 2:6].flatten())
+    assert not torch.allclose(roi_grid(maps, box, torch.tensor([False]), size=4, patch_size=14), grid)
 
 
 def test_similarity_kinds() -> None:
@@ -94,7 +105,7 @@ def test_cls_attention_is_a_distribution_over_patches() -> None:
     images = torch.randn(2, 3, 70, 84)
     maps, attention = net.encode(images, with_attention=True)
     assert attention is not None and attention.shape == (2, 5, 6) and maps.shape[-2:] == (5, 6)
-    x, prefix, _, _ = net._embed(images)
+    x, _, prefix, _, _ = net._embed(images)
     for block in list(net.backbone.blocks)[:-1]:
         x = block(x)
     torch.testing.assert_close(cls_attention(net.backbone.blocks[-1], x, prefix).reshape(2, 5, 6), attention)
@@ -142,7 +153,8 @@ def _loss_inputs(student: NeCoNet, teacher: NeCoNet) -> tuple:
 def test_loss_gradients_reach_only_the_student(mask_mode: str) -> None:
     student = _net(1).train()
     teacher = make_teacher(student)
-    loss_fn = NeCoLoss(SoftSorter(steepness=100.0), SoftSorter(steepness=100.0), grid_size=3, mask_mode=mask_mode)  # type: ignore[arg-type]
+    sorter = SoftSorter(steepness=100.0)
+    loss_fn = NeCoLoss(sorter, sorter, patch_size=14, grid_size=3, mask_mode=mask_mode)  # type: ignore[arg-type]
     s_maps, t_maps, boxes, flips, refs, attention = _loss_inputs(student, teacher)
     refs.requires_grad_(True)
     loss = loss_fn(s_maps, t_maps, boxes, flips, refs, loss_fn.patch_masks(attention))
@@ -158,7 +170,7 @@ def test_loss_is_cross_entropy_of_permutations() -> None:
     """Identical student and teacher: the loss is the entropy of the teacher's permutations,
     computed here independently from the sorter's matrices."""
     sorter = SoftSorter(steepness=10.0)
-    loss_fn = NeCoLoss(sorter, sorter, grid_size=2)
+    loss_fn = NeCoLoss(sorter, sorter, patch_size=14, grid_size=2)
     maps = [torch.randn(1, 4, 3, 3) for _ in range(2)]
     boxes = torch.tensor([0.0, 0.0, 42.0, 42.0]).expand(1, 2, 2, 2, 4).clone()
     flips = torch.zeros(1, 2, dtype=torch.bool)
@@ -166,14 +178,14 @@ def test_loss_is_cross_entropy_of_permutations() -> None:
     loss = loss_fn(maps, maps, boxes, flips, refs)
     expected = []
     for i, (g, v) in enumerate(crop_pairs(2, 2)):
-        perm = sorter(similarity(roi_grid(maps[g], boxes[:, g, v, 0], flips[:, g], 2), refs[i], "cosine"))[1]
-        perm_v = sorter(similarity(roi_grid(maps[v], boxes[:, g, v, 1], flips[:, v], 2), refs[i], "cosine"))[1]
+        perm = sorter(similarity(roi_grid(maps[g], boxes[:, g, v, 0], flips[:, g], 2, 14), refs[i], "cosine"))[1]
+        perm_v = sorter(similarity(roi_grid(maps[v], boxes[:, g, v, 1], flips[:, v], 2, 14), refs[i], "cosine"))[1]
         expected.append(-(perm * perm_v.clamp_min(1e-8).log()).sum(-1).mean())
     torch.testing.assert_close(loss, torch.stack(expected).mean())
     with pytest.raises(ValueError, match="one per pair"):
         loss_fn(maps, maps, boxes, flips, refs[:1])
     with pytest.raises(ValueError, match="patch masks"):
-        NeCoLoss(sorter, sorter, grid_size=2, mask_mode="fg")(maps, maps, boxes, flips, refs)
+        NeCoLoss(sorter, sorter, patch_size=14, grid_size=2, mask_mode="fg")(maps, maps, boxes, flips, refs)
 
 
 def test_ema_schedule_and_update() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
@@ -12,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from neco.contract import ARTEFACT_WEIGHTS
-from neco.model import load_backbone, patch_features
+from neco.model import load_backbone, load_state_into, patch_features, read_artefact_contract
 from neco.training.checkpoint import list_checkpoints, load_checkpoint
+from neco.training.config import load_train_config
 from neco.training.data import collate
 from neco.training.run import build_dataset, train
 from neco.training.trainer import Trainer
-from tests.training.tiny import one_thread, tiny_config, use_tiny_backbone  # noqa: F401 (fixture)
+from tests.training.tiny import one_thread, tiny_backbone, tiny_config, use_tiny_backbone  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,13 +141,17 @@ def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.slow
-def test_smoke_config_runs_from_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "arch"),
+    [("train_smoke.yaml", "vit_small_patch14_reg4_dinov2"), ("train_smoke_dinov3.yaml", "vit_small_patch16_dinov3")],
+)
+def test_smoke_config_runs_from_the_command_line(tmp_path: Path, config: str, arch: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
             "training/run.py",
             "--config",
-            "configs/train_smoke.yaml",
+            f"configs/{config}",
             f"output_dir={tmp_path}",
             "optim.steps=2",
             "runtime.progress=false",
@@ -156,8 +164,31 @@ def test_smoke_config_runs_from_the_command_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     model, contract = load_backbone(tmp_path / "artefact")
-    assert contract.arch == "vit_small_patch14_reg4_dinov2" and len(contract.training_hash) == 16
+    assert contract.arch == arch and len(contract.training_hash) == 16
     assert (tmp_path / "tensorboard").is_dir() and list_checkpoints(tmp_path / "checkpoints")
+
+
+def test_dinov3_smoke_config_trains_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/train_smoke_dinov3.yaml on a 2-block DINOv3-S: it trains (RoPE, 1 + 4 prefix tokens,
+    16-px boxes), checkpoints, and writes an artefact with DINOv3's contract whose weights give a
+    patch-16 feature grid."""
+    use_tiny_backbone(monkeypatch)
+    overrides = ["optim.steps=2", "runtime.progress=false", "runtime.tensorboard=false", "data.num_workers=0"]
+    cfg = load_train_config(REPO / "configs" / "train_smoke_dinov3.yaml", [f"output_dir={tmp_path}", *overrides])
+    artefact = train(cfg)
+    contract = read_artefact_contract(artefact)
+    assert (contract.arch, contract.family, contract.patch_size) == ("vit_small_patch16_dinov3", "dinov3", 16)
+    assert (contract.num_registers, contract.position, len(contract.training_hash)) == (4, "rope", 16)
+    points = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [1, 2] and all(math.isfinite(p["loss"]) and p["loss"] > 0 for p in points)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt"]
+    trained = load_checkpoint(tmp_path / "checkpoints" / "step_00000002.pt")
+    backbone = tiny_backbone(contract.arch)
+    load_state_into(backbone, load_file(str(artefact / ARTEFACT_WEIGHTS)), str(artefact))
+    for key, value in backbone.state_dict().items():  # the artefact is the last step's student backbone
+        assert torch.equal(value, trained["student"][f"backbone.{key}"]), key
+    grid, _ = patch_features(backbone.eval(), torch.randn(1, 3, 112, 160))
+    assert grid.shape == (1, 7, 10, 384)
 
 
 def test_recipe_variants_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """Shared helpers for training tests: a 2-block ViT-S and a tiny, fast training config.
 
 The mechanics under test (views, queue, EMA, resume, DDP) do not depend on depth, so the
-tests swap `create_backbone` for a 2-block timm DINOv2 ViT-S to fit the CPU time budget.
+tests swap `create_backbone` for a 2-block timm ViT-S of the configured architecture (DINOv2
+`VisionTransformer` or DINOv3 `Eva`) to fit the CPU time budget.
 """
 
 from __future__ import annotations
