@@ -273,7 +273,7 @@ def arch_figures(
         for variant in args.compile:
             steps[variant] = step = train_step_figures(args, variant == "compiled", device, arch, config)
             print(f"{arch} train step {variant}: {step['images_per_s']:.1f} img/s, MFU {step['mfu']}", flush=True)
-    except (ValueError, RuntimeError) as exc:  # config validation or a step that cannot run
+    except (ValueError, RuntimeError, AssertionError) as exc:  # config validation; a step timm refuses
         steps["error"] = f"{type(exc).__name__}: {exc}"
         print(f"{arch} train step not measured: {steps['error']}", flush=True)
     if arch is None:

@@ -70,3 +70,19 @@ def test_bad_config_is_reported(tmp_path: Path, capsys) -> None:
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["--config", str(REPO / "configs" / "demo.yaml"), "scenes.train=0"]) == 2
     assert "scenes.train" in capsys.readouterr().err
+
+
+def test_backbone_option_picks_the_encoder(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`--backbone` (python -m neco.demo and `neco demo`) sets `arch`; the default stays DINOv2-S/14 + registers."""
+    import neco.demo.run as demo_run
+    from neco.cli import main as neco_main
+
+    seen: list[DemoConfig] = []
+    monkeypatch.setattr(demo_run, "run_demo", seen.append)
+    assert main(["--config", str(REPO / "configs" / "demo.yaml")]) == 0
+    assert neco_main(["demo", "--backbone", "vit_small_patch16_dinov3"]) == 0
+    assert [cfg.arch for cfg in seen] == ["vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3"]
+    assert main(["--backbone", "vit_small_patch16_dinov3", "input_size=120"]) == 2
+    assert "16-px patches" in capsys.readouterr().err
+    assert main(["--backbone", "vit_7b_patch16_dinov3"]) == 2
+    assert "not supported" in capsys.readouterr().err

@@ -46,7 +46,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         ),
         progress=lambda _message: None,
     )
-    with EmbeddedServer(ServeConfig(repository=root / "repository", http_port=0, grpc_port=0, metrics_port=0)) as s:
+    serve = ServeConfig(repository=root / "repository", model_name=MODEL_NAME, http_port=0, grpc_port=0, metrics_port=0)
+    with EmbeddedServer(serve) as s:
         yield s
 
 
@@ -59,7 +60,7 @@ def test_dinov3_model_serves_banks_and_segments(server, tmp_path: Path) -> None:
         dense = client.features(query_image)
         assert dense.features.shape == (*dense.image.grid, 384) and dense.image.size[0] % 16 == 0
         with pytest.raises(ImageError, match="multiple of the patch size 16"):
-            client.features(np.zeros((1, 112, 112, 3), np.uint8))  # 8 x 8 DINOv2 patches, 7 x 7 of DINOv3
+            client.features(np.zeros((1, 126, 126, 3), np.uint8))  # 9 x 9 DINOv2 patches, no DINOv3 grid
 
         bank = MemoryBank.build(client, support, class_names=["a", "b", "c"], image_size=SIZE)
         assert bank.contract == client.contract and len(bank) == 4 * 8 * 8
@@ -84,7 +85,7 @@ def test_the_runner_checks_the_served_patch_size(server) -> None:
 
     from neco.contract import INPUT_IMAGES
 
-    request = grpcclient.InferInput(INPUT_IMAGES, [1, 112, 112, 3], "UINT8")
-    request.set_data_from_numpy(np.zeros((1, 112, 112, 3), np.uint8))
+    request = grpcclient.InferInput(INPUT_IMAGES, [1, 126, 126, 3], "UINT8")
+    request.set_data_from_numpy(np.zeros((1, 126, 126, 3), np.uint8))
     with pytest.raises(InferenceServerException, match="multiple of the patch size 16"):
         grpcclient.InferenceServerClient(server.grpc_url).infer(MODEL_NAME, [request])
