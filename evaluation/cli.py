@@ -54,7 +54,7 @@ COMMON_FLAGS: Flags = (
     ("--train-split", "train_split", str, "split the bank / head is built from"),
     ("--val-split", "val_split", str, "split that is scored"),
     ("--train-subset", "train_subset", int, "use 1/N of the train split"),
-    ("--size", "input_size", int, "encoder input side (rounded down to a multiple of 14)"),
+    ("--size", "input_size", int, "encoder input side (rounded down to a multiple of the model's patch)"),
     ("--seed", "seed", int, "random seed"),
     ("--out", "out", str, "write the JSON report here"),
     ("--backend", "backend.kind", str, "triton | onnx | torch (default: torch with --source or --arch, else triton)"),
@@ -87,7 +87,7 @@ OVERCLUSTER_FLAGS = (
 KEYPOINT_FLAGS = (
     ("--data-root", "data_root", str, "SPair-71k root (holds JPEGImages/ and PairAnnotation/)"),
     ("--split", "split", str, "trn | val | test"),
-    ("--size", "input_size", int, "square input side (rounded down to a multiple of 14)"),
+    ("--size", "input_size", int, "square input side (rounded down to a multiple of the model's patch)"),
     ("--max-pairs", "max_pairs", int, "score only the first N pairs"),
     ("--soft-argmax", "soft_argmax", _flag, "refine matches by a windowed soft-argmax"),
     ("--out", "out", str, "write the JSON report here"),

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from neco.atomic import make_parent
 from neco.contract import DEFAULT_INPUT_SIZE, ModelContract
@@ -41,16 +41,15 @@ class EvalConfig(BaseModel):
     backend: BackendConfig = BackendConfig()
     out: Path | None = None
     _asked_input_size: int | None = PrivateAttr(None)
+    _patch: int | None = PrivateAttr(None)
 
-    @model_validator(mode="after")
-    def _encoder_input_size(self) -> EvalConfig:
-        """`input_size` becomes the side the encoder runs at (rounded down to a patch multiple, as the
-        published protocol does), so every printed and written result states the size that ran;
-        the asked one is kept for the report (`input_size_asked`)."""
-        side = self.input_size - self.input_size % PATCH_SIZE
+    def fit_to(self, contract: ModelContract) -> None:
+        """Make `input_size` the side the encoder runs at for this model: rounded down to its patch
+        multiple (as the published protocol does), so every printed and written result states the
+        size that ran; the asked one is kept for the report (`input_size_asked`)."""
+        side = self.input_size - self.input_size % contract.patch_size
         if side != self.input_size:
-            self._asked_input_size, self.input_size = self.input_size, side
-        return self
+            self._asked_input_size, self.input_size, self._patch = self.input_size, side, contract.patch_size
 
     @property
     def size(self) -> SizeSpec:
@@ -62,11 +61,12 @@ class EvalConfig(BaseModel):
         """The resize policy as printed with every result (numbers depend on it: docs/client.md)."""
         text = f"{self.input_size}x{self.input_size}" if self.square else f"shorter side {self.input_size}"
         if self._asked_input_size is not None:
-            text += f" (input_size {self._asked_input_size} rounded down to a multiple of {PATCH_SIZE})"
+            text += f" (input_size {self._asked_input_size} rounded down to a multiple of {self._patch})"
         return text
 
     def report_header(self, evaluation: str, train: Any, val: Any, contract: ModelContract) -> dict[str, object]:
         """The fields every evaluation report starts with (which data, which model, which size, which config)."""
+        self.fit_to(contract)
         asked = {} if self._asked_input_size is None else {"input_size_asked": self._asked_input_size}
         return {
             "evaluation": evaluation,

@@ -248,6 +248,7 @@ def run_hummingbird(cfg: HummingbirdConfig, backend: FeatureBackend | None = Non
     train = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split, subset=cfg.train_subset, seed=cfg.seed)
     val = load_dataset(cfg.dataset, cfg.data_root, cfg.val_split, subset=cfg.val_subset, seed=cfg.seed)
     backend = backend if backend is not None else cfg.build_backend()
+    cfg.fit_to(backend.contract)
     print(
         f"hummingbird: {len(train)} {train.name}/{train.split} support images -> memory, {len(val)} val images, "
         f"input {cfg.size_text} px"

@@ -126,6 +126,7 @@ def run_linear(cfg: LinearConfig, backend: FeatureBackend) -> dict[str, object]:
     device = str(resolve_device(cfg.device))
     train_set = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split, subset=cfg.train_subset, seed=cfg.seed)
     val_set = load_dataset(cfg.dataset, cfg.data_root, cfg.val_split)
+    cfg.fit_to(backend.contract)
     train = extract_features(backend, train_set, cfg.size, f"features {train_set.split}", cfg.backend.batch_size)
     val = extract_features(backend, val_set, cfg.size, f"features {val_set.split}", cfg.backend.batch_size)
     head = train_head(train, len(train_set.class_names), cfg, device)

@@ -155,6 +155,7 @@ def test_eval_results_state_the_size_the_encoder_ran_at() -> None:
         split = "train"
 
     cfg = load_config(HummingbirdConfig, None, ["data_root=data", "input_size=100"])
+    cfg.fit_to(ModelContract.for_arch(ARCH))  # patch 14: the side the encoder runs at
     assert cfg.input_size == 98 and cfg.size == (98, 98)
     assert cfg.size_text.startswith("98x98 (input_size 100 rounded down")
     header = cfg.report_header("hummingbird", Split(), Split(), ModelContract.for_arch(ARCH))
