@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from neco.app.config import MAX_TEMPERATURE, MIB, MIN_TEMPERATURE, AppConfig
 from neco.app.inputs import FormError, Upload
-from neco.contract import PATCH_SIZE
+from neco.contract import registered_patch_sizes
 
 MAX_SIZE = 4096
 """Largest encoder size the form takes; the backend's own limits refuse large inputs with a message."""
@@ -99,7 +99,7 @@ class SegmentForm(BaseModel):
     bank: str = ""
     classes: str = ""
     colours: str = ""
-    size: int | None = Field(default=None, ge=PATCH_SIZE, le=MAX_SIZE)
+    size: int | None = Field(default=None, ge=min(registered_patch_sizes()), le=MAX_SIZE)  # one patch at least
     """Encoder input size (shorter side, px); empty = the bank's policy or the support images' own size."""
     k: int = Field(ge=1, le=1024)
     temperature: float = Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)

@@ -232,7 +232,9 @@ class MemoryBank:
         The NECO subspace, if any, is refitted on all rows (its calibrations no longer hold).
         """
         if not backend.contract.compatible_with(self.contract):
-            raise BankError(f"cannot add features of {backend.contract} to a bank of {self.contract}")
+            raise BankContractError(
+                f"cannot add features of another model to this bank ({'; '.join(self.contract.differences(backend.contract))})"
+            )
         settings = self.settings.model_dump(include={"class_names", "image_size", "dtype", "index"})
         other = MemoryBank.build(backend, support, BuildOptions(**settings, **options))
         first_id = int(self.image_ids.max(initial=-1)) + 1
@@ -284,7 +286,9 @@ class MemoryBank:
         first = banks[0]
         for other in banks[1:]:
             if not other.contract.compatible_with(first.contract):
-                raise BankContractError(f"cannot merge a bank of {other.contract!r} into one of {first.contract!r}")
+                raise BankContractError(
+                    f"cannot merge banks of different models ({'; '.join(first.contract.differences(other.contract))})"
+                )
             if other.settings.model_dump(exclude={"classes_inferred"}) != first.settings.model_dump(
                 exclude={"classes_inferred"}
             ):
@@ -430,6 +434,6 @@ def _check_bank_contract(bank_contract: ModelContract, path: Path, contract: Mod
     """With `contract`, refuse a bank of another model (named by its folder: the page shows this to callers)."""
     if contract is not None and not contract.compatible_with(bank_contract):
         raise BankContractError(
-            f"memory bank {path.name!r} was built with {bank_contract!r}, which differs from the "
-            f"model in use {contract!r}; rebuild the bank with this model"
+            f"memory bank {path.name!r} was built with another model than the one in use "
+            f"({'; '.join(bank_contract.differences(contract))}); rebuild the bank with this model"
         )

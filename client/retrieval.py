@@ -303,8 +303,8 @@ def check_contract(contract: ModelContract, bank: MemoryBank) -> None:
     """Refuse to compare features of one model with a bank built by another."""
     if not contract.compatible_with(bank.contract):
         raise BankContractError(
-            f"the memory bank was built with {bank.contract!r} but the features come from "
-            f"{contract!r}; rebuild the bank with this model"
+            f"the memory bank was built with another model than the features' "
+            f"({'; '.join(bank.contract.differences(contract))}); rebuild the bank with this model"
         )
 
 

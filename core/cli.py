@@ -188,13 +188,14 @@ def _register_scenes(subparsers: Any) -> None:
 
 
 def _scenes(args: argparse.Namespace) -> int:
-    from neco.contract import PATCH_SIZE
+    from neco.contract import registered_patch_sizes
     from neco.errors import InputError
     from neco.scenes import write_scene_dataset
 
-    if args.image_size < PATCH_SIZE or args.num_classes < 2:
+    smallest = min(registered_patch_sizes())
+    if args.image_size < smallest or args.num_classes < 2:
         raise InputError(
-            f"need --image-size >= {PATCH_SIZE} and --num-classes >= 2, got {args.image_size} and {args.num_classes}"
+            f"need --image-size >= {smallest} and --num-classes >= 2, got {args.image_size} and {args.num_classes}"
         )
     try:
         root = write_scene_dataset(

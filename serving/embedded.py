@@ -172,7 +172,12 @@ class EmbeddedServer:
             self._ports = tuple(port or next(free) for port in ports)  # type: ignore[assignment]
             self._upstream = tuple(pick_free_ports("127.0.0.1", 2, exclude=self._ports))  # type: ignore[assignment]
             self._gateway = RequestGateway(
-                self.cfg.host, self._ports[:2], self._upstream, self.cfg.limits, bodies=self.cfg.bodies
+                self.cfg.host,
+                self._ports[:2],
+                self._upstream,
+                self.cfg.limits,
+                bodies=self.cfg.bodies,
+                patch_size=self.contract.patch_size,
             )
             try:
                 self._launch()  # type: ignore[misc]

@@ -156,6 +156,8 @@ class _HttpProxy:
     bytes exactly the bytes checked.
     """
 
+    patch_size: int | None = None  # the served model's, set by RequestGateway
+
     def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, settings: BodyLimits, parsers: _Parsers):
         self.upstream, self.limits, self.state, self.settings, self.parsers = upstream, limits, state, settings, parsers
         self.session: ClientSession | None = None
@@ -205,7 +207,7 @@ class _HttpProxy:
 
         def check() -> str | None:
             try:
-                return request_problem(http_inputs(body, header_length, self.limits))
+                return request_problem(http_inputs(body, header_length, self.limits, self.patch_size))
             except RequestRefused as exc:
                 return str(exc)
 
@@ -240,6 +242,8 @@ class _HttpProxy:
 class _GrpcProxy(grpc.GenericRpcHandler):
     """Forwards every GRPCInferenceService method as raw bytes; ModelInfer messages are checked first."""
 
+    patch_size: int | None = None  # the served model's, set by RequestGateway
+
     def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, parsers: _Parsers):
         self.upstream, self.limits, self.state, self.parsers = upstream, limits, state, parsers
         self.channel: grpc.aio.Channel | None = None
@@ -254,7 +258,7 @@ class _GrpcProxy(grpc.GenericRpcHandler):
     def _check(self, message: bytes) -> str | None:
         try:
             request = service_pb2.ModelInferRequest.FromString(message)
-            return request_problem(grpc_inputs(request, self.limits))
+            return request_problem(grpc_inputs(request, self.limits, self.patch_size))
         except RequestRefused as exc:
             return str(exc)
         except Exception as exc:  # a protobuf that does not parse  # noqa: BLE001
@@ -327,7 +331,10 @@ class RequestGateway:
         limits: InputLimits,
         upstream_host: str = "127.0.0.1",
         bodies: BodyLimits | None = None,
+        patch_size: int | None = None,
     ):
+        """`patch_size`: the served model's (image sides must be its multiples); None (a gateway that does
+        not know the model) refuses only sides that suit no registered patch size."""
         self.host, self.ports, self.limits = host, ports, limits
         self._state, settings = _Upstream(), bodies or BodyLimits()
         self._parsers = _Parsers(settings)
@@ -335,6 +342,7 @@ class RequestGateway:
             f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state, settings, self._parsers
         )
         self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state, self._parsers)
+        self._http.patch_size = self._grpc.patch_size = patch_size
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="neco-gateway", daemon=True)
         self._runner: web.AppRunner | None = None

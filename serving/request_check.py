@@ -50,7 +50,9 @@ def request_byte_budget(limits: InputLimits) -> int:
     return limits.max_request_pixels * 3
 
 
-def declaration_problem(name: str, datatype: str, shape: tuple[int, ...], limits: InputLimits) -> str | None:
+def declaration_problem(
+    name: str, datatype: str, shape: tuple[int, ...], limits: InputLimits, patch_size: int | None = None
+) -> str | None:
     """Why a declared input is refused before any of its data is looked at, or None.
 
     Both parsers call this as soon as they read a declaration, so what they count afterwards
@@ -61,7 +63,7 @@ def declaration_problem(name: str, datatype: str, shape: tuple[int, ...], limits
         return f"input {name!r}: negative dimension in shape {dims}"
     if name == INPUT_IMAGES:
         try:
-            check_image_shape(dims, limits)
+            check_image_shape(dims, limits, patch_size=patch_size)
         except InputError as exc:
             return str(exc)
     declared = math.prod(dims) * TRITON_DTYPE_BYTES.get(datatype, 1)
@@ -104,8 +106,8 @@ def request_problem(inputs: Sequence[DeclaredInput]) -> str | None:
     return None
 
 
-def _checked(name: str, datatype: str, shape: tuple[int, ...], limits: InputLimits) -> None:
-    problem = declaration_problem(name, datatype, shape, limits)
+def _checked(name: str, datatype: str, shape: tuple[int, ...], limits: InputLimits, patch_size: int | None) -> None:
+    problem = declaration_problem(name, datatype, shape, limits, patch_size)
     if problem is not None:
         raise RequestRefused(problem)
 
@@ -169,7 +171,9 @@ def header_size(body_length: int, header_length: str | None) -> int:
     return body_length
 
 
-def http_inputs(body: bytes | bytearray, header_length: str | None, limits: InputLimits) -> list[DeclaredInput]:
+def http_inputs(
+    body: bytes | bytearray, header_length: str | None, limits: InputLimits, patch_size: int | None = None
+) -> list[DeclaredInput]:
     """The inputs of a KServe v2 HTTP infer body (JSON, or JSON header + binary tensors).
 
     Element counts of JSON `data` are taken only after the declared shapes passed the limits,
@@ -197,7 +201,7 @@ def http_inputs(body: bytes | bytearray, header_length: str | None, limits: Inpu
         params = raw.get("parameters") or {}
         if not isinstance(params, dict):
             raise RequestRefused(f"input {name!r}: 'parameters' must be an object")
-        _checked(name, datatype, shape, limits)
+        _checked(name, datatype, shape, limits, patch_size)
         tensor = DeclaredInput(name, datatype, shape)
         if "binary_data_size" in params:
             size = _int(params["binary_data_size"], f"input {name!r} binary_data_size")
@@ -220,7 +224,9 @@ _CONTENT_FIELDS = (
 )  # fmt: skip
 
 
-def grpc_inputs(request: service_pb2.ModelInferRequest, limits: InputLimits) -> list[DeclaredInput]:
+def grpc_inputs(
+    request: service_pb2.ModelInferRequest, limits: InputLimits, patch_size: int | None = None
+) -> list[DeclaredInput]:
     """The inputs of a gRPC ModelInferRequest, with the size of the data each one carries."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -228,7 +234,7 @@ def grpc_inputs(request: service_pb2.ModelInferRequest, limits: InputLimits) -> 
     declared = []
     for index, tensor in enumerate(request.inputs):
         shape = tuple(int(d) for d in tensor.shape)
-        _checked(tensor.name, tensor.datatype, shape, limits)
+        _checked(tensor.name, tensor.datatype, shape, limits, patch_size)
         nbytes = count = None
         if raw:
             nbytes = len(raw[index])

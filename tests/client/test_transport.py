@@ -217,12 +217,12 @@ def test_connection_closed_mid_request_is_typed_and_retried(hangup_server) -> No
 
 
 def test_half_built_http_client_prints_nothing_on_collection(monkeypatch) -> None:
-    from neco.client.triton import _HttpClient
+    from neco.client.triton import _http_client
 
     unraisable: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     with pytest.raises(InferenceServerException):
-        _HttpClient("http://localhost:1")  # tritonclient refuses the scheme inside __init__
+        _http_client("http://localhost:1", 5.0)  # tritonclient refuses the scheme inside __init__
     gc.collect()
     assert unraisable == []
 

@@ -268,7 +268,7 @@ def test_large_json_headers_are_parsed_on_worker_threads_a_bounded_number_at_a_t
 
     lock, running, most, threads = threading.Lock(), [0], [0], set()
 
-    def slow_inputs(body: bytearray, header_length: str | None, limits: InputLimits) -> list:
+    def slow_inputs(body: bytearray, header_length: str | None, limits: InputLimits, patch_size: int | None) -> list:
         large = len(body) >= 10
         with lock:
             threads.add((large, threading.current_thread().name.split("_")[0]))

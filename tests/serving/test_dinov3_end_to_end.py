@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from neco.client import BankError, ImageError, MemoryBank, NecoClient, segment
+from neco.client.bank import BankRows, BankSettings
 from neco.contract import ModelContract
 from neco.scenes import generate_scene
 
@@ -72,9 +73,11 @@ def test_dinov3_model_serves_banks_and_segments(server, tmp_path: Path) -> None:
         loaded = MemoryBank.load(tmp_path / "bank")
         assert loaded.contract.family == "dinov3" and loaded.contract.patch_size == 16
         dinov2 = MemoryBank(
-            ModelContract.for_arch("vit_small_patch14_reg4_dinov2"), bank.features, bank.soft_labels, bank.class_names
+            ModelContract.for_arch("vit_small_patch14_reg4_dinov2"),
+            BankRows(bank.features, bank.soft_labels),
+            BankSettings(class_names=bank.class_names, image_size=SIZE),
         )
-        with pytest.raises(BankError):
+        with pytest.raises(BankError, match="patch_size: 14 != 16"):  # the refusal says what differs
             dinov2.add(client, support[:1])
 
 
