@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from neco.atomic import make_parent
+from neco.client.bank import DEFAULT_IMAGE_SIZE
+from neco.client.novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_VARIANCE, METHODS
+from neco.client.upsample import DEFAULT_UPSAMPLE, UPSAMPLE_METHODS
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
-
-from .bank import DEFAULT_IMAGE_SIZE
-from .novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_VARIANCE, METHODS
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -231,7 +231,13 @@ def _segment(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         result = client.segment(
-            args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown
+            args.image,
+            args.bank,
+            k=args.k,
+            temperature=args.temperature,
+            size=args.size,
+            unknown=args.unknown,
+            upsample=args.upsample,
         )
     make_parent(args.out)
     result.mask_image().save(args.out)
@@ -242,7 +248,8 @@ def _segment(args: argparse.Namespace) -> int:
     height, width = result.input_size
     print(
         f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {args.out} ({shares}); "
-        f"encoder input {height}x{width} (size {_policy(args.size) if args.size is not None else 'of the bank'})"
+        f"encoder input {height}x{width} (size {_policy(args.size) if args.size is not None else 'of the bank'}); "
+        f"{result.upsample} upsampling"
     )
     return 0
 
@@ -319,6 +326,12 @@ def register(subparsers: Any) -> None:
     seg.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per patch")
     seg.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature")
     seg.add_argument("--unknown", action="store_true", help="label pixels above the NECO threshold 'unknown'")
+    seg.add_argument(
+        "--upsample",
+        choices=UPSAMPLE_METHODS,
+        default=DEFAULT_UPSAMPLE,
+        help="patch scores to pixels: guided by the image's edges, or bilinear (the Hummingbird protocol's)",
+    )
     _server_options(seg, size_help="resize policy N or HxW (default: the bank's own)")
     seg.set_defaults(handler=_segment)
 

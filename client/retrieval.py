@@ -8,7 +8,9 @@ functions, so the published protocol and the product share one implementation.
 
 Upsampling convention: half-pixel centres ("align_corners=False", as torch's
 `F.interpolate(..., mode="bilinear", align_corners=False)`, checked by a test): output pixel o maps
-to source coordinate (o + 0.5) * in / out - 0.5, clamped to the grid edges.
+to source coordinate (o + 0.5) * in / out - 0.5, clamped to the grid edges. `upsample="guided"`
+replaces the bilinear step by image-guided joint bilateral upsampling (`neco.client.upsample`), with
+the same geometry; every `SegmentationResult` names the upsampler that produced it.
 
 Novelty maps (`novelty`, see `neco.client.novelty`) are upsampled the same way, so pixel (y, x)
 of a novelty map and of a mask describe the same place; `segment(..., unknown=...)` uses that
@@ -47,6 +49,14 @@ from neco.client.novelty import (
     stored_calibration,
 )
 from neco.client.render import heatmap_overlay, mask_to_image, overlay
+from neco.client.upsample import (
+    DEFAULT_UPSAMPLE,
+    UpsampleMethod,
+    check_guide,
+    check_method,
+    guided_argmax,
+    upsample_guided,
+)
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 
 UNKNOWN_LABEL = "unknown"
@@ -69,6 +79,8 @@ class SegmentationResult:
     depend on it, so it is reported with them. None for `segment_features`, which never saw the image."""
     image: PreparedImage | None = field(default=None, repr=False, compare=False)
     """The query as `segment` prepared it (None for `segment_features`): what `overlay` draws on."""
+    upsample: UpsampleMethod = "bilinear"
+    """How the patch scores were brought to pixels: "bilinear" or "guided" (by the image)."""
 
     def overlay(self, image: ImageLike | None = None, alpha: float = 0.5, legend: bool = True) -> Image.Image:
         """The input image (by default the query `segment` decoded) with class colours and a legend."""
@@ -187,27 +199,40 @@ def segment_features(
     temperature: float = DEFAULT_TEMPERATURE,
     return_scores: bool = False,
     unknown: bool | float = False,
+    upsample: UpsampleMethod = "bilinear",
+    guide: np.ndarray | None = None,
 ) -> SegmentationResult:
     """Segment from already computed (h, w, C) unit-norm query features.
 
     `unknown=True` labels pixels whose NECO novelty exceeds the bank's calibrated patch
     threshold as `UNKNOWN_LABEL` (mask value K, appended to `class_names`); a float is used as
     that threshold directly. Their confidence and scores stay those of label transfer.
+    `upsample="guided"` needs `guide`, the query image at `output_size` (the novelty map, when
+    marking unknown pixels, is then upsampled the same way, so both describe the same pixels).
     """
     if features.ndim != 3:
         raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
+    method = check_method(upsample)
+    image = check_guide(guide, output_size) if method == "guided" else None
     height, width, channels = features.shape
     threshold = _unknown_threshold(bank, unknown)
     sims, idx = bank.search(features.reshape(-1, channels), k)
     patch_scores = transfer_labels(sims, idx, bank.labels32, temperature)
     grid = np.ascontiguousarray(patch_scores.T).reshape(-1, height, width)
-    mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
+    if image is None:
+        mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
+    else:
+        mask, confidence, scores = guided_argmax(grid, image, return_scores)
     names = list(bank.class_names)
     if threshold is not None:
-        novel = upsample_bilinear(patch_novelty(features, bank, "neco")[None], output_size)[0] > threshold
+        patch = patch_novelty(features, bank, "neco")[None]
+        if image is None:
+            novel = upsample_bilinear(patch, output_size)[0] > threshold
+        else:
+            novel = upsample_guided(np.moveaxis(patch, 0, -1), image)[..., 0] > threshold
         mask = np.where(novel, len(names), mask).astype(np.uint8 if len(names) < 256 else np.uint16)
         names.append(UNKNOWN_LABEL)
-    return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores)
+    return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores, upsample=method)
 
 
 def _unknown_threshold(bank: MemoryBank, unknown: bool | float) -> float | None:
@@ -300,11 +325,14 @@ def segment(
     return_scores: bool = False,
     class_names: Sequence[str] | None = None,
     unknown: bool | float = False,
+    upsample: UpsampleMethod = DEFAULT_UPSAMPLE,
 ) -> SegmentationResult:
     """Segment `image` by label transfer from `support` (bank, bank folder, or pairs).
 
     The query is resized with the bank's image-size policy unless `size` says otherwise, and
     the mask comes back at the input image's own size. `unknown`: see `segment_features`.
+    `upsample`: "guided" (default) lets the image's own edges shape the mask, "bilinear" is the
+    Hummingbird protocol's smooth upsampling (see docs/client.md for the measured difference).
     """
     options: dict[str, Any] = {"class_names": class_names}
     if size is not None:
@@ -319,6 +347,8 @@ def segment(
         temperature=temperature,
         return_scores=return_scores,
         unknown=unknown,
+        upsample=upsample,
+        guide=prepared.original if prepared.original is not None else prepared.array,
     )
     return replace(result, input_size=prepared.size, image=prepared)
 

@@ -1,0 +1,210 @@
+"""Image-guided upsampling of patch-grid scores and features to pixel resolution (numpy only).
+
+A ViT sees one patch per 14 px, so a mask upsampled bilinearly from its (K, h, w) class scores
+comes back as rounded blobs that spill over object edges. Joint bilateral upsampling (Kopf et
+al., SIGGRAPH 2007) lets the full-resolution image decide where an edge goes: every output
+pixel is a normalised weighted mean of the nearby patch values, the weight of a patch being
+
+    spatial(distance from the pixel to the patch centre, in patches)
+    x range(colour distance between the pixel and the patch's mean colour).
+
+A pixel on the object's side of an edge has the object's colour, so the patches inside the
+object (whose mean colour is the object's) outweigh the background patches next to it, and the
+label flips exactly where the colour does. No training, no model: the guide is the image.
+
+Geometry is the one of `neco.client.retrieval.upsample_bilinear` (half-pixel centres: output
+pixel o sits at patch coordinate (o + 0.5) * in / out - 0.5), so both methods place a patch at
+the same pixels. Work is done in bands of output rows (`GuidedSettings.tile_pixels` pixels at a
+time): memory beyond the output itself is bounded, whatever the image size (a 4096-px image
+is checked by a test). Values constant over a pixel's neighbourhood come back unchanged, since
+the weights are normalised.
+
+A learned upsampler (AnyUp, JAFAR, LoftUp style: low-res features + image -> high-res features)
+plugs in through the `FeatureUpsampler` protocol; `neco.export.upsampler` exports and runs one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from neco.errors import InputError
+
+UpsampleMethod = Literal["bilinear", "guided"]
+UPSAMPLE_METHODS: tuple[UpsampleMethod, ...] = ("bilinear", "guided")
+DEFAULT_UPSAMPLE: UpsampleMethod = "guided"
+"""`segment()`'s and `neco segment`'s upsampler, chosen from benchmarks/upsampling.py (docs/client.md):
+guided keeps edges for a small share of segment()'s time. `segment_features` and the evaluations
+default to bilinear, the published protocol's, so their numbers stay comparable."""
+
+
+class UpsampleError(InputError):
+    """An upsampling request that cannot be served: unknown method, missing or mis-sized guide image."""
+
+
+@runtime_checkable
+class FeatureUpsampler(Protocol):
+    """Anything that turns (h, w, C) patch features + the (H, W, 3) uint8 image into (H, W, C) features."""
+
+    def __call__(self, features: np.ndarray, image: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class GuidedSettings:
+    """Joint bilateral upsampling parameters; the defaults were tuned on benchmarks/upsampling.py."""
+
+    sigma_spatial: float = 0.6
+    """Spatial Gaussian, in patches: about one patch, so a pixel still listens to its neighbours."""
+    sigma_range: float = 0.2
+    """Colour Gaussian, on RGB scaled to [0, 1]: colours 0.5 apart (an edge) weigh ~4% of a match. 0.1 is
+    sharper on flat-coloured objects, but lets stripes inside an object (the `textures` scenes) split it."""
+    radius: int = 1
+    """Patches each side of the nearest one: (2 radius + 1)^2 taps per pixel."""
+    tile_pixels: int = 1 << 16
+    """Output pixels per band of rows: bounds the working memory to ~tile_pixels x (C + taps) floats."""
+
+    def __post_init__(self) -> None:
+        if self.sigma_spatial <= 0 or self.sigma_range <= 0:
+            raise UpsampleError("guided upsampling needs sigma_spatial > 0 and sigma_range > 0")
+        if self.radius < 1 or self.tile_pixels < 1:
+            raise UpsampleError("guided upsampling needs radius >= 1 and tile_pixels >= 1")
+
+
+DEFAULT_GUIDED = GuidedSettings()
+
+
+def check_method(method: str) -> UpsampleMethod:
+    """`method` if it is one of `UPSAMPLE_METHODS`, else an error naming them."""
+    if method not in UPSAMPLE_METHODS:
+        raise UpsampleError(f"upsample must be one of {UPSAMPLE_METHODS}, got {method!r}")
+    return method  # type: ignore[return-value]
+
+
+def check_guide(guide: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+    """The guide as (H, W, c), at the output size (its pixels are the output pixels)."""
+    if guide is None:
+        raise UpsampleError("guided upsampling needs the image (pass guide=, or use upsample='bilinear')")
+    guide = np.asarray(guide)
+    if guide.ndim == 2:
+        guide = guide[..., None]
+    if guide.ndim != 3 or guide.shape[:2] != tuple(size):
+        raise UpsampleError(f"the guide image must be {size[0]}x{size[1]}(x channels), got shape {guide.shape}")
+    return guide
+
+
+def _axis_taps(size_in: int, size_out: int, radius: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per output index: (size_out, taps) source indices and their spatial Gaussian weights (0 off the grid)."""
+    coord = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
+    nearest = np.clip(np.rint(coord), 0, size_in - 1).astype(np.int64)
+    index = nearest[:, None] + np.arange(-radius, radius + 1)[None, :]
+    inside = (index >= 0) & (index < size_in)
+    weight = np.exp(-((coord[:, None] - index) ** 2) / (2 * sigma**2)) * inside
+    return np.clip(index, 0, size_in - 1), weight.astype(np.float32)
+
+
+def _bin_edges(size_in: int, size_out: int) -> np.ndarray:
+    """Start of each of `size_out` equal bins over `size_in` pixels (the pixels a patch covers)."""
+    return (np.arange(size_out, dtype=np.int64) * size_in) // size_out
+
+
+def patch_colours(guide: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(h, w, c) float32 mean colour in [0, 1] of the guide pixels each patch covers (area average)."""
+    height, width = guide.shape[:2]
+    rows, cols = _bin_edges(height, grid[0]), _bin_edges(width, grid[1])
+    summed = np.add.reduceat(np.add.reduceat(guide, rows, axis=0, dtype=np.float64), cols, axis=1)
+    row_counts = np.maximum(np.diff(np.append(rows, height)), 1)
+    col_counts = np.maximum(np.diff(np.append(cols, width)), 1)
+    scale = 255.0 if guide.dtype == np.uint8 else 1.0
+    return (summed / (row_counts[:, None, None] * col_counts[None, :, None] * scale)).astype(np.float32)
+
+
+def _guide_scale(guide: np.ndarray) -> float:
+    return 1.0 / 255.0 if guide.dtype == np.uint8 else 1.0
+
+
+def guided_tiles(
+    values: np.ndarray, guide: np.ndarray, settings: GuidedSettings = DEFAULT_GUIDED
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (first row, end row, (rows, W, C) float32) bands of the guided upsampling of (h, w, C) `values`.
+
+    `guide` is the (H, W, c) image at the output size (uint8, or floats in [0, 1]). The range
+    weights are taken relative to the best-matching tap of each pixel (a per-pixel constant,
+    cancelled by the normalisation), so they never all underflow to zero.
+    """
+    h, w, channels = values.shape
+    height, width = guide.shape[:2]
+    flat_values = np.ascontiguousarray(values, dtype=np.float32).reshape(h * w, channels)
+    colours = patch_colours(guide, (h, w)).reshape(h * w, -1)
+    row_index, row_weight = _axis_taps(h, height, settings.radius, settings.sigma_spatial)
+    col_index, col_weight = _axis_taps(w, width, settings.radius, settings.sigma_spatial)
+    taps = [(a, b) for a in range(row_index.shape[1]) for b in range(col_index.shape[1])]
+    scale, inv_two_var = _guide_scale(guide), np.float32(1.0 / (2 * settings.sigma_range**2))
+    band = max(1, settings.tile_pixels // width)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        pixels = guide[top:bottom].astype(np.float32) * np.float32(scale)  # (T, W, c)
+        flat = [row_index[top:bottom, a, None] * w + col_index[None, :, b] for a, b in taps]
+        distance = np.empty((len(taps), bottom - top, width), dtype=np.float32)
+        for t, index in enumerate(flat):
+            difference = pixels - colours[index]
+            np.einsum("ijc,ijc->ij", difference, difference, out=distance[t])
+        distance -= distance.min(axis=0)
+        distance *= -inv_two_var
+        weights = np.exp(distance, out=distance)  # (taps, T, W), reusing the buffer
+        total = np.zeros((bottom - top, width), dtype=np.float32)
+        out = np.zeros((bottom - top, width, channels), dtype=np.float32)
+        for t, ((a, b), index) in enumerate(zip(taps, flat)):
+            weight = weights[t] * row_weight[top:bottom, a, None] * col_weight[None, :, b]
+            total += weight
+            out += weight[..., None] * flat_values[index]
+        out /= total[..., None]
+        yield top, bottom, out
+
+
+def upsample_guided(
+    values: np.ndarray,
+    guide: np.ndarray,
+    *,
+    settings: GuidedSettings = DEFAULT_GUIDED,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Joint bilateral upsampling of (h, w, C) `values` to the guide's (H, W): returns (H, W, C) float32.
+
+    `out` may be a preallocated (H, W, C) array, e.g. a `np.memmap` for pixel-resolution
+    features of a large image that would not fit in memory.
+    """
+    if values.ndim != 3:
+        raise UpsampleError(f"values to upsample must be (h, w, C), got shape {values.shape}")
+    guide = check_guide(guide, guide.shape[:2])
+    shape = (*guide.shape[:2], values.shape[2])
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape:
+        raise UpsampleError(f"out must have shape {shape}, got {out.shape}")
+    for top, bottom, band in guided_tiles(values, guide, settings):
+        out[top:bottom] = band
+    return out
+
+
+def guided_argmax(
+    grid: np.ndarray, guide: np.ndarray, keep_scores: bool, settings: GuidedSettings = DEFAULT_GUIDED
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Labels, confidence and optionally (K, H, W) scores of the guided upsampling of (K, h, w) scores.
+
+    The counterpart of `retrieval._argmax_upsampled`: band by band, so only the (H, W) label
+    and confidence maps (and the scores, when asked for) are ever whole.
+    """
+    num_classes = grid.shape[0]
+    height, width = guide.shape[:2]
+    label = np.empty((height, width), dtype=np.uint8 if num_classes <= 256 else np.uint16)
+    confidence = np.empty((height, width), dtype=np.float32)
+    scores = np.empty((num_classes, height, width), dtype=np.float32) if keep_scores else None
+    for top, bottom, band in guided_tiles(np.moveaxis(grid, 0, -1), guide, settings):
+        label[top:bottom] = band.argmax(axis=-1)
+        confidence[top:bottom] = band.max(axis=-1)
+        if scores is not None:
+            scores[:, top:bottom] = np.moveaxis(band, -1, 0)
+    return label, confidence, scores
