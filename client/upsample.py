@@ -114,7 +114,14 @@ def patch_colours(guide: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """(h, w, c) float32 mean colour in [0, 1] of the guide pixels each patch covers (area average)."""
     height, width = guide.shape[:2]
     rows, cols = _bin_edges(height, grid[0]), _bin_edges(width, grid[1])
-    summed = np.add.reduceat(np.add.reduceat(guide, rows, axis=0, dtype=np.float64), cols, axis=1)
+    ends = np.append(rows[1:], height)
+    # one patch row at a time: casting the whole image to float64 at once would cost 8 bytes a value
+    summed = np.stack(
+        [
+            np.add.reduceat(guide[top : max(end, top + 1)].sum(axis=0, dtype=np.float64), cols)
+            for top, end in zip(rows, ends)
+        ]
+    )
     row_counts = np.maximum(np.diff(np.append(rows, height)), 1)
     col_counts = np.maximum(np.diff(np.append(cols, width)), 1)
     scale = 255.0 if guide.dtype == np.uint8 else 1.0
