@@ -51,6 +51,7 @@ from neco.client.novelty import (
 from neco.client.render import heatmap_overlay, mask_to_image, overlay
 from neco.client.upsample import (
     DEFAULT_UPSAMPLE,
+    FeatureUpsampler,
     UpsampleMethod,
     check_guide,
     check_method,
@@ -158,6 +159,34 @@ def upsample_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     rows = interpolation_matrix(scores.shape[1], size[0])
     cols = interpolation_matrix(scores.shape[2], size[1])
     return rows @ scores.astype(np.float32, copy=False) @ cols.T
+
+
+def upsample_features(
+    features: np.ndarray,
+    image: np.ndarray,
+    method: UpsampleMethod | FeatureUpsampler = "guided",
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """(h, w, C) patch features -> (H, W, C) features at the size of `image` (H, W, 3).
+
+    `method`: "guided" (joint bilateral, tiled; `out` may be a `np.memmap` for large images),
+    "bilinear", or a learned `FeatureUpsampler` such as `neco.export.upsampler.OnnxUpsampler`.
+    Upsampled vectors are weighted means, so they are no longer unit-norm: renormalise before
+    cosine similarity if needed.
+    """
+    if features.ndim != 3:
+        raise ValueError(f"features must be (h, w, C), got shape {features.shape}")
+    if isinstance(method, FeatureUpsampler):
+        return np.asarray(method(features, np.asarray(image)), dtype=np.float32)
+    guide = check_guide(image, np.asarray(image).shape[:2])
+    if check_method(method) == "guided":
+        return upsample_guided(features, guide, out=out)
+    resized = np.moveaxis(upsample_bilinear(np.moveaxis(features, -1, 0), guide.shape[:2]), 0, -1)
+    if out is None:
+        return resized
+    out[...] = resized
+    return out
 
 
 def _argmax_upsampled(
