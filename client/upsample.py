@@ -132,42 +132,51 @@ def _guide_scale(guide: np.ndarray) -> float:
     return 1.0 / 255.0 if guide.dtype == np.uint8 else 1.0
 
 
+def _row_chunks(nearest: np.ndarray, band: int) -> Iterator[tuple[int, int]]:
+    """(first, end) runs of output rows sharing their nearest patch row, cut to at most `band` rows."""
+    starts = np.flatnonzero(np.diff(nearest)) + 1
+    for first, end in zip(np.r_[0, starts], np.r_[starts, len(nearest)]):
+        for top in range(int(first), int(end), band):
+            yield top, min(int(end), top + band)
+
+
 def guided_tiles(
     values: np.ndarray, guide: np.ndarray, settings: GuidedSettings = DEFAULT_GUIDED
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (first row, end row, (rows, W, C) float32) bands of the guided upsampling of (h, w, C) `values`.
 
-    `guide` is the (H, W, c) image at the output size (uint8, or floats in [0, 1]). The range
-    weights are taken relative to the best-matching tap of each pixel (a per-pixel constant,
-    cancelled by the normalisation), so they never all underflow to zero.
+    `guide` is the (H, W, c) image at the output size (uint8, or floats in [0, 1]). A band's rows
+    share their nearest patch row, hence the patch rows of all their taps, so each tap's values and
+    colours are gathered once per band as (W, C) rows and broadcast over the band's rows. Weights are
+    computed as a softmax over each pixel's taps (log spatial weight minus scaled colour distance,
+    shifted by the per-pixel maximum): equal to the normalised product of the two kernels, and the
+    best tap always weighs 1, so the weights never all underflow to zero.
     """
     h, w, channels = values.shape
     height, width = guide.shape[:2]
-    flat_values = np.ascontiguousarray(values, dtype=np.float32).reshape(h * w, channels)
-    colours = patch_colours(guide, (h, w)).reshape(h * w, -1)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    colours = patch_colours(guide, (h, w))
     row_index, row_weight = _axis_taps(h, height, settings.radius, settings.sigma_spatial)
     col_index, col_weight = _axis_taps(w, width, settings.radius, settings.sigma_spatial)
+    with np.errstate(divide="ignore"):  # taps off the grid weigh 0: log -inf
+        row_log, col_log = np.log(row_weight), np.log(col_weight)
     taps = [(a, b) for a in range(row_index.shape[1]) for b in range(col_index.shape[1])]
-    scale, inv_two_var = _guide_scale(guide), np.float32(1.0 / (2 * settings.sigma_range**2))
-    band = max(1, settings.tile_pixels // width)
-    for top in range(0, height, band):
-        bottom = min(height, top + band)
-        pixels = guide[top:bottom].astype(np.float32) * np.float32(scale)  # (T, W, c)
-        flat = [row_index[top:bottom, a, None] * w + col_index[None, :, b] for a, b in taps]
-        distance = np.empty((len(taps), bottom - top, width), dtype=np.float32)
-        for t, index in enumerate(flat):
-            difference = pixels - colours[index]
-            np.einsum("ijc,ijc->ij", difference, difference, out=distance[t])
-        distance -= distance.min(axis=0)
-        distance *= -inv_two_var
-        weights = np.exp(distance, out=distance)  # (taps, T, W), reusing the buffer
-        total = np.zeros((bottom - top, width), dtype=np.float32)
+    scale, inv_two_var = np.float32(_guide_scale(guide)), np.float32(1.0 / (2 * settings.sigma_range**2))
+    for top, bottom in _row_chunks(row_index[:, settings.radius], max(1, settings.tile_pixels // width)):
+        pixels = guide[top:bottom].astype(np.float32) * scale  # (T, W, c)
+        logits = np.empty((len(taps), bottom - top, width), dtype=np.float32)
+        for t, (a, b) in enumerate(taps):
+            colour = colours[row_index[top, a], col_index[:, b]]  # (W, c)
+            # -|p - q|^2 / 2s^2 without the pixel's own |p|^2, a per-pixel constant the max below removes
+            np.einsum("ijc,jc->ij", pixels, colour * (2 * inv_two_var), out=logits[t])
+            logits[t] += (col_log[:, b] - inv_two_var * np.einsum("jc,jc->j", colour, colour))[None, :]
+            logits[t] += row_log[top:bottom, a, None]
+        logits -= logits.max(axis=0)
+        weights = np.exp(logits, out=logits)  # (taps, T, W), reusing the buffer
         out = np.zeros((bottom - top, width, channels), dtype=np.float32)
-        for t, ((a, b), index) in enumerate(zip(taps, flat)):
-            weight = weights[t] * row_weight[top:bottom, a, None] * col_weight[None, :, b]
-            total += weight
-            out += weight[..., None] * flat_values[index]
-        out /= total[..., None]
+        for t, (a, b) in enumerate(taps):
+            out += weights[t][..., None] * values[row_index[top, a], col_index[:, b]]  # (T, W, 1) * (W, C)
+        out /= weights.sum(axis=0)[..., None]
         yield top, bottom, out
 
 
