@@ -11,8 +11,9 @@ Three measurements (`results` is a mapping with one key each):
   weights can be downloaded here): mIoU and boundary IoU of each method over the query set.
 - `timing`: wall time of one `segment()` per query image of 224, 448 and 1024 px (1024: the
   bank's 448-px encoder input, mask at 1024, as for a photo) with each method, alternated
-  round by round; the median per-round ratio guided / bilinear. The upsampling step alone
-  (`segment_features` on ready features) is timed too.
+  round by round; the median per-round ratio guided / bilinear, in wall time and in process CPU
+  time (steadier when other jobs share the cores). The step after the encoder alone
+  (`segment_features` on ready features: search, label transfer, upsampling) is timed too.
 
 Boundary IoU (Cheng et al., 2021; `neco.evaluation.boundary`) uses bands of 2% of the image
 diagonal. Goals (issue 29): guided >= bilinear + 10 boundary-IoU points, and mIoU not lower,
@@ -125,32 +126,33 @@ def timing(backend: Any, support: int, rounds: int, seed: int) -> list[dict[str,
         )
         image = scenes("shapes", size, 1, seed + 2)[0][0]
         features = np.asarray(backend.features([segment(backend, image, bank).image.array]))[0]
-        wall: dict[str, list[float]] = {m: [] for m in UPSAMPLE_METHODS}
-        step: dict[str, list[float]] = {m: [] for m in UPSAMPLE_METHODS}
+        times: dict[str, dict[str, list[float]]] = {
+            part: {m: [] for m in UPSAMPLE_METHODS} for part in ("segment", "segment_cpu", "step", "step_cpu")
+        }
         for run in range(rounds + 1):  # the first round warms up and is dropped
             for method in UPSAMPLE_METHODS:
-                started = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 segment(backend, image, bank, upsample=method)
-                whole = time.perf_counter() - started
-                started = time.perf_counter()
+                whole, whole_cpu = time.perf_counter() - wall, time.process_time() - cpu
+                wall, cpu = time.perf_counter(), time.process_time()
                 segment_features(features, bank, (size, size), upsample=method, guide=image)
+                step, step_cpu = time.perf_counter() - wall, time.process_time() - cpu
                 if run:
-                    wall[method].append(whole)
-                    step[method].append(time.perf_counter() - started)
-        rows.append(
-            {
-                "image_px": size,
-                "encoder_px": encoder,
-                "segment_s": {m: round(statistics.median(wall[m]), 4) for m in UPSAMPLE_METHODS},
-                "segment_time_ratio": round(
-                    statistics.median(g / b for g, b in zip(wall["guided"], wall["bilinear"])), 3
-                ),
-                "segment_features_s": {m: round(statistics.median(step[m]), 4) for m in UPSAMPLE_METHODS},
-                "segment_features_time_ratio": round(
-                    statistics.median(g / b for g, b in zip(step["guided"], step["bilinear"])), 2
-                ),
-            }
-        )
+                    for part, value in (
+                        ("segment", whole),
+                        ("segment_cpu", whole_cpu),
+                        ("step", step),
+                        ("step_cpu", step_cpu),
+                    ):
+                        times[part][method].append(value)
+        row: dict[str, Any] = {"image_px": size, "encoder_px": encoder}
+        for part, name in (("segment", "segment"), ("step", "segment_features")):
+            for clock in ("", "_cpu"):
+                runs = times[part + clock]
+                row[f"{name}{clock}_s"] = {m: round(statistics.median(runs[m]), 4) for m in UPSAMPLE_METHODS}
+                ratios = [g / b for g, b in zip(runs["guided"], runs["bilinear"])]  # paired rounds
+                row[f"{name}{clock}_time_ratio"] = round(statistics.median(ratios), 3)
+        rows.append(row)
         print(f"timing   {size:>4}px {rows[-1]}")
     return rows
 
@@ -163,16 +165,23 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
             if part == "segment" and row["family"] != "shapes":
                 continue
             where = f"{part} {row['family']} {row['size']}px"
-            checks.append(
-                _check(f"{where}: boundary IoU gain (points)", row["boundary_iou_gain"], GOAL_BOUNDARY_POINTS)
-            )
+            check = _check(f"{where}: boundary IoU gain (points)", row["boundary_iou_gain"], GOAL_BOUNDARY_POINTS)
+            check["headroom"] = round(100 - row["bilinear"]["boundary_iou"], 2)  # the most any method could gain
+            checks.append(check)
             checks.append(_check(f"{where}: mIoU gain (points)", row["miou_gain"], 0.0))
     at_448 = next(r for r in results["timing"] if r["image_px"] == 448)
     ratio = at_448["segment_time_ratio"]
+    met = ratio <= GOAL_TIME_RATIO
     checks.append(
-        {"goal": "segment() time at 448 px, guided / bilinear", "limit": GOAL_TIME_RATIO, "value": ratio,
-         "met": ratio <= GOAL_TIME_RATIO, "missed_by": None if ratio <= GOAL_TIME_RATIO else round(ratio - GOAL_TIME_RATIO, 3)}
-    )  # fmt: skip
+        {
+            "goal": "segment() wall time at 448 px, guided / bilinear",
+            "limit": GOAL_TIME_RATIO,
+            "value": ratio,
+            "cpu_time_ratio": at_448["segment_cpu_time_ratio"],
+            "met": met,
+            "missed_by": None if met else round(ratio - GOAL_TIME_RATIO, 3),
+        }
+    )
     return {"checks": checks, "met": all(c["met"] for c in checks)}
 
 
