@@ -32,12 +32,13 @@ import torch
 from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
-from neco.contract import ModelContract
+from neco.contract import INPUT_IMAGES, OUTPUT_FEATURES, ModelContract
 from neco.export.errors import ExportError
 from neco.export.repository import write_model_directory
 from neco.triton_config import CONFIG_FILENAME, ONNX_FILENAME
 
-FEATURES_IN, IMAGES_IN, FEATURES_OUT = "features", "images", "features_hr"
+FEATURES_IN, IMAGES_IN = OUTPUT_FEATURES, INPUT_IMAGES  # the encoder's own tensor names: its output goes straight in
+FEATURES_OUT = "features_hr"
 ROLE_PARAMETER, ROLE = "neco_role", "feature_upsampler"
 """Config parameter marking the model as an upsampler (the encoder's config has no such key)."""
 
@@ -90,8 +91,8 @@ def export_upsampler(
     images = torch.randint(0, 256, (1, *example_image, 3), dtype=torch.uint8)
     batch = Dim("batch", min=1)
     dynamic = {
-        "features": {0: batch, 1: Dim("grid_h", min=2), 2: Dim("grid_w", min=2)},
-        "images": {0: batch, 1: Dim("height", min=2), 2: Dim("width", min=2)},
+        FEATURES_IN: {0: batch, 1: Dim("grid_h", min=2), 2: Dim("grid_w", min=2)},
+        IMAGES_IN: {0: batch, 1: Dim("height", min=2), 2: Dim("width", min=2)},
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ONNX_FILENAME
