@@ -11,9 +11,10 @@ Three measurements (`results` is a mapping with one key each):
   weights can be downloaded here): mIoU and boundary IoU of each method over the query set.
 - `timing`: wall time of one `segment()` per query image of 224, 448 and 1024 px (1024: the
   bank's 448-px encoder input, mask at 1024, as for a photo) with each method, alternated
-  round by round; the median per-round ratio guided / bilinear, in wall time and in process CPU
-  time (steadier when other jobs share the cores). The step after the encoder alone
-  (`segment_features` on ready features: search, label transfer, upsampling) is timed too.
+  round by round (which one goes first alternates too); the median per-round ratio guided /
+  bilinear, in wall time and in process CPU time (steadier when other jobs share the cores).
+  The step after the encoder alone (`segment_features` on ready features: search, label
+  transfer, upsampling) is timed too.
 
 Boundary IoU (Cheng et al., 2021; `neco.evaluation.boundary`) uses bands of 2% of the image
 diagonal. Goals (issue 29): guided >= bilinear + 10 boundary-IoU points, and mIoU not lower,
@@ -130,7 +131,7 @@ def timing(backend: Any, support: int, rounds: int, seed: int) -> list[dict[str,
             part: {m: [] for m in UPSAMPLE_METHODS} for part in ("segment", "segment_cpu", "step", "step_cpu")
         }
         for run in range(rounds + 1):  # the first round warms up and is dropped
-            for method in UPSAMPLE_METHODS:
+            for method in UPSAMPLE_METHODS[:: 1 if run % 2 else -1]:  # alternate who goes first
                 wall, cpu = time.perf_counter(), time.process_time()
                 segment(backend, image, bank, upsample=method)
                 whole, whole_cpu = time.perf_counter() - wall, time.process_time() - cpu
