@@ -70,6 +70,7 @@ from neco.client.errors import (
 from neco.client.images import resize_mask
 from neco.client.render import heatmap_overlay, palette
 from neco.client.retrieval import SegmentationResult, check_contract, segment_features
+from neco.client.upsample import DEFAULT_UPSAMPLE
 from neco.errors import NecoError
 
 log = logging.getLogger("neco.app")
@@ -159,7 +160,9 @@ class Segmenter:
         patches = prepared.grid[0] * prepared.grid[1]
         check_label_transfer(patches, k, len(bank.class_names), self.config.max_transfer_bytes)
         features = batch_features(backend, [prepared.array])[0]
-        result = segment_features(features, bank, prepared.original_size, k=k, temperature=temperature)
+        result = segment_features(
+            features, bank, prepared.original_size, k=k, temperature=temperature, upsample=DEFAULT_UPSAMPLE, guide=rgb
+        )  # as segment() does; the page does not offer the choice yet
         colours = palette(len(result.class_names))
         labels, counts = np.unique(result.mask, return_counts=True)
         return {

@@ -236,8 +236,9 @@ def segment_features(
     `unknown=True` labels pixels whose NECO novelty exceeds the bank's calibrated patch
     threshold as `UNKNOWN_LABEL` (mask value K, appended to `class_names`); a float is used as
     that threshold directly. Their confidence and scores stay those of label transfer.
-    `upsample="guided"` needs `guide`, the query image at `output_size` (the novelty map, when
-    marking unknown pixels, is then upsampled the same way, so both describe the same pixels).
+    `upsample="guided"` needs `guide`, the query image at `output_size`. Unknown pixels are those
+    of the novelty map as `novelty()` returns it (bilinear) whatever `upsample` is, so the two agree
+    pixel for pixel.
     """
     if features.ndim != 3:
         raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
@@ -254,11 +255,7 @@ def segment_features(
         mask, confidence, scores = guided_argmax(grid, image, return_scores)
     names = list(bank.class_names)
     if threshold is not None:
-        patch = patch_novelty(features, bank, "neco")[None]
-        if image is None:
-            novel = upsample_bilinear(patch, output_size)[0] > threshold
-        else:
-            novel = upsample_guided(np.moveaxis(patch, 0, -1), image)[..., 0] > threshold
+        novel = upsample_bilinear(patch_novelty(features, bank, "neco")[None], output_size)[0] > threshold
         mask = np.where(novel, len(names), mask).astype(np.uint8 if len(names) < 256 else np.uint16)
         names.append(UNKNOWN_LABEL)
     return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores, upsample=method)
