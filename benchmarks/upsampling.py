@@ -14,7 +14,7 @@ Three measurements (`results` is a mapping with one key each):
   round by round (which one goes first alternates too); the median per-round ratio guided /
   bilinear, in wall time and in process CPU time (steadier when other jobs share the cores).
   The step after the encoder alone (`segment_features` on ready features: search, label
-  transfer, upsampling) is timed too.
+  transfer, upsampling) is timed too, and the upsampling + argmax alone (CPU time).
 
 Boundary IoU (Cheng et al., 2021; `neco.evaluation.boundary`) uses bands of 2% of the image
 diagonal. Goals (issue 29): guided >= bilinear + 10 boundary-IoU points, and mIoU not lower,
@@ -153,9 +153,32 @@ def timing(backend: Any, support: int, rounds: int, seed: int) -> list[dict[str,
                 row[f"{name}{clock}_s"] = {m: round(statistics.median(runs[m]), 4) for m in UPSAMPLE_METHODS}
                 ratios = [g / b for g, b in zip(runs["guided"], runs["bilinear"])]  # paired rounds
                 row[f"{name}{clock}_time_ratio"] = round(statistics.median(ratios), 3)
+        row.update(upsampling_only(features.shape[:2], image, rounds))
         rows.append(row)
         print(f"timing   {size:>4}px {rows[-1]}")
     return rows
+
+
+def upsampling_only(grid: tuple[int, int], image: np.ndarray, rounds: int) -> dict[str, Any]:
+    """Process CPU time of the upsampling + argmax alone, on (CLASSES, h, w) scores: the operation's own cost."""
+    from neco.client.retrieval import _argmax_upsampled
+
+    scores = np.random.default_rng(0).dirichlet(np.ones(CLASSES), grid).transpose(2, 0, 1).astype(np.float32)
+    runs: dict[str, list[float]] = {m: [] for m in UPSAMPLE_METHODS}
+    for run in range(rounds + 1):
+        for method in UPSAMPLE_METHODS:
+            cpu = time.process_time()
+            if method == "guided":
+                guided_argmax(scores, image, keep_scores=False)
+            else:
+                _argmax_upsampled(scores, image.shape[:2], keep_scores=False)
+            if run:
+                runs[method].append(time.process_time() - cpu)
+    medians = {m: round(statistics.median(runs[m]), 4) for m in UPSAMPLE_METHODS}
+    return {
+        "upsampling_only_cpu_s": medians,
+        "upsampling_only_cpu_ratio": round(medians["guided"] / medians["bilinear"], 2),
+    }
 
 
 def goals(results: dict[str, Any]) -> dict[str, Any]:
