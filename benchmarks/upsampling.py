@@ -26,6 +26,7 @@ on `shapes` and in the oracle case; guided segment() <= 1.5x bilinear at 448 px.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -191,6 +192,8 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
             where = f"{part} {row['family']} {row['size']}px"
             check = _check(f"{where}: boundary IoU gain (points)", row["boundary_iou_gain"], GOAL_BOUNDARY_POINTS)
             check["headroom"] = round(100 - row["bilinear"]["boundary_iou"], 2)  # the most any method could gain
+            if not check["met"]:
+                check["why"] = _why_missed(part, row, check["headroom"])
             checks.append(check)
             checks.append(_check(f"{where}: mIoU gain (points)", row["miou_gain"], 0.0))
     at_448 = next(r for r in results["timing"] if r["image_px"] == 448)
@@ -209,6 +212,24 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
     return {"checks": checks, "met": all(c["met"] for c in checks)}
 
 
+def _why_missed(part: str, row: dict[str, Any], headroom: float) -> str:
+    """The likely cause of a missed boundary goal, from what the row itself shows."""
+    band = max(1, round(DEFAULT_DILATION_RATIO * row["size"] * 2**0.5))
+    if headroom < GOAL_BOUNDARY_POINTS:
+        return (
+            f"unreachable: the {band}-px band (2% of the diagonal) is about {band / PATCH_SIZE:.1f} patches wide, so "
+            f"bilinear's sub-patch errors already score {row['bilinear']['boundary_iou']}; +10 would exceed 100"
+        )
+    if row["family"] == "textures":
+        return "classes differ by texture, not colour: stripes inside an object are colour edges to the guide too"
+    if part == "segment":
+        return (
+            f"the encoder's wrong patches (mIoU {row['bilinear']['miou']}) dominate: guided moves edges by about a "
+            "patch, it cannot relabel wrong patches"
+        )
+    return "not diagnosed"
+
+
 def _check(goal: str, value: float, minimum: float) -> dict[str, Any]:
     met = value >= minimum
     return {"goal": goal, "minimum": minimum, "value": value, "met": met, "missed_by": None if met else round(minimum - value, 2)}  # fmt: skip
@@ -222,7 +243,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=default_path("upsampling"))
+    parser.add_argument("--goals-only", action="store_true", help="recompute the goal of --out from its results")
     args = parser.parse_args()
+    if args.goals_only:  # the goal is a pure function of the results: no need to measure again
+        document = json.loads(args.out.read_text())
+        write_result({**document, "goal": goals(document["results"])}, args.out)
+        return
 
     import torch
 
