@@ -87,14 +87,14 @@ def side_by_side(rows: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 
 def oracle(count: int, seed: int) -> list[dict[str, Any]]:
-    from neco.client.retrieval import _argmax_upsampled
+    from neco.client.upsample import bilinear_argmax
 
     rows = []
     for family in SCENE_FAMILIES:
         for size in SIZES:
             pairs = scenes(family, size, count, seed)
             truths = [mask for _, mask in pairs]
-            bilinear = [_argmax_upsampled(oracle_scores(m), m.shape, False)[0] for _, m in pairs]
+            bilinear = [bilinear_argmax(oracle_scores(m), m.shape, False)[0] for _, m in pairs]
             guided = [guided_argmax(oracle_scores(m), image, False)[0] for image, m in pairs]
             result = {"bilinear": scores_of(bilinear, truths), "guided": scores_of(guided, truths)}
             rows.append({"family": family, "size": size, **side_by_side(result)})
@@ -162,7 +162,7 @@ def timing(backend: Any, support: int, rounds: int, seed: int) -> list[dict[str,
 
 def upsampling_only(grid: tuple[int, int], image: np.ndarray, rounds: int) -> dict[str, Any]:
     """Process CPU time of the upsampling + argmax alone, on (CLASSES, h, w) scores: the operation's own cost."""
-    from neco.client.retrieval import _argmax_upsampled
+    from neco.client.upsample import bilinear_argmax
 
     scores = np.random.default_rng(0).dirichlet(np.ones(CLASSES), grid).transpose(2, 0, 1).astype(np.float32)
     runs: dict[str, list[float]] = {m: [] for m in UPSAMPLE_METHODS}
@@ -172,7 +172,7 @@ def upsampling_only(grid: tuple[int, int], image: np.ndarray, rounds: int) -> di
             if method == "guided":
                 guided_argmax(scores, image, keep_scores=False)
             else:
-                _argmax_upsampled(scores, image.shape[:2], keep_scores=False)
+                bilinear_argmax(scores, image.shape[:2], keep_scores=False)
             if run:
                 runs[method].append(time.process_time() - cpu)
     medians = {m: round(statistics.median(runs[m]), 4) for m in UPSAMPLE_METHODS}

@@ -51,12 +51,12 @@ from neco.client.novelty import (
 from neco.client.render import heatmap_overlay, mask_to_image, overlay
 from neco.client.upsample import (
     DEFAULT_UPSAMPLE,
-    FeatureUpsampler,
     UpsampleMethod,
+    bilinear_argmax,
     check_guide,
     check_method,
     guided_argmax,
-    upsample_guided,
+    upsample_bilinear,
 )
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 
@@ -136,89 +136,6 @@ def transfer_labels(
     return np.einsum("qk,qkc->qc", weights, gathered)
 
 
-def interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) linear-resampling weights, half-pixel centres, edges clamped.
-
-    Each row holds at most two non-zero weights summing to 1; resampling is then one matrix
-    product, which BLAS does far faster than gathering and blending pixels.
-    """
-    coord = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
-    coord = np.clip(coord, 0.0, size_in - 1)
-    low = np.floor(coord).astype(np.int64)
-    high = np.minimum(low + 1, size_in - 1)
-    frac = coord - low
-    matrix = np.zeros((size_out, size_in), dtype=np.float32)
-    rows = np.arange(size_out)
-    np.add.at(matrix, (rows, low), 1.0 - frac)
-    np.add.at(matrix, (rows, high), frac)
-    return matrix
-
-
-def upsample_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize (K, h, w) scores to (K, H, W) (separable: rows @ scores @ cols^T)."""
-    rows = interpolation_matrix(scores.shape[1], size[0])
-    cols = interpolation_matrix(scores.shape[2], size[1])
-    return rows @ scores.astype(np.float32, copy=False) @ cols.T
-
-
-def upsample_features(
-    features: np.ndarray,
-    image: np.ndarray,
-    method: UpsampleMethod | FeatureUpsampler = "guided",
-    *,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """(h, w, C) patch features -> (H, W, C) features at the size of `image` (H, W, 3).
-
-    `method`: "guided" (joint bilateral, tiled; `out` may be a `np.memmap` for large images),
-    "bilinear", or a learned `FeatureUpsampler` such as `neco.export.upsampler.OnnxUpsampler`.
-    Upsampled vectors are weighted means, so they are no longer unit-norm: renormalise before
-    cosine similarity if needed.
-    """
-    if features.ndim != 3:
-        raise ValueError(f"features must be (h, w, C), got shape {features.shape}")
-    if isinstance(method, FeatureUpsampler):
-        return np.asarray(method(features, np.asarray(image)), dtype=np.float32)
-    guide = check_guide(image, np.asarray(image).shape[:2])
-    if check_method(method) == "guided":
-        return upsample_guided(features, guide, out=out)
-    resized = np.moveaxis(upsample_bilinear(np.moveaxis(features, -1, 0), guide.shape[:2]), 0, -1)
-    if out is None:
-        return resized
-    out[...] = resized
-    return out
-
-
-def _argmax_upsampled(
-    grid: np.ndarray, size: tuple[int, int], keep_scores: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """argmax and max over classes of the upsampled scores, one class plane at a time.
-
-    Equal to `upsample_bilinear(grid, size).argmax(0)` / `.max(0)` (first class wins ties) but
-    never materialises (K, H, W) unless scores are wanted, and skips classes that provably
-    cannot win anywhere: an interpolated score never exceeds the class's largest patch score,
-    while at every pixel the best class scores at least (smallest patch total) / K, because
-    interpolation weights are convex and each patch's scores sum to its total.
-    """
-    grid = np.ascontiguousarray(grid, dtype=np.float32)  # strided planes make every matmul slow
-    num_classes = grid.shape[0]
-    rows = interpolation_matrix(grid.shape[1], size[0])
-    across = grid @ interpolation_matrix(grid.shape[2], size[1]).T  # (K, h, W)
-    floor = float(grid.sum(axis=0).min()) / num_classes
-    candidates = [c for c in range(num_classes) if keep_scores or grid[c].max() >= floor] or [0]
-    scores = np.empty((num_classes, *size), dtype=np.float32) if keep_scores else None
-    best = np.full(size, -np.inf, dtype=np.float32)
-    label = np.zeros(size, dtype=np.uint8 if num_classes <= 256 else np.uint16)
-    plane, better = np.empty(size, dtype=np.float32), np.empty(size, dtype=bool)  # reused buffers
-    for c in candidates:
-        np.matmul(rows, across[c], out=plane if scores is None else scores[c])
-        current = plane if scores is None else scores[c]
-        np.greater(current, best, out=better)
-        np.copyto(label, c, where=better)
-        np.maximum(best, current, out=best)
-    return label, best, scores
-
-
 def segment_features(
     features: np.ndarray,
     bank: MemoryBank,
@@ -250,7 +167,7 @@ def segment_features(
     patch_scores = transfer_labels(sims, idx, bank.labels32, temperature)
     grid = np.ascontiguousarray(patch_scores.T).reshape(-1, height, width)
     if image is None:
-        mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
+        mask, confidence, scores = bilinear_argmax(grid, output_size, return_scores)
     else:
         mask, confidence, scores = guided_argmax(grid, image, return_scores)
     names = list(bank.class_names)

@@ -126,7 +126,7 @@ class OnnxUpsampler:
     """An exported upsampler in onnxruntime: `(features (h, w, C), image (H, W, 3) uint8) -> (H, W, C)`.
 
     Satisfies `neco.client.upsample.FeatureUpsampler`, so it plugs into
-    `neco.client.retrieval.upsample_features(..., method=OnnxUpsampler(path))`.
+    `neco.client.upsample.upsample_features(..., method=OnnxUpsampler(path))`.
     """
 
     def __init__(self, model: str | Path, providers: list[str] | None = None) -> None:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from neco.client import MemoryBank, segment, segment_features
-from neco.client.retrieval import _argmax_upsampled
 from neco.client.upsample import (
     GuidedSettings,
     UpsampleError,
+    bilinear_argmax,
     guided_argmax,
     patch_colours,
     upsample_guided,
@@ -58,7 +58,7 @@ def test_edges_of_a_step_image_are_kept_where_bilinear_blurs_them() -> None:
     guide = np.where(truth[..., None] == 1, 230, 20).astype(np.uint8).repeat(3, axis=2)
     grid = soft_labels(truth, 14, 2)
     guided, _, _ = guided_argmax(grid, guide, keep_scores=False)
-    bilinear, _, _ = _argmax_upsampled(grid, (size, size), keep_scores=False)
+    bilinear, _, _ = bilinear_argmax(grid, (size, size), keep_scores=False)
     assert (bilinear != truth).any()  # the patch grid alone cannot say where inside patch 7 the edge is
     np.testing.assert_array_equal(guided, truth)
 

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neco.client.retrieval import upsample_features
-from neco.client.upsample import FeatureUpsampler
+from neco.client.upsample import FeatureUpsampler, upsample_features
 from neco.contract import ModelContract
 from neco.export.errors import ExportError
 from neco.export.upsampler import (
