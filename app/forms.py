@@ -7,6 +7,8 @@ never written to a temporary file. Form fields are validated by a pydantic model
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -16,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from neco.app.config import MAX_TEMPERATURE, MIB, MIN_TEMPERATURE, AppConfig
 from neco.app.inputs import FormError, Upload
+from neco.client.upsample import DEFAULT_UPSAMPLE
 from neco.contract import registered_patch_sizes
 
 MAX_SIZE = 4096
@@ -103,6 +106,8 @@ class SegmentForm(BaseModel):
     """Encoder input size (shorter side, px); empty = the bank's policy or the support images' own size."""
     k: int = Field(ge=1, le=1024)
     temperature: float = Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    upsample: Literal["guided", "bilinear"] = DEFAULT_UPSAMPLE
+    """Patch scores to pixels: guided by the query's edges (segment()'s default) or bilinear."""
 
 
 async def read_form(request: Request) -> FormData:

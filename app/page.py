@@ -121,6 +121,8 @@ PAGE = """<!doctype html>
       <input id="size" type="number" min="14" max="4096" step="14" hidden></label>
     <label>neighbours k <input id="k" type="number" min="1" max="1024" step="1"></label>
     <label>temperature <input id="temperature" type="number" min="0.0001" step="any"></label>
+    <label>edges <select id="upsample"><option value="guided">guided by the image</option>
+      <option value="bilinear">bilinear (Hummingbird)</option></select></label>
     <button id="run" type="button">Segment</button> <span id="status"></span>
   </div>
   <p id="error" role="alert"></p>

@@ -34,6 +34,7 @@ async function buildForm() {
   form.append("size", mode === "custom" ? $("size").value : mode);
   form.append("k", $("k").value);
   form.append("temperature", $("temperature").value);
+  form.append("upsample", $("upsample").value);
   return form;
 }
 
@@ -70,7 +71,8 @@ function showResults(answer) {
   $("legend").replaceChildren(...[...seen.values()].map((entry) => swatch(entry, false)));
   $("summary").textContent = "Bank: " + bank.label + ", " + bank.patches + " labelled patches, resize policy " +
     bank.policy + (bank.support_side ? " (support images at " + bank.support_side + " px)" : "") +
-    " \u00b7 k = " + answer.k + " \u00b7 temperature " + answer.temperature + " \u00b7 " + results.length + " quer" +
+    " \u00b7 k = " + answer.k + " \u00b7 temperature " + answer.temperature + " \u00b7 " + answer.upsample +
+    " upsampling \u00b7 " + results.length + " quer" +
     (results.length === 1 ? "y" : "ies");
   $("bank-download").href = bank.download;
   $("gallery").replaceChildren(...results.map((result) => {

@@ -163,7 +163,9 @@ class Segmenter:
         with tempfile.TemporaryDirectory(prefix="neco-app-bank-") as scratch:
             return zip_folder(memory.save(Path(scratch) / "bank"), "bank")
 
-    def segment(self, query: Upload, bank: Bank, k: int, temperature: float, colours: str) -> dict[str, Any]:
+    def segment(
+        self, query: Upload, bank: Bank, k: int, temperature: float, colours: str, upsample: str
+    ) -> dict[str, Any]:
         """What `client.segment(query, bank)` computes, plus the pictures and the notes the page shows."""
         backend, memory = self.backend, bank.memory
         check_contract(backend.contract, memory)
@@ -172,7 +174,9 @@ class Segmenter:
         patches = prepared.grid[0] * prepared.grid[1]
         check_label_transfer(patches, k, len(memory.class_names), self.config.max_transfer_bytes)
         features = batch_features(backend, [prepared.array])[0]
-        result = segment_features(features, memory, prepared.original_size, k=k, temperature=temperature)
+        result = segment_features(
+            features, memory, prepared.original_size, k=k, temperature=temperature, upsample=upsample, guide=rgb
+        )  # what segment() computes, with the same upsampler
         labels, counts = np.unique(result.mask, return_counts=True)
         confidence = float(result.confidence.mean())
         return {
@@ -188,6 +192,7 @@ class Segmenter:
             "grid": list(prepared.grid),
             "classes": result.class_names,
             "mean_confidence": confidence,
+            "upsample": result.upsample,
             "notes": notes(prepared.original_size, bank, confidence),
         }
 

@@ -205,7 +205,7 @@ def run_segmentation(
         else:
             bank = segmenter.uploaded_bank(supports, fields.classes, fields.size, budget)
         colours = class_colours(fields.colours, len(bank.memory.class_names))
-        results = [segmenter.segment(q, bank, fields.k, fields.temperature, colours) for q in queries]
+        results = [segmenter.segment(q, bank, fields.k, fields.temperature, colours, fields.upsample) for q in queries]
     memory = bank.memory
     return {
         "bank": {
@@ -219,6 +219,7 @@ def run_segmentation(
         },
         "k": fields.k,
         "temperature": fields.temperature,
+        "upsample": fields.upsample,
         "results": results,
     }
 

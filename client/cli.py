@@ -25,6 +25,7 @@ from neco.cli import deprecated_alias
 from neco.client.bank import DEFAULT_IMAGE_SIZE
 from neco.client.novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_METHOD, DEFAULT_VARIANCE, METHODS
 from neco.client.size_policy import SIZE_MISMATCH_FLAG, shown, support_size
+from neco.client.upsample import DEFAULT_UPSAMPLE, UPSAMPLE_METHODS
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 from neco.errors import InputError
 
@@ -236,7 +237,7 @@ def _segment(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.segment(
             args.image, args.bank, k=args.k, temperature=args.temperature, size=args.size, unknown=args.unknown,
-            allow_size_mismatch=args.allow_size_mismatch,
+            allow_size_mismatch=args.allow_size_mismatch, upsample=args.upsample,
         )  # fmt: skip
     if args.out is not None:
         make_parent(args.out)
@@ -250,7 +251,8 @@ def _segment(args: argparse.Namespace) -> int:
     written = " and ".join(str(path) for path in (args.out, args.overlay) if path is not None)
     print(
         f"{args.image}: mask {result.mask.shape[0]}x{result.mask.shape[1]} -> {written} ({shares}); "
-        f"encoder input {height}x{width} (size {shown(args.size) if args.size is not None else 'of the bank'})"
+        f"encoder input {height}x{width} (size {shown(args.size) if args.size is not None else 'of the bank'}); "
+        f"{result.upsample} upsampling"
     )
     return 0
 
@@ -335,6 +337,12 @@ def register(subparsers: Any) -> None:
         choices=METHODS,
         help=f"label novel pixels 'unknown' (the bank's calibrated threshold; METHOD: {' or '.join(METHODS)}, "
         f"default {DEFAULT_METHOD})",
+    )
+    seg.add_argument(
+        "--upsample",
+        choices=UPSAMPLE_METHODS,
+        default=DEFAULT_UPSAMPLE,
+        help="patch scores to pixels: guided by the image's edges, or bilinear (the Hummingbird protocol's)",
     )
     _size_options(seg)
     seg.set_defaults(handler=_segment)

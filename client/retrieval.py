@@ -8,7 +8,9 @@ functions, so the published protocol and the product share one implementation.
 
 Upsampling convention: half-pixel centres ("align_corners=False", as torch's
 `F.interpolate(..., mode="bilinear", align_corners=False)`, checked by a test): output pixel o maps
-to source coordinate (o + 0.5) * in / out - 0.5, clamped to the grid edges.
+to source coordinate (o + 0.5) * in / out - 0.5, clamped to the grid edges. `upsample="guided"`
+replaces the bilinear step by image-guided joint bilateral upsampling (`neco.client.upsample`), with
+the same geometry; every `SegmentationResult` names the upsampler that produced it.
 
 Novelty maps (`novelty`, see `neco.client.novelty`) are upsampled the same way, so pixel (y, x)
 of a novelty map and of a mask describe the same place; `segment(..., unknown=...)` uses that
@@ -46,6 +48,15 @@ from neco.client.novelty import (
 )
 from neco.client.render import heatmap_overlay, mask_to_image, overlay
 from neco.client.size_policy import build_for_query, check_query_size
+from neco.client.upsample import (
+    DEFAULT_UPSAMPLE,
+    UpsampleMethod,
+    bilinear_argmax,
+    check_guide,
+    check_method,
+    guided_argmax,
+    upsample_bilinear,
+)
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE, ModelContract
 
 UNKNOWN_LABEL = "unknown"
@@ -68,6 +79,8 @@ class SegmentationResult:
     depend on it, so it is reported with them. None for `segment_features`, which never saw the image."""
     image: PreparedImage | None = field(default=None, repr=False, compare=False)
     """The query as `segment` prepared it (None for `segment_features`): what `overlay` draws on."""
+    upsample: UpsampleMethod = "bilinear"
+    """How the patch scores were brought to pixels: "bilinear" or "guided" (by the image)."""
 
     def overlay(self, image: ImageLike | None = None, alpha: float = 0.5, legend: bool = True) -> Image.Image:
         """The input image (by default the query `segment` decoded) with class colours and a legend."""
@@ -122,61 +135,6 @@ def transfer_labels(
     return np.einsum("qk,qkc->qc", weights, gathered)
 
 
-def interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) linear-resampling weights, half-pixel centres, edges clamped.
-
-    Each row holds at most two non-zero weights summing to 1; resampling is then one matrix
-    product, which BLAS does far faster than gathering and blending pixels.
-    """
-    coord = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
-    coord = np.clip(coord, 0.0, size_in - 1)
-    low = np.floor(coord).astype(np.int64)
-    high = np.minimum(low + 1, size_in - 1)
-    frac = coord - low
-    matrix = np.zeros((size_out, size_in), dtype=np.float32)
-    rows = np.arange(size_out)
-    np.add.at(matrix, (rows, low), 1.0 - frac)
-    np.add.at(matrix, (rows, high), frac)
-    return matrix
-
-
-def upsample_bilinear(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize (K, h, w) scores to (K, H, W) (separable: rows @ scores @ cols^T)."""
-    rows = interpolation_matrix(scores.shape[1], size[0])
-    cols = interpolation_matrix(scores.shape[2], size[1])
-    return rows @ scores.astype(np.float32, copy=False) @ cols.T
-
-
-def _argmax_upsampled(
-    grid: np.ndarray, size: tuple[int, int], keep_scores: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """argmax and max over classes of the upsampled scores, one class plane at a time.
-
-    Equal to `upsample_bilinear(grid, size).argmax(0)` / `.max(0)` (first class wins ties) but
-    never materialises (K, H, W) unless scores are wanted, and skips classes that provably
-    cannot win anywhere: an interpolated score never exceeds the class's largest patch score,
-    while at every pixel the best class scores at least (smallest patch total) / K, because
-    interpolation weights are convex and each patch's scores sum to its total.
-    """
-    grid = np.ascontiguousarray(grid, dtype=np.float32)  # strided planes make every matmul slow
-    num_classes = grid.shape[0]
-    rows = interpolation_matrix(grid.shape[1], size[0])
-    across = grid @ interpolation_matrix(grid.shape[2], size[1]).T  # (K, h, W)
-    floor = float(grid.sum(axis=0).min()) / num_classes
-    candidates = [c for c in range(num_classes) if keep_scores or grid[c].max() >= floor] or [0]
-    scores = np.empty((num_classes, *size), dtype=np.float32) if keep_scores else None
-    best = np.full(size, -np.inf, dtype=np.float32)
-    label = np.zeros(size, dtype=np.uint8 if num_classes <= 256 else np.uint16)
-    plane, better = np.empty(size, dtype=np.float32), np.empty(size, dtype=bool)  # reused buffers
-    for c in candidates:
-        np.matmul(rows, across[c], out=plane if scores is None else scores[c])
-        current = plane if scores is None else scores[c]
-        np.greater(current, best, out=better)
-        np.copyto(label, c, where=better)
-        np.maximum(best, current, out=best)
-    return label, best, scores
-
-
 def segment_features(
     features: np.ndarray,
     bank: MemoryBank,
@@ -186,6 +144,8 @@ def segment_features(
     temperature: float = DEFAULT_TEMPERATURE,
     return_scores: bool = False,
     unknown: bool | float | NoveltyMethod = False,
+    upsample: UpsampleMethod = "bilinear",
+    guide: np.ndarray | None = None,
 ) -> SegmentationResult:
     """Segment from already computed (h, w, C) unit-norm query features.
 
@@ -193,23 +153,30 @@ def segment_features(
     confidence and scores stay those of label transfer. It names the novelty method and threshold:
     a method ("knn" or "neco") uses that method's calibrated patch threshold, True the default
     method's (`DEFAULT_METHOD`, the k-NN baseline), and a float is a threshold on the default
-    method's novelty.
+    method's novelty. Unknown pixels are those of the novelty map as `novelty()` returns it
+    (bilinear) whatever `upsample` is, so the two agree pixel for pixel.
+    `upsample="guided"` needs `guide`, the query image at `output_size`.
     """
     if features.ndim != 3:
         raise ValueError(f"query features must be (h, w, C), got shape {features.shape}")
+    upsampler = check_method(upsample)
+    image = check_guide(guide, output_size) if upsampler == "guided" else None
     height, width, channels = features.shape
     rule = _unknown_rule(bank, unknown)
     sims, idx = bank.search(features.reshape(-1, channels), k)
     patch_scores = transfer_labels(sims, idx, bank.labels32, temperature)
     grid = np.ascontiguousarray(patch_scores.T).reshape(-1, height, width)
-    mask, confidence, scores = _argmax_upsampled(grid, output_size, return_scores)
+    if image is None:
+        mask, confidence, scores = bilinear_argmax(grid, output_size, return_scores)
+    else:
+        mask, confidence, scores = guided_argmax(grid, image, return_scores)
     names = list(bank.class_names)
     if rule is not None:
         method, threshold = rule
         novel = upsample_bilinear(bank.patch_novelty(features, method)[None], output_size)[0] > threshold
         mask = np.where(novel, len(names), mask).astype(np.uint8 if len(names) < 256 else np.uint16)
         names.append(UNKNOWN_LABEL)
-    return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores)
+    return SegmentationResult(mask=mask, class_names=names, confidence=confidence, scores=scores, upsample=upsampler)
 
 
 def _unknown_rule(bank: MemoryBank, unknown: bool | float | NoveltyMethod) -> tuple[NoveltyMethod, float] | None:
@@ -320,13 +287,16 @@ def segment(
     class_names: Sequence[str] | None = None,
     unknown: bool | float | NoveltyMethod = False,
     allow_size_mismatch: bool = False,
+    upsample: UpsampleMethod = DEFAULT_UPSAMPLE,
 ) -> SegmentationResult:
     """Segment `image` by label transfer from `support` (bank, bank folder, or pairs).
 
     The query is resized with the bank's image-size policy, and the mask comes back at the
     input image's own size. `size` builds a bank from pairs at that size (default: the support
     images' own); a built bank's size is refused unless `allow_size_mismatch=True`.
-    `unknown`: see `segment_features`.
+    `unknown`: see `segment_features`. `upsample`: "guided" (default) lets the image's own edges
+    shape the mask, "bilinear" is the Hummingbird protocol's smooth upsampling (see docs/client.md
+    for the measured difference).
     """
     bank = resolve_bank(backend, support, size, allow_size_mismatch, class_names=class_names)
     prepared, features = _query_features(backend, image, bank, size)
@@ -338,6 +308,8 @@ def segment(
         temperature=temperature,
         return_scores=return_scores,
         unknown=unknown,
+        upsample=upsample,
+        guide=prepared.original if prepared.original is not None else prepared.array,
     )
     return replace(result, input_size=prepared.size, image=prepared)
 

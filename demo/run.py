@@ -10,7 +10,11 @@
    set through `NecoClient`, `segment()` the queries, score val (Hummingbird mIoU), stop it
    and measure ordering agreement (the quantity NeCo optimises, `neco.evaluation.ordering`)
 6. print per-class IoU, mIoU and ordering agreement side by side; write panel.png (image | ground
-   truth | start | after NeCo), pca.png, per-model overlays and summary.json
+   truth | start | after NeCo | after NeCo, guided), pca.png, per-model overlays and summary.json
+
+The protocol's numbers and the start / after NeCo columns use bilinear upsampling (the Hummingbird
+protocol's); the last column and the `guided` scores upsample the same label scores guided by the
+image (`neco.client.upsample`), with boundary IoU beside mIoU for both.
 
 The starting weights are written first and handed to training as `model.weights`, so "before"
 and "after" differ only by the NeCo run. Uses CUDA for training when present. This is the one
@@ -155,6 +159,7 @@ def evaluate_served(
     Returns (scores, picture material: predicted masks and PCA pictures of the first queries).
     """
     from neco.client import NecoClient, batch_features, features_to_rgb, prepare_image, segment
+    from neco.evaluation.boundary import BoundaryAccumulator
     from neco.evaluation.hummingbird import build_bank, evaluate_bank
     from neco.evaluation.ordering import ordering_agreement
     from neco.serving import EmbeddedServer, ServeConfig
@@ -162,26 +167,44 @@ def evaluate_served(
     size = (cfg.input_size, cfg.input_size)
     serve_cfg = ServeConfig(repository=repository, model_name=name, http_port=0, grpc_port=0, metrics_port=0)
     stages.note(f"starting the embedded Triton server for {name!r}")
-    material: dict[str, list] = {"masks": [], "pca": []}
+    material: dict[str, list] = {"masks": [], "masks_guided": [], "pca": []}
+    upsampled: dict[str, dict[str, float]] = {}
     with EmbeddedServer(serve_cfg) as server, NecoClient(server.grpc_url, "grpc", model=name, size=size) as client:
         stages.note(f"serving on grpc {server.grpc_url} / http {server.http_url}; building the bank")
         bank = build_bank(client, train, train.class_names, size, memory_size=cfg.memory_size, seed=cfg.seed)
         bank.save(cfg.output_dir / "banks" / name)
         stages.note(f"{bank!r}; segmenting {len(val)} val images")
-        result = evaluate_bank(client, bank, val, k=cfg.k, temperature=cfg.temperature)
+        scored = {}
+        for method in ("bilinear", "guided"):  # bilinear: the protocol's numbers; guided: the last column's
+            edges = BoundaryAccumulator(list(bank.class_names))
+            scored[method] = evaluate_bank(
+                client, bank, val, k=cfg.k, temperature=cfg.temperature, upsample=method, boundary=edges
+            )
+            upsampled[method] = {"miou": scored[method].miou, "boundary_iou": edges.result().miou}
+        result = scored["bilinear"]
         references = [train[i][0] for i in range(min(cfg.ordering_references, len(train)))]
         queries = [val[i][0] for i in range(len(val))]
         ordering = ordering_agreement(client, queries, references, size=cfg.input_size, seed=cfg.seed)
         stages.note(f"ordering agreement {ordering.mean_spearman:.3f} over {ordering.points} aligned patches")
         for i in range(min(cfg.pictures, len(val))):
             image, _ = val[i]
-            seg = segment(client, image, bank, k=cfg.k, temperature=cfg.temperature)
+            seg = segment(client, image, bank, k=cfg.k, temperature=cfg.temperature, upsample="bilinear")
             seg.overlay(image).save(pictures / f"query{i}_{name}_overlay.png")
             material["masks"].append(seg.mask)
+            guided = segment(client, image, bank, k=cfg.k, temperature=cfg.temperature, upsample="guided")
+            material["masks_guided"].append(guided.mask)
             feats = batch_features(client, [prepare_image(image, size, client.contract.patch_size).array])[0]
             material["pca"].append(features_to_rgb(feats, size=(2 * image.shape[0], 2 * image.shape[1])))
     stages.note(f"server for {name!r} stopped")
-    scores = {"model": name, "bank_patches": len(bank), **result.to_dict(), "ordering": ordering.to_dict()}
+    scores = {
+        "model": name,
+        "bank_patches": len(bank),
+        **result.to_dict(),
+        "upsample": "bilinear",
+        "boundary_iou": upsampled["bilinear"]["boundary_iou"],
+        "guided": upsampled["guided"],
+        "ordering": ordering.to_dict(),
+    }
     return scores, material
 
 
@@ -250,6 +273,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
     print(f"      {'mIoU':<{width}}  {_pct(before['miou']):>7}  {_pct(after['miou']):>7}")
     agreement = [float(r["ordering"]["mean_spearman"]) for r in (before, after)]  # type: ignore[index]
     print(f"      {'ordering':<{width}}  {agreement[0]:>7.3f}  {agreement[1]:>7.3f}   (mean Spearman, two views)")
+    for key, title in (("miou", "mIoU"), ("boundary_iou", "boundary IoU")):
+        row = [before, after]
+        bilinear = [_pct(r["miou"] if key == "miou" else r["boundary_iou"]) for r in row]
+        guided = [_pct(r["guided"][key]) for r in row]  # type: ignore[index]
+        print(f"      {title}: bilinear {bilinear[0]} / {bilinear[1]}, guided {guided[0]} / {guided[1]} (start / NeCo)")
     gain = 100 * (float(after["miou"]) - float(before["miou"]))  # type: ignore[arg-type]
     print(f"      NeCo changed mIoU by {gain:+.1f} points on held-out '{cfg.scenes.family}' scenes")
     if gain <= 0:
@@ -268,7 +296,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
 
 
 def write_summary_pictures(val, results: dict, material: dict, pictures: Path) -> None:
-    """panel.png (image | ground truth | start | after NeCo) and pca.png (image | PCA maps)."""
+    """panel.png (image | ground truth | start | after NeCo | after NeCo, guided) and pca.png (image | PCA maps)."""
     from neco.demo.pictures import pca_sheet, segmentation_panel
 
     count = len(next(iter(material.values()))["masks"])
@@ -280,6 +308,9 @@ def write_summary_pictures(val, results: dict, material: dict, pictures: Path) -
     predictions = {
         f"{titles[label]}  mIoU {_pct(results[label]['miou'])}": material[label]["masks"] for label in material
     }
+    if "after NeCo" in material:
+        guided = f"after NeCo, guided  mIoU {_pct(results['after NeCo']['guided']['miou'])}"
+        predictions[guided] = material["after NeCo"]["masks_guided"]
     segmentation_panel(images, truths, predictions, val.class_names).save(pictures / "panel.png")
     pca_sheet(images, {f"PCA {titles[label]}": material[label]["pca"] for label in material}).save(pictures / "pca.png")
 

@@ -77,6 +77,7 @@ HUMMINGBIRD_FLAGS = (
     ("--temperature", "temperature", float, f"softmax temperature (protocol: {DEFAULT_TEMPERATURE})"),
     ("--memory-size", "memory_size", int, "memory bound in patches (over all passes)"),
     ("--augment-passes", "augment_passes", int, "memory passes over the train split"),
+    ("--upsample", "upsample", str, "bilinear (the protocol's, default) | guided by the image (edges; not comparable)"),
 )
 OVERCLUSTER_FLAGS = (
     ("--protocol", "protocol", str, "neco (default: the NeCo repository's) | raw (see above)"),

@@ -9,6 +9,12 @@ built from the train split (optionally bounded, rare classes favoured, over seve
 passes); every val image is segmented by k-NN label transfer (k = 30, softmax(sim / 0.02)),
 class scores are upsampled bilinearly to the mask's size, and mIoU ignores 255.
 
+`upsample` (`--upsample`): bilinear by default in both protocols, as published, so the numbers stay
+comparable; `guided` upsamples the class scores with the image as guide (`neco.client.upsample`).
+The report says which one produced every number. The strict protocol also reports boundary IoU
+(`neco.evaluation.boundary`, bands of 2% of the image diagonal) beside mIoU; hbird-eval does not,
+since its labels are only matched to classes after the whole split is scored.
+
 Nothing here re-implements retrieval: the bank is `neco.client.MemoryBank.build` and the label
 transfer is `neco.client.retrieval.segment_features`, i.e. exactly what `neco segment` runs.
 Evaluation only adds the dataset plumbing, augmentation passes and the metric.
@@ -27,6 +33,7 @@ from pydantic import Field, model_validator
 from neco.contract import DEFAULT_K, DEFAULT_TEMPERATURE
 from neco.evaluation.augment import SquareViews
 from neco.evaluation.backends import iter_features
+from neco.evaluation.boundary import BoundaryAccumulator
 from neco.evaluation.config import EvalConfig
 from neco.evaluation.datasets import SegmentationDataset, load_dataset
 from neco.evaluation.metrics import ConfusionAccumulator, IoUResult
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
 
 
 ProtocolChoice = Literal["hbird-eval", "strict", "both"]
+Upsample = Literal["bilinear", "guided"]
 PUBLISHED_LAYOUTS: frozenset[str] = frozenset({"voc", "ade20k", "coco-stuff", "cityscapes"})
 """Dataset layouts whose default protocol is the published one (`folder` defaults to strict)."""
 
@@ -64,6 +72,9 @@ class HummingbirdConfig(EvalConfig):
     memory_size: int | None = Field(None, ge=1, description="bank size bound (patches); None keeps all")
     augment_passes: int = Field(1, ge=1, description="memory passes (strict: passes > 1 augmented; hbird-eval: all)")
     fp16_bank: bool = Field(False, description="strict only: store the bank in float16")
+    upsample: Upsample = Field(
+        "bilinear", description="patch scores to pixels: bilinear (the protocol's) or guided by the image"
+    )
 
     _beta = model_validator(mode="before")(deprecated_beta)
 
@@ -108,6 +119,21 @@ class AugmentedPairs(Sequence[tuple[np.ndarray, np.ndarray]]):
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return (self[i] for i in range(len(self)))
+
+
+class WithImages(Sequence[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]):
+    """(image, (mask, image)) views of pairs: `iter_features` passes the second item through, so
+    guided upsampling receives each query image beside its features without a second read."""
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:  # type: ignore[override]
+        image, mask = self.pairs[index]
+        return image, (mask, image)
 
 
 def build_bank(
@@ -160,12 +186,15 @@ def evaluate_bank(
     batch_size: int = 8,
     progress: bool = True,
     beta: float | None = None,
+    upsample: Upsample = "bilinear",
+    boundary: BoundaryAccumulator | None = None,
 ) -> IoUResult:
     """Segment every val image with the client's label transfer and accumulate one confusion matrix.
 
     Same-size prepared queries share one backend call (`iter_features`); each image then
-    goes through `segment_features`, which returns the mask at the image's own size.
-    `beta` is the deprecated name of `temperature`.
+    goes through `segment_features`, which returns the mask at the image's own size, upsampled
+    by `upsample` (guided: with the val image as guide). `boundary`, when given, accumulates
+    boundary IoU over the same masks. `beta` is the deprecated name of `temperature`.
     """
     from neco.client.retrieval import check_contract, segment_features
 
@@ -174,10 +203,14 @@ def evaluate_bank(
         temperature = beta
     check_contract(backend.contract, bank)
     acc = ConfusionAccumulator(list(bank.class_names))
-    for feats, target in iter_features(
-        backend, val, bank.image_size, batch_size=batch_size, desc="segment val", progress=progress
+    for feats, (target, image) in iter_features(
+        backend, WithImages(val), bank.image_size, batch_size=batch_size, desc="segment val", progress=progress
     ):
-        acc.update(segment_features(feats, bank, target.shape, k=k, temperature=temperature).mask, target)
+        guide = image if upsample == "guided" else None
+        mask = segment_features(feats, bank, target.shape, k=k, temperature=temperature, upsample=upsample, guide=guide)
+        acc.update(mask.mask, target)
+        if boundary is not None:
+            boundary.update(mask.mask, target)
     return acc.result()
 
 
@@ -196,10 +229,32 @@ def run_strict(
         batch_size=cfg.backend.batch_size,
         seed=cfg.seed,
     )
-    print(f"hummingbird[strict]: {bank!r}")
-    result = evaluate_bank(backend, bank, val, k=cfg.k, temperature=cfg.temperature, batch_size=cfg.backend.batch_size)
+    print(f"hummingbird[strict]: {bank!r}, {cfg.upsample} upsampling")
+    boundary = BoundaryAccumulator(list(train.class_names))
+    result = evaluate_bank(
+        backend,
+        bank,
+        val,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        batch_size=cfg.backend.batch_size,
+        upsample=cfg.upsample,
+        boundary=boundary,
+    )
+    edges = boundary.result()
     print(result.table())
-    return {**result.to_dict(), "matching": "none", "bank_patches": len(bank), "input_size": cfg.input_size}
+    print(f"boundary IoU (bands of 2% of the diagonal) {100 * edges.miou:5.1f}")
+    return {
+        **result.to_dict(),
+        "boundary_iou": edges.miou,
+        "per_class_boundary_iou": {
+            n: (None if np.isnan(v) else float(v)) for n, v in zip(edges.class_names, edges.per_class)
+        },
+        "upsample": cfg.upsample,
+        "matching": "none",
+        "bank_patches": len(bank),
+        "input_size": cfg.input_size,
+    }
 
 
 def run_hbird_eval(
@@ -220,7 +275,10 @@ def run_hbird_eval(
             desc=f"memory pass {p + 1}",
         )
     )
-    queries = iter_features(backend, SquareViews(val, size), (size, size), batch_size=batch, desc="segment val")
+    views = iter_features(
+        backend, WithImages(SquareViews(val, size)), (size, size), batch_size=batch, desc="segment val"
+    )
+    queries = ((features, mask, image) for features, (mask, image) in views)
     result = hbird_eval(
         memory,
         queries,
@@ -229,10 +287,11 @@ def run_hbird_eval(
         temperature=cfg.temperature,
         memory_per_image=per_image,
         seed=cfg.seed,
+        upsample=cfg.upsample,
     )
-    print(f"hummingbird[hbird-eval]: memory of {result.bank_patches} patches")
+    print(f"hummingbird[hbird-eval]: memory of {result.bank_patches} patches, {cfg.upsample} upsampling")
     print(result.iou.table())
-    return {**result.iou.to_dict(), "bank_patches": result.bank_patches, "input_size": size}
+    return {**result.iou.to_dict(), "upsample": cfg.upsample, "bank_patches": result.bank_patches, "input_size": size}
 
 
 RUNNERS = {"hbird-eval": run_hbird_eval, "strict": run_strict}

@@ -124,16 +124,19 @@ def hbird_eval(
     temperature: float = DEFAULT_TEMPERATURE,
     memory_per_image: int | None = None,
     seed: int = 0,
+    upsample: Literal["bilinear", "guided"] = "bilinear",
 ) -> HbirdEvalResult:
     """Score `queries` against a memory built from `bank` with the published protocol.
 
     Both iterables yield ((h, w, C) unit-norm features, (H, W) mask at the square input size);
     for the memory those are the augmented views. `memory_per_image` is the K of the bounded
-    memory. Returns the Hungarian-matched mIoU over all classes.
+    memory. Returns the Hungarian-matched mIoU over all classes. `upsample="guided"` (not the
+    published protocol) needs each query as (features, mask, (H, W, 3) image at the mask's size).
     """
     import faiss
 
     from neco.client.retrieval import transfer_labels, upsample_bilinear
+    from neco.client.upsample import check_guide, check_method, guided_argmax
 
     num_classes = len(class_names)
     rng = np.random.default_rng(seed)
@@ -155,15 +158,21 @@ def hbird_eval(
 
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     count = 0
-    for features, mask in queries:
+    check_method(upsample)
+    for features, mask, *image in queries:
         _patch_size(features, mask, "query image")
+        if upsample == "guided" and not image:
+            raise ProtocolError("guided upsampling needs (features, mask, image) queries")
         h, w, channels = features.shape
         if channels != memory.shape[1]:
             raise ProtocolError(f"query features have {channels} channels, the memory {memory.shape[1]}")
         sims, neighbours = index.search(np.ascontiguousarray(features.reshape(-1, channels), dtype=np.float32), k)
         scores = transfer_labels(sims, neighbours, memory_labels_, temperature)
         grid = np.ascontiguousarray(scores.T).reshape(num_classes, h, w)
-        prediction = upsample_bilinear(grid, mask.shape).argmax(axis=0)
+        if upsample == "guided":
+            prediction = guided_argmax(grid, check_guide(image[0], mask.shape), keep_scores=False)[0]
+        else:
+            prediction = upsample_bilinear(grid, mask.shape).argmax(axis=0)
         try:
             confusion += confusion_matrix(prediction, mask, num_classes)
         except MetricError as exc:

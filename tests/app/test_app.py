@@ -298,3 +298,13 @@ def test_app_extra_pulls_no_heavy_package() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("upsample", ["guided", "bilinear"])
+def test_the_page_offers_the_upsampler_and_says_which_made_the_mask(api: TestClient, banks: Path, scenes, upsample):
+    query = png(scenes[3][0])
+    status, answer = post(api, query, bank="scenes", k="10", temperature="0.05", upsample=upsample)
+    assert status == 200, answer
+    expected = segment(ColourBackend(), query, banks / "scenes", k=10, temperature=0.05, upsample=upsample)
+    np.testing.assert_array_equal(data_url_pixels(answer["results"][0]["mask"]), expected.mask)
+    assert answer["upsample"] == answer["results"][0]["upsample"] == upsample

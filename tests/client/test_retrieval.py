@@ -13,7 +13,8 @@ from PIL import Image
 from neco.client import ImageError, MemoryBank, SupportSetError, segment
 from neco.client.bank import BankRows, BankSettings
 from neco.client.errors import BankContractError
-from neco.client.retrieval import _argmax_upsampled, segment_features, transfer_labels, upsample_bilinear
+from neco.client.retrieval import segment_features, transfer_labels, upsample_bilinear
+from neco.client.upsample import bilinear_argmax
 from neco.contract import ModelContract
 from neco.signature import InputLimits
 
@@ -82,11 +83,11 @@ def test_fused_argmax_equals_argmax_of_upsampled_scores(alpha: float) -> None:
     if alpha < 1:  # make sure the pruning path runs: some classes never reach the floor
         assert (grid.max(axis=(1, 2)) < grid.sum(axis=0).min() / 21).any()
     full = upsample_bilinear(grid, (37, 52))
-    mask, confidence, scores = _argmax_upsampled(grid, (37, 52), keep_scores=False)
+    mask, confidence, scores = bilinear_argmax(grid, (37, 52), keep_scores=False)
     assert scores is None
     np.testing.assert_array_equal(mask, full.argmax(axis=0))
     np.testing.assert_allclose(confidence, full.max(axis=0), atol=1e-6)
-    mask_kept, _, kept = _argmax_upsampled(grid, (37, 52), keep_scores=True)
+    mask_kept, _, kept = bilinear_argmax(grid, (37, 52), keep_scores=True)
     np.testing.assert_array_equal(mask_kept, mask)
     np.testing.assert_allclose(kept, full, atol=1e-6)
 

@@ -40,7 +40,8 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert on_disk["results"] == summary["results"]
     for label in ("starting weights", "after NeCo"):
         result = on_disk["results"][label]
-        assert 0.0 <= result["miou"] <= 1.0
+        assert 0.0 <= result["miou"] <= 1.0 and result["upsample"] == "bilinear"
+        assert 0.0 <= result["boundary_iou"] <= 1.0 and 0.0 <= result["guided"]["boundary_iou"] <= 1.0
         assert result["bank_patches"] == 6 * 4 * 4
         assert -1.0 <= result["ordering"]["mean_spearman"] <= 1.0 and result["ordering"]["images"] == 3
     assert (tmp_path / "train" / "artefact" / "backbone.safetensors").is_file()
@@ -59,9 +60,9 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
         with Image.open(path) as image:
             image.verify()
             assert image.format == "PNG"
-    # one query row: 4 columns (image | truth | start | after) and 3 (image | PCA start | PCA after) of 2x cells
+    # one query row: 5 columns (image | truth | start | after | after, guided) and 3 (image | PCA start | PCA after)
     with Image.open(tmp_path / "pictures" / "panel.png") as panel, Image.open(tmp_path / "pictures" / "pca.png") as pca:
-        assert panel.width == 4 * 224 + 5 * GAP and panel.height > TITLE_HEIGHT + 224 + GAP
+        assert panel.width == 5 * 224 + 6 * GAP and panel.height > TITLE_HEIGHT + 224 + GAP
         assert pca.size == (3 * 224 + 4 * GAP, TITLE_HEIGHT + 224 + 2 * GAP)
 
 
