@@ -50,10 +50,10 @@ FAMILY_RECIPES = {
     "dinov3": REPO / "configs" / "train_vits16_dinov3_coco224.yaml",
 }
 """The training recipe each backbone family is measured with unless `--arch A=CONFIG` names one."""
+TINY_GLOBAL_PATCHES, TINY_LOCAL_PATCHES = 4, 2
+"""Tiny crops in patches (56/28 px at patch 14, 64/32 px at patch 16): sizes must fit the backbone's patch."""
 TINY_SET = [
     "optim.batch_size=2",
-    "crops.global_size=56",
-    "crops.local_size=28",
     "crops.num_local=1",
     "method.grid_size=2",
     "method.num_references=4",
@@ -138,11 +138,18 @@ def train_config(args: argparse.Namespace, compiled: bool, arch: str | None = No
         "runtime.progress=false",
         "model.weights=null",  # random init of the recipe's architecture: no network, same cost
         "data.kind=scenes",
-        *(TINY_SET if args.tiny else []),
         *([f"model.arch={arch}"] if arch else []),
-        *args.set,
     ]
-    return load_train_config(config or args.config, overrides)
+    if args.tiny:
+        from neco.contract import supported_arch_spec
+
+        patch = supported_arch_spec(load_train_config(config or args.config, overrides).model.arch).patch_size
+        overrides += [
+            *TINY_SET,
+            f"crops.global_size={TINY_GLOBAL_PATCHES * patch}",
+            f"crops.local_size={TINY_LOCAL_PATCHES * patch}",
+        ]
+    return load_train_config(config or args.config, [*overrides, *args.set])
 
 
 def train_step_figures(

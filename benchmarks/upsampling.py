@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 from common import default_path, machine_info, make_result, write_result
 
-from neco.client import MemoryBank, segment, segment_features
+from neco.client import MemoryBank, segment
+from neco.client.retrieval import segment_features
 from neco.client.upsample import UPSAMPLE_METHODS, guided_argmax
 from neco.contract import PATCH_SIZE, ModelContract
 from neco.evaluation.boundary import DEFAULT_DILATION_RATIO, boundary_iou

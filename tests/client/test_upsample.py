@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neco.client import MemoryBank, segment, segment_features
+from neco.client import MemoryBank, segment
+from neco.client.retrieval import segment_features
 from neco.client.upsample import (
     GuidedSettings,
     UpsampleError,

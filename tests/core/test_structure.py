@@ -157,3 +157,17 @@ def test_the_client_exports_a_small_public_api() -> None:
 
     assert len(neco.client.__all__) <= 25
     assert all(hasattr(neco.client, name) for name in neco.client.__all__)
+
+
+def test_names_imported_from_the_client_package_are_its_public_api() -> None:
+    """`from neco.client import X` only for X in `__all__`; everything else comes from its module."""
+    import neco.client
+
+    offenders = []
+    for source in [*project_sources(), *sorted((REPO / "tests").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "neco.client" and node.level == 0:
+                extra = [alias.name for alias in node.names if alias.name not in neco.client.__all__]
+                if extra:
+                    offenders.append(f"{source.relative_to(REPO)}: {', '.join(extra)}")
+    assert not offenders, offenders
