@@ -25,7 +25,7 @@ from neco.model import (
     patch_features,
     save_artefact,
 )
-from neco.model.testing import random_backbone
+from neco.model.testing import assert_same_features, random_backbone
 
 ARCH = "vit_small_patch16_dinov3"
 
@@ -42,14 +42,6 @@ def source() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 48, 80, generator=torch.Generator().manual_seed(1))
-
-
-def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, images: torch.Tensor) -> None:
-    with torch.no_grad():
-        ga, ca = patch_features(a, images)
-        gb, cb = patch_features(b, images)
-    torch.testing.assert_close(ga, gb, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ca, cb, rtol=0, atol=1e-5)
 
 
 def meta_dinov3_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,7 +97,7 @@ def test_meta_naming_pth(tmp_path: Path, source: torch.nn.Module, images: torch.
     torch.save(meta_dinov3_state(source), path)
     model, contract = load_backbone(path)
     assert contract == ModelContract.for_arch(ARCH)
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
 
 
 def test_meta_naming_refuses_a_nonzero_qkv_bias(tmp_path: Path, source: torch.nn.Module) -> None:
@@ -123,7 +115,7 @@ def test_swiglu_small_plus_in_meta_naming_is_told_from_small(tmp_path: Path) -> 
     torch.save(meta_dinov3_state(plus), path)
     model, contract = load_backbone(path)
     assert contract.arch == "vit_small_plus_patch16_dinov3"
-    _same_outputs(plus, model, torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(2)))
+    assert_same_features(plus, model, torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(2)))
 
 
 def test_bare_safetensors_and_artefact(tmp_path: Path, source: torch.nn.Module, images: torch.Tensor) -> None:
@@ -131,11 +123,11 @@ def test_bare_safetensors_and_artefact(tmp_path: Path, source: torch.nn.Module, 
     save_file({k: v.contiguous() for k, v in meta_dinov3_state(source).items()}, str(bare))
     model, contract = load_backbone(bare, arch=f"{ARCH}.lvd1689m")
     assert contract.arch == ARCH
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
     artefact = save_artefact(source, ModelContract.for_arch(ARCH), tmp_path / "artefact", {"steps": 1})
     model, contract = load_backbone(artefact)
     assert contract.patch_size == 16
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
 
 
 def test_wrong_dinov3_size_is_refused(tmp_path: Path, source: torch.nn.Module) -> None:
@@ -161,7 +153,7 @@ def test_tagged_timm_id_from_local_hf_cache(
     model, contract = load_backbone(f"{ARCH}.lvd1689m")
     assert asked[0] == ("timm/vit_small_patch16_dinov3.lvd1689m", "model.safetensors")
     assert contract == ModelContract.for_arch(ARCH)
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
     assert ModelContract.for_arch("vit_large_patch16_dinov3.sat493m").mean == SAT493M_MEAN
 
 

@@ -23,6 +23,7 @@ from neco.model import (
     patch_features,
     save_artefact,
 )
+from neco.model.testing import assert_same_features
 from tests.training.tiny import one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,14 +44,6 @@ def source() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 56, 70, generator=torch.Generator().manual_seed(1))
-
-
-def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, images: torch.Tensor) -> None:
-    with torch.no_grad():
-        ga, ca = patch_features(a, images)
-        gb, cb = patch_features(b, images)
-    torch.testing.assert_close(ga, gb, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ca, cb, rtol=0, atol=1e-5)
 
 
 def _official_dinov2_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -86,7 +79,7 @@ def test_artefact_roundtrip(tmp_path: Path, source: torch.nn.Module, images: tor
     model, contract = load_backbone(out)
     assert contract.arch == ARCH and contract.training_hash == meta["contract"]["training_hash"]
     assert not model.training
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
     with pytest.raises(ArchitectureMismatchError):
         load_backbone(out, arch="vit_small_patch14_dinov2")
 
@@ -107,7 +100,7 @@ def test_official_dinov2_pth(tmp_path: Path, source: torch.nn.Module, images: to
     torch.save(_official_dinov2_state(source), path)
     model, contract = load_backbone(path)
     assert contract.arch == ARCH and contract.training_hash == ""
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
 
 
 def test_official_dinov2_without_registers(tmp_path: Path, images: torch.Tensor) -> None:
@@ -117,7 +110,7 @@ def test_official_dinov2_without_registers(tmp_path: Path, images: torch.Tensor)
     torch.save(state, tmp_path / "dinov2_vits14.pth")
     model, contract = load_backbone(tmp_path / "dinov2_vits14.pth")
     assert contract.arch == "vit_small_patch14_dinov2"
-    _same_outputs(plain, model, images)
+    assert_same_features(plain, model, images)
 
 
 def test_lightning_ckpt_strips_prefixes(tmp_path: Path, source: torch.nn.Module, images: torch.Tensor) -> None:
@@ -128,7 +121,7 @@ def test_lightning_ckpt_strips_prefixes(tmp_path: Path, source: torch.nn.Module,
     ckpt = {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.2.0", "state_dict": state}
     torch.save(ckpt, tmp_path / "neco.ckpt")
     model, _ = load_backbone(tmp_path / "neco.ckpt")
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
 
 
 def test_wrong_architecture_is_refused(tmp_path: Path, source: torch.nn.Module) -> None:
@@ -170,7 +163,7 @@ def test_timm_id_from_local_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     model, contract = load_backbone("vit_small_patch14_reg4_dinov2.lvd142m")
     assert contract.arch == ARCH
-    _same_outputs(source, model, images)
+    assert_same_features(source, model, images)
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         load_backbone("vit_base_patch14_dinov2.lvd142m")
 
