@@ -52,7 +52,7 @@ from neco.client.novelty import (
     knn_novelty,
 )
 from neco.client.stores import VectorStore
-from neco.client.support import open_support
+from neco.client.support import open_support, support_size
 from neco.contract import IGNORE_INDEX, ModelContract
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "BankRows", "BankSettings", "BuildOptions", "IndexSpec", "MemoryBank", "VectorStore"]
@@ -179,6 +179,8 @@ class MemoryBank:
         if options is not None and fields:
             raise TypeError("give build options as a BuildOptions or as keywords, not both")
         opts = options or BuildOptions(**fields)
+        if opts.image_size is None:  # the support images' own size, as segment() and `neco bank build` use
+            opts = opts.model_copy(update={"image_size": support_size(support)})
         opened = open_support(support, opts.class_names, opts.shard)
         if (
             opts.num_classes is not None

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from neco.client.backend import FeatureBackend, batch_features, prepare_for
-from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE, IndexSpec, StorageDtype
+from neco.client.bank_manifest import IndexSpec, StorageDtype
 from neco.client.errors import SupportSetError
 from neco.client.images import SizeSpec, describe, load_mask, resize_mask
 from neco.client.novelty import NoveltySpec
@@ -35,7 +35,8 @@ class BuildOptions(BaseModel):
 
     class_names: list[str] | None = None
     num_classes: int | None = None
-    image_size: SizeSpec = DEFAULT_IMAGE_SIZE
+    image_size: SizeSpec | None = None
+    """None: the support images' own size (`neco.client.support.support_size`), as segment() does."""
     dtype: StorageDtype = "float32"
     index: IndexSpec | None = None
     memory_size: int | None = None

@@ -24,7 +24,8 @@ from neco.atomic import make_parent
 from neco.cli import deprecated_alias
 from neco.client.bank import DEFAULT_IMAGE_SIZE
 from neco.client.novelty import DEFAULT_ACCEPTANCE, DEFAULT_KNN_K, DEFAULT_METHOD, DEFAULT_VARIANCE, METHODS
-from neco.client.size_policy import SIZE_MISMATCH_FLAG, shown, support_size
+from neco.client.size_policy import SIZE_MISMATCH_FLAG, shown
+from neco.client.support import support_size
 from neco.client.upsample import DEFAULT_UPSAMPLE, UPSAMPLE_METHODS
 from neco.contract import DEFAULT_K, DEFAULT_MODEL_NAME, DEFAULT_TEMPERATURE
 from neco.errors import InputError

@@ -13,15 +13,18 @@ seeds their patch sampling and becomes the bank's image id, so n shard banks mer
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from neco.client.bank_manifest import DEFAULT_IMAGE_SIZE
 from neco.client.errors import SupportSetError
-from neco.client.images import ImageLike
+from neco.client.images import ImageLike, SizeSpec
 from neco.contract import IGNORE_INDEX
 from neco.layout import find_class_names, image_mask_pairs
 
@@ -146,3 +149,35 @@ def sample_rare_first(soft: np.ndarray, budget: int, rng: np.random.Generator) -
     keys = np.log(rng.random(count).clip(1e-300)) / weight
     chosen = np.argpartition(-keys, budget - 1)[:budget]
     return np.sort(chosen)
+
+
+def support_size(support: Any) -> SizeSpec:
+    """The size policy of a support set given without one: its first image's shorter side, at most 448.
+
+    Small images are not upsampled (112-px scenes at 448 cost 16x the patches and match a query
+    worse), large ones are shrunk to the default. A one-pass iterable cannot be peeked at without
+    losing its first item, so it gets the default; so does an image whose header cannot be read
+    (building the bank then names it).
+    """
+    first: Any = None
+    if isinstance(support, (str, Path)) and Path(support).is_dir():
+        pairs = image_mask_pairs(Path(support), SupportSetError)
+        first = pairs[0][0] if pairs else None
+    elif isinstance(support, Sequence) and len(support) > 0 and isinstance(support[0], (tuple, list)):
+        first = support[0][0]
+    side = _shorter_side(first) if first is not None else None
+    return DEFAULT_IMAGE_SIZE if side is None else min(side, DEFAULT_IMAGE_SIZE)
+
+
+def _shorter_side(image: Any) -> int | None:
+    """The shorter side of an image from its header (never decoded), or None when it cannot be read."""
+    if isinstance(image, np.ndarray):
+        return int(min(image.shape[:2])) if image.ndim >= 2 and min(image.shape[:2]) > 0 else None
+    if isinstance(image, Image.Image):
+        return min(image.size) or None
+    try:
+        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
+        with Image.open(source) as opened:
+            return min(opened.size) or None
+    except (OSError, ValueError, TypeError, AttributeError, Image.DecompressionBombError):
+        return None

@@ -13,7 +13,8 @@ from neco.cli import main
 from neco.client import MemoryBank, novelty, segment
 from neco.client.errors import BankError
 from neco.client.novelty import NoveltySpec
-from neco.client.size_policy import shown, support_size
+from neco.client.size_policy import shown
+from neco.client.support import support_size
 from neco.contract import ModelContract
 from neco.scenes import generate_scene
 from tests.client.conftest import ARCH
@@ -207,3 +208,12 @@ def test_a_bank_warning_points_at_the_line_that_asked_for_the_segmentation(colou
         line = inspect.currentframe().f_lineno + 1
         segment(colour_backend, scenes_224[0][0], scenes_224[:2])
     assert (record[0].filename, record[0].lineno) == (__file__, line)
+
+
+def test_memory_bank_build_without_a_size_uses_the_support_images_own(colour_backend, tmp_path) -> None:
+    """Regression: `MemoryBank.build(client, folder)` built 112-px scenes at 448 (16x the patches)."""
+    from neco.scenes import write_scene_dataset
+
+    root = write_scene_dataset(tmp_path / "scenes", {"train": 2}, size=(112, 112))
+    assert MemoryBank.build(colour_backend, root / "train").image_size == 112
+    assert MemoryBank.build(colour_backend, root / "train", image_size=224).image_size == 224
