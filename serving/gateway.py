@@ -156,10 +156,17 @@ class _HttpProxy:
     bytes exactly the bytes checked.
     """
 
-    patch_size: int | None = None  # the served model's, set by RequestGateway
-
-    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, settings: BodyLimits, parsers: _Parsers):
-        self.upstream, self.limits, self.state, self.settings, self.parsers = upstream, limits, state, settings, parsers
+    def __init__(
+        self,
+        upstream: str,
+        limits: InputLimits,
+        patch_size: int | None,
+        state: _Upstream,
+        settings: BodyLimits,
+        parsers: _Parsers,
+    ):
+        self.upstream, self.limits, self.patch_size = upstream, limits, patch_size
+        self.state, self.settings, self.parsers = state, settings, parsers
         self.session: ClientSession | None = None
         self.bodies: BodyReader | None = None
 
@@ -242,10 +249,10 @@ class _HttpProxy:
 class _GrpcProxy(grpc.GenericRpcHandler):
     """Forwards every GRPCInferenceService method as raw bytes; ModelInfer messages are checked first."""
 
-    patch_size: int | None = None  # the served model's, set by RequestGateway
-
-    def __init__(self, upstream: str, limits: InputLimits, state: _Upstream, parsers: _Parsers):
-        self.upstream, self.limits, self.state, self.parsers = upstream, limits, state, parsers
+    def __init__(self, upstream: str, limits: InputLimits, patch_size: int | None, state: _Upstream, parsers: _Parsers):
+        self.upstream, self.limits, self.patch_size, self.state, self.parsers = (
+            upstream, limits, patch_size, state, parsers,
+        )  # fmt: skip
         self.channel: grpc.aio.Channel | None = None
 
     async def open(self) -> None:
@@ -339,10 +346,9 @@ class RequestGateway:
         self._state, settings = _Upstream(), bodies or BodyLimits()
         self._parsers = _Parsers(settings)
         self._http = _HttpProxy(
-            f"http://{upstream_host}:{upstream_ports[0]}", limits, self._state, settings, self._parsers
+            f"http://{upstream_host}:{upstream_ports[0]}", limits, patch_size, self._state, settings, self._parsers
         )
-        self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, self._state, self._parsers)
-        self._http.patch_size = self._grpc.patch_size = patch_size
+        self._grpc = _GrpcProxy(f"{upstream_host}:{upstream_ports[1]}", limits, patch_size, self._state, self._parsers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="neco-gateway", daemon=True)
         self._runner: web.AppRunner | None = None

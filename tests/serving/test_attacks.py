@@ -282,7 +282,7 @@ def test_large_json_headers_are_parsed_on_worker_threads_a_bounded_number_at_a_t
     monkeypatch.setattr(gateway, "http_inputs", slow_inputs)
     settings = BodyLimits(large_body_bytes=10, max_large_bodies=2)
     parsers = gateway._Parsers(settings)  # noqa: SLF001
-    proxy = gateway._HttpProxy("http://127.0.0.1:1", InputLimits(), gateway._Upstream(), settings, parsers)  # noqa: SLF001
+    proxy = gateway._HttpProxy("http://127.0.0.1:1", InputLimits(), None, gateway._Upstream(), settings, parsers)  # noqa: SLF001
 
     async def check_all() -> list[str | None]:
         bodies = [bytearray(20)] * 5 + [bytearray(5)]
