@@ -47,7 +47,7 @@ class EvalConfig(BaseModel):
         """Make `input_size` the side the encoder runs at for this model: rounded down to its patch
         multiple (as the published protocol does), so every printed and written result states the
         size that ran; the asked one is kept for the report (`input_size_asked`)."""
-        side = self.input_size - self.input_size % contract.patch_size
+        side = contract.floor_to_patch(self.input_size)
         if side != self.input_size:
             self._asked_input_size, self.input_size, self._patch = self.input_size, side, contract.patch_size
 
@@ -66,7 +66,6 @@ class EvalConfig(BaseModel):
 
     def report_header(self, evaluation: str, train: Any, val: Any, contract: ModelContract) -> dict[str, object]:
         """The fields every evaluation report starts with (which data, which model, which size, which config)."""
-        self.fit_to(contract)
         asked = {} if self._asked_input_size is None else {"input_size_asked": self._asked_input_size}
         return {
             "evaluation": evaluation,
